@@ -8,6 +8,7 @@ because azure-storage-blob sends a newer ``x-ms-version`` than Azurite knows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import ConfigError
+from joblib_azurebatch.errors import ConfigError
 
 __all__ = [
     "AZURITE_ACCOUNT_KEY",
@@ -55,8 +56,9 @@ def find_azurite() -> str:
     if explicit:
         if Path(explicit).is_file():
             return explicit
-        raise AzuriteNotFoundError(f"JOBLIB_AZUREBATCH_AZURITE={explicit!r} is not a file. "
-                                   + _INSTALL_HINT)
+        raise AzuriteNotFoundError(
+            f"JOBLIB_AZUREBATCH_AZURITE={explicit!r} is not a file. " + _INSTALL_HINT
+        )
     starts = [Path.cwd(), Path(__file__).resolve().parent]
     for start in starts:
         for folder in (start, *start.parents):
@@ -135,7 +137,8 @@ class Azurite:
 
     def _read_output(self, ready: threading.Event) -> None:
         """Drain Azurite's stdout (so it never blocks on a full pipe) and spot its address."""
-        assert self._process is not None and self._process.stdout is not None
+        assert self._process is not None
+        assert self._process.stdout is not None
         for line in self._process.stdout:
             if len(self._output) < 200:
                 self._output.append(line)
@@ -152,10 +155,8 @@ class Azurite:
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait(timeout=10)
             except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 process.wait(timeout=10)
         if process is not None and process.stdout is not None:
             process.stdout.close()
