@@ -1,0 +1,450 @@
+"""Everything the backend needs to reach an Azure Batch account and shape a pool.
+
+`BatchConfig` is a frozen dataclass so that one value can be shared by several `Parallel`
+calls and threads without anyone changing it under their feet; `replace` gives a changed
+copy. Values come from keyword arguments first, then from the environment variables that
+SuperBatch and the Azure tools use, then from the defaults here (`BatchConfig.from_env`).
+The plain constructor reads no environment: what you pass is what you get, which keeps
+tests and library code predictable.
+
+Secrets (account keys, the connection string, the registry password) never appear in
+`repr`, `str`, log lines or error messages, and a config refuses to be pickled: the backend
+must never ship it to a node, where only SAS URLs are allowed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import re
+import secrets
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any, ClassVar, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from joblib_azurebatch.errors import ConfigError, CredentialError
+
+__all__ = [
+    "DEFAULT_IMAGE",
+    "DEFAULT_IMAGE_REPOSITORY",
+    "BatchConfig",
+    "TokenCredentialLike",
+    "default_image",
+]
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("joblib-azurebatch")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "0.1.0"
+
+
+#: Where the standard worker images are published (see docker/README.md).
+DEFAULT_IMAGE_REPOSITORY = "ghcr.io/joblib-azurebatch/worker"
+
+
+def default_image(python: str | None = None) -> str:
+    """The standard worker image for this release and a Python ``major.minor``.
+
+    The tag carries the Python version because cloudpickle only loads what the same Python
+    minor version dumped: the default image must match the interpreter of the client.
+    """
+    if python is None:
+        python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return f"{DEFAULT_IMAGE_REPOSITORY}:{_package_version()}-py{python}"
+
+
+#: The image every task runs in unless ``BatchConfig(image=...)`` or ``DOCKER_CONTAINER``
+#: says otherwise: ``ghcr.io/joblib-azurebatch/worker:{version}-py{X.Y}`` for the running
+#: interpreter, built from docker/Dockerfile with ``--build-arg PYTHON_VERSION=X.Y``.
+DEFAULT_IMAGE = default_image()
+
+
+@runtime_checkable
+class TokenCredentialLike(Protocol):
+    """The part of azure-core's ``TokenCredential`` that this library relies on.
+
+    A protocol instead of the azure-core type keeps the Azure SDK out of this module;
+    ``DefaultAzureCredential`` and every other azure-identity credential satisfy it.
+    """
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        """Return an access token for the scopes (azure-core ``AccessToken``)."""
+        ...
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
+_TRUE = frozenset({"1", "true", "yes", "on", "y"})
+_FALSE = frozenset({"0", "false", "no", "off", "n"})
+
+
+def _secret(default: str | None = None) -> Any:
+    return field(default=default, repr=False, metadata={"secret": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchConfig:
+    """The Batch and Storage accounts, the pool, the job and the run's tunables.
+
+    See docs/internals.md for the meaning of every field and the environment variable it
+    is read from by `from_env`.
+    """
+
+    # Accounts
+    batch_url: str | None = None
+    batch_account: str | None = None
+    batch_key: str | None = _secret()
+    batch_credential: TokenCredentialLike | None = None
+    storage_account: str | None = None
+    storage_url: str | None = None
+    storage_key: str | None = _secret()
+    storage_connection_string: str | None = _secret()
+    storage_credential: TokenCredentialLike | None = None
+    # Pool
+    pool_id: str = "joblib-azurebatch"
+    vm_size: str = "standard_d2s_v3"
+    dedicated_nodes: int = 1
+    spot_nodes: int = 0
+    task_slots_per_node: int = 1
+    image: str = DEFAULT_IMAGE
+    registry_server: str | None = None
+    registry_username: str | None = None
+    registry_password: str | None = _secret()
+    start_task_command: str | None = None
+    node_image_publisher: str = "microsoft-dsvm"
+    node_image_offer: str = "ubuntu-hpc"
+    node_image_sku: str = "2204"
+    node_agent_sku_id: str = "batch.node.ubuntu 22.04"
+    # Job and blobs
+    container: str = "joblib-azurebatch"
+    job_id: str | None = None
+    max_task_retries: int = 3
+    task_timeout: float | None = None
+    keep_pool: bool = False
+    keep_job: bool = False
+    keep_blobs: bool = False
+    # Tunables
+    sas_expiry: float = 86400.0
+    poll_interval: float = 2.0
+    pool_timeout: float = 1800.0
+    inline_threshold: int = 65536
+
+    #: field -> environment variables, first one set wins.
+    ENV_VARS: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "batch_url": ("BATCH_ACCOUNT_URL", "AZURE_BATCH_ENDPOINT"),
+        "batch_account": ("BATCH_ACCOUNT_NAME", "AZURE_BATCH_ACCOUNT"),
+        "batch_key": ("BATCH_ACCOUNT_KEY", "AZURE_BATCH_ACCESS_KEY"),
+        "storage_account": ("STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT"),
+        "storage_url": ("STORAGE_ACCOUNT_URL",),
+        "storage_key": ("STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY"),
+        "storage_connection_string": ("AZURE_STORAGE_CONNECTION_STRING",),
+        "pool_id": ("POOL_ID",),
+        "vm_size": ("POOL_VM_SIZE",),
+        "dedicated_nodes": ("POOL_NODE_COUNT",),
+        "spot_nodes": ("POOL_LOW_PRIORITY_NODE_COUNT",),
+        "image": ("DOCKER_CONTAINER",),
+        "container": ("CONTAINER_NAME",),
+        "job_id": ("JOB_ID",),
+    }
+    #: field -> environment variable whose boolean value is the field's negation.
+    INVERTED_ENV_VARS: ClassVar[Mapping[str, str]] = {
+        "keep_pool": "DELETE_POOL_WHEN_DONE",
+        "keep_job": "DELETE_JOB_WHEN_DONE",
+    }
+
+    def __post_init__(self) -> None:
+        self._validate_static()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_env(cls, *, environ: Mapping[str, str] | None = None, **overrides: Any) -> BatchConfig:
+        """Build a config from keyword arguments, then the environment, then the defaults.
+
+        A keyword argument given as ``None`` counts as not given, so that callers can
+        forward their own optional arguments. ``environ`` replaces ``os.environ`` (tests).
+        """
+        if environ is None:
+            import os
+
+            environ = os.environ
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(
+                f"BatchConfig has no option {', '.join(unknown)}; "
+                f"the options are: {', '.join(sorted(names))}"
+            )
+        values: dict[str, Any] = {}
+        for name, variables in cls.ENV_VARS.items():
+            for variable in variables:
+                raw = _env_value(environ, variable)
+                if raw is not None:
+                    values[name] = _parse_env(cls, name, variable, raw)
+                    break
+        for name, variable in cls.INVERTED_ENV_VARS.items():
+            raw = _env_value(environ, variable)
+            if raw is not None:
+                values[name] = not _parse_bool(variable, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> BatchConfig:
+        """A copy with some fields changed, validated like a new config."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"BatchConfig has no option {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def blob_url(self) -> str | None:
+        """The blob endpoint: ``storage_url``, else the public one of ``storage_account``.
+
+        With only a connection string this is None: the connection string carries its own
+        endpoint, which the storage module reads.
+        """
+        if self.storage_url:
+            return self.storage_url.rstrip("/")
+        if self.storage_account:
+            return f"https://{self.storage_account}.blob.core.windows.net"
+        return None
+
+    @property
+    def target_slots(self) -> int:
+        """Task slots of the pool at its target size: what ``n_jobs=-1`` means."""
+        return (self.dedicated_nodes + self.spot_nodes) * self.task_slots_per_node
+
+    def new_job_id(self) -> str:
+        """A Batch job id that no earlier call has used: ``{prefix}-{utc time}-{random}``.
+
+        ``job_id`` (``JOB_ID``) is the prefix when set, so that several `Parallel` calls
+        with one config still get one job each; the prefix is cut so the id stays within
+        Batch's 64 characters.
+        """
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        suffix = f"-{stamp}-{secrets.token_hex(4)}"
+        prefix = (self.job_id or "joblib")[: 64 - len(suffix)]
+        return prefix + suffix
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> BatchConfig:
+        """Check everything, credentials included, before anything is created in Azure.
+
+        The constructor already checked what needs no credential (ids, names, counts,
+        timeouts, URLs); this adds that both accounts can be reached and authenticated.
+        Returns ``self`` so that it chains.
+        """
+        self._validate_static()
+        self._validate_credentials()
+        return self
+
+    def _validate_static(self) -> None:
+        for name in ("dedicated_nodes", "spot_nodes", "task_slots_per_node"):
+            _check_int(name, getattr(self, name), minimum=0 if name != "task_slots_per_node" else 1)
+        if self.dedicated_nodes == 0 and self.spot_nodes == 0:
+            raise ConfigError(
+                "dedicated_nodes and spot_nodes are both 0, so the pool could never run a "
+                "task: set dedicated_nodes (POOL_NODE_COUNT) or spot_nodes "
+                "(POOL_LOW_PRIORITY_NODE_COUNT) to at least 1"
+            )
+        _check_int("max_task_retries", self.max_task_retries, minimum=-1)
+        _check_int("inline_threshold", self.inline_threshold, minimum=0)
+        for name in ("sas_expiry", "poll_interval", "pool_timeout"):
+            _check_positive(name, getattr(self, name))
+        if self.task_timeout is not None:
+            _check_positive("task_timeout", self.task_timeout)
+        for name in ("keep_pool", "keep_job", "keep_blobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        _check_id("pool_id", self.pool_id, "POOL_ID")
+        if self.job_id is not None:
+            _check_id("job_id", self.job_id, "JOB_ID")
+        _check_container(self.container)
+        for name in ("vm_size", "image", "node_image_publisher", "node_image_offer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"{name} must be a non-empty string, not {value!r}")
+        if self.batch_url is not None:
+            _check_url("batch_url", self.batch_url, "BATCH_ACCOUNT_URL")
+        if self.storage_url is not None:
+            _check_url("storage_url", self.storage_url, "STORAGE_ACCOUNT_URL")
+        for name, variable in (
+            ("batch_key", "BATCH_ACCOUNT_KEY"),
+            ("storage_key", "STORAGE_ACCOUNT_KEY"),
+        ):
+            key = getattr(self, name)
+            if key is not None:
+                _check_account_key(name, key, variable)
+        if (self.registry_username is None) != (self.registry_password is None):
+            raise ConfigError(
+                "registry_username and registry_password go together: set both (with "
+                "registry_server) to pull from a private registry, or neither"
+            )
+        if self.registry_username is not None and not self.registry_server:
+            raise ConfigError(
+                "registry_server is missing: set it to the registry that holds the image, "
+                "for example registry_server='myregistry.azurecr.io'"
+            )
+
+    def _validate_credentials(self) -> None:
+        if not self.batch_url:
+            raise CredentialError(
+                "No Batch account endpoint: set BATCH_ACCOUNT_URL (or AZURE_BATCH_ENDPOINT), "
+                "for example https://myaccount.westeurope.batch.azure.com, or pass batch_url="
+            )
+        if self.batch_key is not None and not self.batch_account:
+            raise CredentialError(
+                "A Batch account key is set but not the account name: set BATCH_ACCOUNT_NAME "
+                "(or AZURE_BATCH_ACCOUNT), or pass batch_account="
+            )
+        if self.storage_connection_string is not None:
+            _check_connection_string(self.storage_connection_string)
+            return
+        if not self.storage_account and not self.storage_url:
+            raise CredentialError(
+                "No storage account: set STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_ACCOUNT) and "
+                "STORAGE_ACCOUNT_KEY, or AZURE_STORAGE_CONNECTION_STRING, or pass "
+                "storage_account= / storage_url="
+            )
+        if self.storage_key is not None and not self.storage_account:
+            raise CredentialError(
+                "A storage account key is set but not the account name: set "
+                "STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_ACCOUNT), or pass storage_account="
+            )
+
+    # ------------------------------------------------------------------ secrets stay home
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret"):
+                if value is not None:
+                    parts.append(f"{f.name}=<hidden>")
+                continue
+            if value != f.default:
+                parts.append(f"{f.name}={value!r}")
+        return f"BatchConfig({', '.join(parts)})"
+
+    __str__ = __repr__
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "BatchConfig holds account keys and is never pickled: a task must not carry it "
+            "to a node (nodes get SAS URLs instead). Pass plain values to your function."
+        )
+
+    def __copy__(self) -> BatchConfig:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BatchConfig:
+        return self
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _env_value(environ: Mapping[str, str], variable: str) -> str | None:
+    raw = environ.get(variable)
+    if raw is None:
+        return None
+    raw = raw.strip()
+    # `az ... --query primary` prints JSON, quotes included (the SuperBatch README's recipe).
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+        raw = raw[1:-1].strip()
+    return raw or None
+
+
+def _parse_env(cls: type[BatchConfig], name: str, variable: str, raw: str) -> Any:
+    kind = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{variable} must be a whole number, not {raw!r}") from None
+    return raw
+
+
+def _parse_bool(variable: str, raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{variable} must be true or false (1/0, yes/no), not {raw!r}")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {value}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+
+
+def _check_id(name: str, value: Any, variable: str) -> None:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ConfigError(
+            f"{name} ({variable}) {value!r} is not a valid Batch id: use 1 to 64 letters, "
+            "digits, '-' or '_'"
+        )
+
+
+def _check_container(value: Any) -> None:
+    if not isinstance(value, str) or not _CONTAINER_RE.match(value):
+        raise ConfigError(
+            f"container (CONTAINER_NAME) {value!r} is not a valid blob container name: use 3 "
+            "to 63 lowercase letters, digits and single '-' between them, starting and ending "
+            "with a letter or digit"
+        )
+
+
+def _check_url(name: str, value: Any, variable: str) -> None:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{name} ({variable}) must be an http(s) URL such as "
+            f"https://myaccount.westeurope.batch.azure.com, not {value!r}"
+        )
+
+
+def _check_account_key(name: str, value: Any, variable: str) -> None:
+    # The message never shows the key itself.
+    if not isinstance(value, str) or not value:
+        raise CredentialError(f"{name} ({variable}) must be a non-empty string")
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise CredentialError(
+            f"{name} ({variable}) is not a base64 account key: copy the key itself from "
+            "the portal or `az ... keys list` (without quotes or spaces)"
+        ) from None
+
+
+def _check_connection_string(value: Any) -> None:
+    if not isinstance(value, str) or "=" not in value:
+        raise CredentialError(
+            "storage_connection_string (AZURE_STORAGE_CONNECTION_STRING) is not a connection "
+            "string: expected 'DefaultEndpointsProtocol=...;AccountName=...;AccountKey=...'"
+        )
+    keys = {part.split("=", 1)[0].strip().lower() for part in value.split(";") if "=" in part}
+    if "accountname" not in keys and "blobendpoint" not in keys:
+        raise CredentialError(
+            "storage_connection_string (AZURE_STORAGE_CONNECTION_STRING) names no account: "
+            "it needs AccountName=... (or BlobEndpoint=...)"
+        )

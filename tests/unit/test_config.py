@@ -1,0 +1,272 @@
+"""BatchConfig: precedence, validation, and secrets that never leak."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pickle
+import re
+import sys
+
+import pytest
+
+from joblib_azurebatch.config import DEFAULT_IMAGE, BatchConfig, default_image
+from joblib_azurebatch.errors import ConfigError, CredentialError
+
+KEY = "c2VjcmV0LWJhdGNoLWtleS1kby1ub3Qtc2hvdw=="  # base64 of a recognisable secret
+SKEY = "c2VjcmV0LXN0b3JhZ2Uta2V5LWRvLW5vdC1zaG93"
+CONN = "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=TOPSECRETCONN;"
+
+FULL_ENV = {
+    "BATCH_ACCOUNT_NAME": "superbatch",
+    "BATCH_ACCOUNT_KEY": KEY,
+    "BATCH_ACCOUNT_URL": "https://superbatch.westus2.batch.azure.com",
+    "STORAGE_ACCOUNT_NAME": "superstore",
+    "STORAGE_ACCOUNT_KEY": SKEY,
+    "POOL_ID": "env-pool",
+    "POOL_NODE_COUNT": "5",
+    "POOL_LOW_PRIORITY_NODE_COUNT": "7",
+    "POOL_VM_SIZE": "STANDARD_A1_v2",
+    "JOB_ID": "env_job",
+    "CONTAINER_NAME": "env-container",
+    "DOCKER_CONTAINER": "me/worker:1",
+    "DELETE_POOL_WHEN_DONE": "false",
+    "DELETE_JOB_WHEN_DONE": "true",
+}
+
+
+def test_superbatch_variables_are_read() -> None:
+    cfg = BatchConfig.from_env(environ=FULL_ENV)
+    assert cfg.batch_account == "superbatch"
+    assert cfg.batch_key == KEY
+    assert cfg.batch_url == "https://superbatch.westus2.batch.azure.com"
+    assert cfg.storage_account == "superstore"
+    assert cfg.storage_key == SKEY
+    assert cfg.pool_id == "env-pool"
+    assert (cfg.dedicated_nodes, cfg.spot_nodes) == (5, 7)
+    assert cfg.vm_size == "STANDARD_A1_v2"
+    assert cfg.job_id == "env_job"
+    assert cfg.container == "env-container"
+    assert cfg.image == "me/worker:1"
+    assert cfg.keep_pool is True  # DELETE_POOL_WHEN_DONE=false
+    assert cfg.keep_job is False
+    assert cfg.blob_url == "https://superstore.blob.core.windows.net"
+    assert cfg.validate() is cfg
+
+
+def test_azure_variables_are_read_and_superbatch_ones_win() -> None:
+    env = {
+        "AZURE_BATCH_ACCOUNT": "azacct",
+        "AZURE_BATCH_ENDPOINT": "https://azacct.eastus.batch.azure.com",
+        "AZURE_BATCH_ACCESS_KEY": KEY,
+        "AZURE_STORAGE_ACCOUNT": "azstore",
+        "AZURE_STORAGE_KEY": SKEY,
+        "AZURE_STORAGE_CONNECTION_STRING": CONN,
+    }
+    cfg = BatchConfig.from_env(environ=env)
+    assert cfg.batch_account == "azacct"
+    assert cfg.batch_url == "https://azacct.eastus.batch.azure.com"
+    assert cfg.batch_key == KEY
+    assert cfg.storage_account == "azstore"
+    assert cfg.storage_connection_string == CONN
+    both = BatchConfig.from_env(environ={**env, "BATCH_ACCOUNT_NAME": "sb"})
+    assert both.batch_account == "sb"
+
+
+def test_keyword_beats_environment_beats_default() -> None:
+    assert BatchConfig.from_env(environ={}).pool_id == "joblib-azurebatch"
+    assert BatchConfig.from_env(environ={"POOL_ID": "from-env"}).pool_id == "from-env"
+    cfg = BatchConfig.from_env(environ={"POOL_ID": "from-env"}, pool_id="from-kw")
+    assert cfg.pool_id == "from-kw"
+    # None means "not given": the environment still applies.
+    assert BatchConfig.from_env(environ={"POOL_ID": "from-env"}, pool_id=None).pool_id == (
+        "from-env"
+    )
+    # The plain constructor reads no environment.
+    assert BatchConfig().pool_id == "joblib-azurebatch"
+
+
+def test_quoted_values_from_az_cli_are_unquoted() -> None:
+    cfg = BatchConfig.from_env(environ={"BATCH_ACCOUNT_KEY": f'"{KEY}"\n'})
+    assert cfg.batch_key == KEY
+
+
+def test_unknown_option_is_refused() -> None:
+    with pytest.raises(ConfigError, match="no option pool_size"):
+        BatchConfig.from_env(environ={}, pool_size=3)
+    with pytest.raises(ConfigError, match="no option colour"):
+        BatchConfig().replace(colour="red")
+
+
+def test_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        BatchConfig("https://x.batch.azure.com")  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"POOL_NODE_COUNT": "five"}, "POOL_NODE_COUNT must be a whole number"),
+        ({"DELETE_POOL_WHEN_DONE": "maybe"}, "DELETE_POOL_WHEN_DONE must be true or false"),
+        ({"POOL_ID": "bad pool!"}, "POOL_ID.*not a valid Batch id"),
+        ({"CONTAINER_NAME": "Has_Upper"}, "not a valid blob container name"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BatchConfig.from_env(environ=env)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pool_id": "x" * 65}, "pool_id"),
+        ({"pool_id": ""}, "pool_id"),
+        ({"job_id": "a.b"}, "job_id"),
+        ({"container": "ab"}, "container"),
+        ({"container": "a--b"}, "container"),
+        ({"container": "-abc"}, "container"),
+        ({"container": "abc-"}, "container"),
+        ({"container": "x" * 64}, "container"),
+        ({"dedicated_nodes": -1}, "dedicated_nodes must be at least 0"),
+        ({"dedicated_nodes": 0, "spot_nodes": 0}, "both 0"),
+        ({"spot_nodes": 1.5}, "spot_nodes must be a whole number"),
+        ({"task_slots_per_node": 0}, "task_slots_per_node must be at least 1"),
+        ({"max_task_retries": -2}, "max_task_retries"),
+        ({"task_timeout": 0}, "task_timeout must be a positive"),
+        ({"sas_expiry": -5.0}, "sas_expiry"),
+        ({"poll_interval": 0.0}, "poll_interval"),
+        ({"pool_timeout": True}, "pool_timeout"),
+        ({"inline_threshold": -1}, "inline_threshold"),
+        ({"batch_url": "batch.azure.com"}, "batch_url .* must be an http"),
+        ({"storage_url": "ftp://x"}, "storage_url"),
+        ({"keep_pool": "yes"}, "keep_pool must be True or False"),
+        ({"registry_username": "u"}, "registry_username and registry_password"),
+        ({"image": ""}, "image must be a non-empty"),
+    ],
+)
+def test_static_validation_runs_in_the_constructor(
+    changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BatchConfig(**changes)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=message):
+        BatchConfig().replace(**changes)
+
+
+def test_valid_edge_values_are_accepted() -> None:
+    cfg = BatchConfig(
+        pool_id="A" * 64,
+        job_id="job_1-x",
+        container="a-b-c",
+        dedicated_nodes=0,
+        spot_nodes=3,
+        max_task_retries=-1,
+        task_timeout=1.5,
+        inline_threshold=0,
+    )
+    assert cfg.target_slots == 3
+    assert BatchConfig(container="a" * 63).container == "a" * 63
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "variable"),
+    [
+        ({}, "BATCH_ACCOUNT_URL"),
+        ({"batch_url": "https://a.b.batch.azure.com", "batch_key": KEY}, "BATCH_ACCOUNT_NAME"),
+        ({"batch_url": "https://a.b.batch.azure.com"}, "STORAGE_ACCOUNT_NAME"),
+        (
+            {
+                "batch_url": "https://a.b.batch.azure.com",
+                "storage_url": "https://s",
+                "storage_key": SKEY,
+            },
+            "STORAGE_ACCOUNT_NAME",
+        ),
+    ],
+)
+def test_missing_credentials_say_which_variable_to_set(
+    kwargs: dict[str, str], variable: str
+) -> None:
+    cfg = BatchConfig(**kwargs)  # constructing is fine: nothing needs the accounts yet
+    with pytest.raises(CredentialError, match=variable):
+        cfg.validate()
+
+
+def test_token_credentials_need_no_key() -> None:
+    class FakeCredential:
+        def get_token(self, *scopes: str, **kwargs: object) -> object:
+            raise AssertionError("not called by validation")
+
+    cfg = BatchConfig(
+        batch_url="https://a.westus.batch.azure.com",
+        batch_credential=FakeCredential(),
+        storage_account="store",
+        storage_credential=FakeCredential(),
+    )
+    assert cfg.validate() is cfg
+
+
+def test_malformed_key_is_refused_without_showing_it() -> None:
+    bad = "not base64 but very secret!!"
+    with pytest.raises(CredentialError) as info:
+        BatchConfig(batch_key=bad)
+    assert "BATCH_ACCOUNT_KEY" in str(info.value)
+    assert bad not in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+def test_secrets_never_appear_in_repr_str_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = BatchConfig.from_env(
+        environ=FULL_ENV,
+        storage_connection_string=CONN,
+        registry_server="r.azurecr.io",
+        registry_username="user",
+        registry_password="REGISTRYPASSWORD",
+    )
+    secrets = [KEY, SKEY, "TOPSECRETCONN", "REGISTRYPASSWORD"]
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("test").info("config %s %r", cfg, cfg)
+    texts = [repr(cfg), str(cfg), f"{cfg}", caplog.text]
+    for bad_change in ({"pool_id": "no spaces allowed"}, {"container": "NO"}, {"spot_nodes": -3}):
+        with pytest.raises(ConfigError) as info:
+            cfg.replace(**bad_change)
+        texts.append(str(info.value))
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text
+    assert "batch_key=<hidden>" in repr(cfg)
+    assert "pool_id='env-pool'" in repr(cfg)
+
+
+def test_config_refuses_to_be_pickled_but_copies() -> None:
+    cfg = BatchConfig(batch_key=KEY)
+    with pytest.raises(TypeError, match="never pickled"):
+        pickle.dumps(cfg)
+    assert copy.deepcopy(cfg) is cfg
+    assert copy.copy(cfg) is cfg
+
+
+def test_replace_gives_a_changed_copy() -> None:
+    cfg = BatchConfig(pool_id="a")
+    other = cfg.replace(pool_id="b", spot_nodes=2)
+    assert (cfg.pool_id, other.pool_id, other.spot_nodes) == ("a", "b", 2)
+    with pytest.raises(AttributeError):
+        cfg.pool_id = "c"  # type: ignore[misc]
+
+
+def test_new_job_id_is_unique_and_valid() -> None:
+    ids = {BatchConfig().new_job_id() for _ in range(200)}
+    assert len(ids) == 200
+    long_prefix = BatchConfig(job_id="p" * 64)
+    for job_id in [*ids, long_prefix.new_job_id()]:
+        assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id)
+    assert BatchConfig(job_id="myrun").new_job_id().startswith("myrun-")
+    BatchConfig(job_id=long_prefix.new_job_id())  # itself a valid job id
+
+
+def test_default_image_matches_the_running_python() -> None:
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert DEFAULT_IMAGE.endswith(f"-py{minor}")
+    assert BatchConfig().image == DEFAULT_IMAGE
+    assert default_image("3.12").endswith("-py3.12")
