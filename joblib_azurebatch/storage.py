@@ -1,0 +1,422 @@
+"""The one door to Azure Blob Storage: payloads, shared objects and results go through here.
+
+Two sides use it. The client holds an account credential (a key, a connection string or an
+Entra ID token credential) in a `BlobStore`, uploads what tasks read, and signs SAS URLs
+scoped to one blob, one permission set and an expiry. A node never sees that credential:
+the worker only calls `download_url` and `upload_url` on the SAS URLs it was given.
+
+Every Azure SDK error is translated at this boundary into the project's errors with
+``raise ... from e``: a refused credential or SAS becomes `CredentialError`, a missing blob
+`FileNotFoundError`, anything else that survives the SDK's own retries `ServiceError`.
+Messages name the account, container and blob, never a key or a SAS signature.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.storage.blob import (
+    BlobClient,
+    BlobSasPermissions,
+    BlobServiceClient,
+    ContainerSasPermissions,
+    ExponentialRetry,
+    UserDelegationKey,
+    generate_blob_sas,
+    generate_container_sas,
+)
+
+from joblib_azurebatch.errors import ConfigError, CredentialError, ServiceError
+
+if TYPE_CHECKING:
+    from joblib_azurebatch.config import BatchConfig
+
+__all__ = ["BlobStore", "download_url", "redact_url", "upload_url"]
+
+# Storage's default first back-off is 15 s; a job waits on these calls, so retry sooner and
+# more often, still letting the SDK honour throttling and transient 5xx answers.
+_RETRY_KWARGS: dict[str, Any] = {
+    "initial_backoff": 1,
+    "increment_base": 2,
+    "retry_total": 6,
+    "random_jitter_range": 1,
+}
+_CLIENT_KWARGS: dict[str, Any] = {
+    "connection_timeout": 20,
+    "read_timeout": 120,
+    "max_single_put_size": 8 * 1024 * 1024,
+    "max_block_size": 8 * 1024 * 1024,
+}
+_MAX_CONCURRENCY = 4
+# Blobs at least this large are checked with a HEAD before an upload_if_absent, so that a
+# second writer does not send megabytes only to be told that the blob exists.
+_HEAD_FIRST_BYTES = 1024 * 1024
+# A SAS is valid from a little earlier than now, so that a node whose clock runs behind
+# the client's does not see a token that is "not yet valid".
+_CLOCK_SKEW = timedelta(minutes=5)
+_MAX_DELEGATION = timedelta(days=7)
+
+
+def _client_kwargs() -> dict[str, Any]:
+    return {**_CLIENT_KWARGS, "retry_policy": ExponentialRetry(**_RETRY_KWARGS)}
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string, so a SAS signature never reaches a message."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _describe(e: AzureError) -> str:
+    if isinstance(e, HttpResponseError):
+        code = getattr(e, "error_code", None) or (e.reason or "")
+        return f"HTTP {e.status_code} {code}".rstrip()
+    return type(e).__name__
+
+
+@contextmanager
+def _translated(what: str, *, where: str, sas: bool = False) -> Iterator[None]:
+    """Turn SDK errors raised inside the block into the project's own errors."""
+    try:
+        yield
+    except ResourceNotFoundError as e:
+        raise FileNotFoundError(f"{what}: {where} does not exist ({_describe(e)})") from e
+    except ClientAuthenticationError as e:
+        raise _auth_error(what, where, e, sas=sas) from e
+    except HttpResponseError as e:
+        if e.status_code == 403:
+            raise _auth_error(what, where, e, sas=sas) from e
+        raise ServiceError(f"{what} failed at {where}: {_describe(e)}") from e
+    except (ServiceRequestError, ServiceResponseError) as e:
+        raise ServiceError(
+            f"{what} failed: cannot reach the blob endpoint {where} ({type(e).__name__}); "
+            "check the storage URL and the network, the SDK already retried"
+        ) from e
+    except AzureError as e:
+        raise ServiceError(f"{what} failed at {where}: {_describe(e)}") from e
+
+
+def _auth_error(what: str, where: str, e: AzureError, *, sas: bool) -> CredentialError:
+    if sas:
+        return CredentialError(
+            f"{what}: the SAS URL for {where} was refused ({_describe(e)}); it has expired or "
+            "lacks the permission. Raise BatchConfig(sas_expiry=...) for long runs."
+        )
+    return CredentialError(
+        f"{what}: Azure Storage refused the credential at {where} ({_describe(e)}). Check "
+        "STORAGE_ACCOUNT_NAME and STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING), "
+        "or the role assignments of the Entra ID identity (Storage Blob Data Contributor)."
+    )
+
+
+class BlobStore:
+    """One blob container of one storage account, seen by the client.
+
+    Thread-safe: the backend's submitter and tracker threads share one instance, and the
+    SDK clients it holds are safe to share.
+    """
+
+    def __init__(
+        self,
+        service: BlobServiceClient,
+        container: str,
+        *,
+        account_key: str | None = None,
+        token_credential: Any = None,
+    ) -> None:
+        self._service = service
+        self._container = service.get_container_client(container)
+        self._container_name = container
+        self._account_key = account_key
+        self._token_credential = token_credential
+        self._lock = threading.Lock()
+        self._bytes_uploaded = 0
+        self._delegation_key: UserDelegationKey | None = None
+        self._delegation_expiry: datetime | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, cfg: BatchConfig) -> BlobStore:
+        """Connect with the first credential the config has.
+
+        Order: connection string (Azurite, or an account key in one string), account key,
+        token credential, and else ``DefaultAzureCredential`` for accounts whose keys are
+        disabled; with a token, SAS URLs are signed with a user delegation key.
+        """
+        if cfg.storage_connection_string:
+            try:
+                service = BlobServiceClient.from_connection_string(
+                    cfg.storage_connection_string, **_client_kwargs()
+                )
+            except (ValueError, AzureError) as e:
+                raise CredentialError(
+                    "storage_connection_string (AZURE_STORAGE_CONNECTION_STRING) could not "
+                    f"be used: {type(e).__name__}. Copy it again from the portal or "
+                    "`az storage account show-connection-string`."
+                ) from None
+            credential = service.credential
+            key = getattr(credential, "account_key", None)
+            return cls(service, cfg.container, account_key=key)
+        url = cfg.blob_url
+        if url is None:
+            raise CredentialError(
+                "No storage account: set STORAGE_ACCOUNT_NAME and STORAGE_ACCOUNT_KEY, or "
+                "AZURE_STORAGE_CONNECTION_STRING, or pass storage_account= / storage_url="
+            )
+        if cfg.storage_key:
+            if not cfg.storage_account:
+                raise CredentialError(
+                    "A storage key needs the account name: set STORAGE_ACCOUNT_NAME "
+                    "(or AZURE_STORAGE_ACCOUNT), or pass storage_account="
+                )
+            service = BlobServiceClient(
+                account_url=url,
+                credential={"account_name": cfg.storage_account, "account_key": cfg.storage_key},
+                **_client_kwargs(),
+            )
+            return cls(service, cfg.container, account_key=cfg.storage_key)
+        token = cfg.storage_credential
+        if token is None:
+            from azure.identity import DefaultAzureCredential
+
+            token = DefaultAzureCredential()
+        service = BlobServiceClient(account_url=url, credential=token, **_client_kwargs())
+        return cls(service, cfg.container, token_credential=token)
+
+    def close(self) -> None:
+        """Release the HTTP connections."""
+        self._service.close()
+
+    def __enter__(self) -> BlobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def container(self) -> str:
+        """The name of the blob container every blob name is relative to."""
+        return self._container_name
+
+    @property
+    def container_url(self) -> str:
+        """The container's URL, without any SAS."""
+        return str(self._container.url)
+
+    @property
+    def bytes_uploaded(self) -> int:
+        """Bytes of blob content this store has uploaded so far (tests and benchmarks)."""
+        with self._lock:
+            return self._bytes_uploaded
+
+    def _where(self, name: str | None = None) -> str:
+        base = f"{self._service.account_name}/{self._container_name}"
+        return f"{base}/{name}" if name else base
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._bytes_uploaded += n
+
+    # ------------------------------------------------------------------ operations
+
+    def ensure_container(self) -> None:
+        """Create the container unless it exists (a race with another client is fine)."""
+        with (
+            _translated("Creating the blob container", where=self._where()),
+            suppress(ResourceExistsError),
+        ):
+            self._container.create_container()
+
+    def upload(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        """Write a blob. With ``overwrite=False`` an existing blob raises `FileExistsError`."""
+        with _translated("Uploading a blob", where=self._where(name)):
+            try:
+                self._container.upload_blob(
+                    name, data, overwrite=overwrite, max_concurrency=_MAX_CONCURRENCY
+                )
+            except ResourceExistsError as e:
+                raise FileExistsError(f"{self._where(name)} already exists") from e
+        self._count(len(data))
+
+    def upload_if_absent(self, name: str, data: bytes) -> bool:
+        """Write a content-addressed blob once; True if this call wrote it.
+
+        The service's create-only condition (``overwrite=False``) decides, so two clients
+        racing on one name both succeed and the content is stored once.
+        """
+        if len(data) >= _HEAD_FIRST_BYTES and self.exists(name):
+            return False
+        try:
+            self.upload(name, data, overwrite=False)
+        except FileExistsError:
+            return False
+        return True
+
+    def download(self, name: str) -> bytes:
+        """Read a whole blob; `FileNotFoundError` if it does not exist."""
+        with _translated("Downloading a blob", where=self._where(name)):
+            stream = self._container.download_blob(name, max_concurrency=_MAX_CONCURRENCY)
+            return stream.readall()
+
+    def exists(self, name: str) -> bool:
+        """Whether the blob exists (one HEAD request)."""
+        with _translated("Checking a blob", where=self._where(name)):
+            return bool(self._container.get_blob_client(name).exists())
+
+    def list_names(self, prefix: str) -> list[str]:
+        """Names of the blobs under a prefix, sorted."""
+        with _translated("Listing blobs", where=self._where(prefix + "*")):
+            return sorted(
+                str(name) for name in self._container.list_blob_names(name_starts_with=prefix)
+            )
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every blob under a prefix; returns how many were deleted.
+
+        Deletes in batch requests of up to 256 blobs; a blob that vanished meanwhile (a
+        concurrent cleanup) is not an error.
+        """
+        if not prefix:
+            raise ValueError(
+                "delete_prefix needs a non-empty prefix; it never empties the container"
+            )
+        names = self.list_names(prefix)
+        deleted = 0
+        for start in range(0, len(names), 256):
+            chunk = names[start : start + 256]
+            with _translated("Deleting blobs", where=self._where(prefix + "*")):
+                for response in self._container.delete_blobs(*chunk, raise_on_any_failure=False):
+                    if response.status_code in (200, 202):
+                        deleted += 1
+                    elif response.status_code == 403:
+                        raise CredentialError(
+                            f"Deleting blobs under {self._where(prefix)} was refused (HTTP 403): "
+                            "the credential may not delete blobs in this container"
+                        )
+        return deleted
+
+    # ------------------------------------------------------------------ SAS URLs
+
+    def sas_url(
+        self, name: str, *, read: bool = False, write: bool = False, expiry: timedelta
+    ) -> str:
+        """A URL for one blob that grants only what a task needs, until ``expiry`` from now.
+
+        ``write=True`` grants create and write (a result blob); ``read=True`` grants read.
+        """
+        if not (read or write):
+            raise ValueError("a SAS URL needs read=True or write=True")
+        permission = BlobSasPermissions(read=read, write=write, create=write)
+        start, end = self._validity(expiry)
+        blob = self._container.get_blob_client(name)
+        token = generate_blob_sas(
+            account_name=self._service.account_name or "",
+            container_name=self._container_name,
+            blob_name=name,
+            permission=permission,
+            start=start,
+            expiry=end,
+            **self._signing(end),
+        )
+        return f"{blob.url}?{token}"
+
+    def container_sas_url(
+        self,
+        *,
+        read: bool = False,
+        write: bool = False,
+        listing: bool = False,
+        expiry: timedelta,
+    ) -> str:
+        """A URL for the whole container (Batch output files need one)."""
+        if not (read or write or listing):
+            raise ValueError("a container SAS URL needs read, write or list")
+        permission = ContainerSasPermissions(read=read, write=write, create=write, list=listing)
+        start, end = self._validity(expiry)
+        token = generate_container_sas(
+            account_name=self._service.account_name or "",
+            container_name=self._container_name,
+            permission=permission,
+            start=start,
+            expiry=end,
+            **self._signing(end),
+        )
+        return f"{self.container_url}?{token}"
+
+    def _validity(self, expiry: timedelta) -> tuple[datetime, datetime]:
+        if expiry <= timedelta(0):
+            raise ValueError("a SAS expiry must be positive")
+        now = datetime.now(timezone.utc)
+        return now - _CLOCK_SKEW, now + expiry
+
+    def _signing(self, end: datetime) -> dict[str, Any]:
+        if self._account_key:
+            return {"account_key": self._account_key}
+        if self._token_credential is None:
+            raise ConfigError(
+                "This storage credential cannot sign SAS URLs (a SAS connection string): give "
+                "the account key (STORAGE_ACCOUNT_KEY) or an Entra ID credential"
+            )
+        return {"user_delegation_key": self._user_delegation_key(end)}
+
+    def _user_delegation_key(self, end: datetime) -> UserDelegationKey:
+        with self._lock:
+            if (
+                self._delegation_key is not None
+                and self._delegation_expiry is not None
+                and self._delegation_expiry >= end
+            ):
+                return self._delegation_key
+            now = datetime.now(timezone.utc)
+            if end - now > _MAX_DELEGATION:
+                raise ConfigError(
+                    "With an Entra ID credential a SAS URL lasts at most 7 days: lower "
+                    "BatchConfig(sas_expiry=...)"
+                )
+            key_end = min(now + _MAX_DELEGATION, end + timedelta(hours=1))
+            with _translated("Getting a user delegation key", where=self._where()):
+                key = self._service.get_user_delegation_key(now - _CLOCK_SKEW, key_end)
+            self._delegation_key, self._delegation_expiry = key, key_end
+            return key
+
+
+# ---------------------------------------------------------------------- worker side
+
+
+def _blob_client(url: str) -> BlobClient:
+    try:
+        return BlobClient.from_blob_url(url, **_client_kwargs())
+    except ValueError as e:
+        raise ValueError(f"not a blob URL: {redact_url(url)}") from e
+
+
+def download_url(url: str) -> bytes:
+    """Read a blob through its SAS URL; no account credential involved."""
+    where = redact_url(url)
+    with _translated("Downloading", where=where, sas=True):
+        stream = _blob_client(url).download_blob(max_concurrency=_MAX_CONCURRENCY)
+        return stream.readall()
+
+
+def upload_url(url: str, data: bytes) -> None:
+    """Write a blob through its SAS URL, replacing it (a retried task rewrites its result)."""
+    where = redact_url(url)
+    with _translated("Uploading", where=where, sas=True):
+        _blob_client(url).upload_blob(data, overwrite=True, max_concurrency=_MAX_CONCURRENCY)
