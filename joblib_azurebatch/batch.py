@@ -1,0 +1,893 @@
+"""The one place that speaks to Azure Batch.
+
+Everything the backend needs from the Batch service goes through :class:`BatchService`:
+pools, jobs, task submission, task counts, the list of newly completed tasks and task files.
+Azure SDK types stay inside this module; callers get the frozen dataclasses below and the
+project's own errors (:mod:`joblib_azurebatch.errors`), always chained with ``raise ... from``.
+
+Why it looks the way it does:
+
+* Submission uses ``create_task_collection`` with chunks we build ourselves (≤100 tasks and
+  well under the 1 MB body limit) and reads every per-task status case-insensitively: the SDK's
+  own ``create_tasks`` compares statuses case-sensitively while the service has been seen to
+  send ``ClientError``.
+* Progress is read from the job's task counts and one filtered, ``$select``-ed listing of the
+  tasks that completed since the last look; a per-task GET would cost one request per task
+  per poll.
+* Throttling (429) and unavailability (503) are retried by the azure-core ``RetryPolicy``,
+  which honours ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlparse
+
+from azure.batch import BatchClient
+from azure.batch import models as bm
+
+# Not re-exported by azure.batch.models in 15.1, yet begin_terminate_job needs it: an empty
+# body is refused by the service.
+from azure.batch.models._models import BatchJobTerminateOptions
+from azure.core.credentials import AzureNamedKeyCredential, TokenCredential
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ResourceNotFoundError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
+from azure.core.pipeline.policies import RetryPolicy
+
+from .errors import AzureBatchError, ConfigError, CredentialError, ServiceError
+
+if TYPE_CHECKING:
+    from .config import BatchConfig
+
+__all__ = [
+    "JOB_ID_PREFIX",
+    "BatchService",
+    "JobInfo",
+    "PoolInfo",
+    "PoolSpec",
+    "TaskCounts",
+    "TaskOutcome",
+    "TaskSpec",
+    "pool_differences",
+]
+
+_log = logging.getLogger(__name__)
+
+#: The service refuses more than 100 tasks per addtaskcollection call.
+MAX_TASKS_PER_CALL = 100
+#: The service refuses bodies over 1 MB; stay well under it (JSON overhead, headers).
+MAX_BODY_BYTES = 900_000
+#: How many addtaskcollection calls run at once.
+SUBMIT_CONCURRENCY = 4
+#: Attempts for one chunk whose tasks got a server error or whose request failed.
+SUBMIT_ATTEMPTS = 5
+
+_READY_NODE_STATES = frozenset({"idle", "running"})
+
+#: Jobs this library creates start with this (``BatchConfig.new_job_id`` without ``job_id``);
+#: the CLI's cleanup looks for it.
+JOB_ID_PREFIX = "joblib"
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSpec:
+    """What the backend wants a pool to look like; built from a :class:`BatchConfig`."""
+
+    pool_id: str
+    vm_size: str
+    dedicated_nodes: int
+    spot_nodes: int
+    task_slots_per_node: int
+    image: str
+    node_image_publisher: str
+    node_image_offer: str
+    node_image_sku: str
+    node_agent_sku_id: str
+    registry_server: str | None = None
+    registry_username: str | None = None
+    registry_password: str | None = field(default=None, repr=False)
+    start_task_command: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: BatchConfig) -> PoolSpec:
+        return cls(
+            pool_id=cfg.pool_id,
+            vm_size=cfg.vm_size,
+            dedicated_nodes=cfg.dedicated_nodes,
+            spot_nodes=cfg.spot_nodes,
+            task_slots_per_node=cfg.task_slots_per_node,
+            image=cfg.image,
+            node_image_publisher=cfg.node_image_publisher,
+            node_image_offer=cfg.node_image_offer,
+            node_image_sku=cfg.node_image_sku,
+            node_agent_sku_id=cfg.node_agent_sku_id,
+            registry_server=cfg.registry_server,
+            registry_username=cfg.registry_username,
+            registry_password=cfg.registry_password,
+            start_task_command=cfg.start_task_command,
+        )
+
+    @property
+    def target_slots(self) -> int:
+        """Task slots the pool has once every node it asks for is up."""
+        return (self.dedicated_nodes + self.spot_nodes) * self.task_slots_per_node
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolInfo:
+    """A pool as the service reports it (enum values lower-cased)."""
+
+    pool_id: str
+    state: str
+    allocation_state: str
+    vm_size: str
+    target_dedicated_nodes: int
+    target_spot_nodes: int
+    current_dedicated_nodes: int
+    current_spot_nodes: int
+    task_slots_per_node: int
+    image_names: tuple[str, ...] = ()
+    resize_errors: tuple[str, ...] = ()
+    #: Node state -> count; only filled by :meth:`BatchService.wait_for_capacity`.
+    node_states: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def ready_nodes(self) -> int:
+        return sum(n for s, n in self.node_states.items() if s in _READY_NODE_STATES)
+
+    @property
+    def ready_slots(self) -> int:
+        return self.ready_nodes * self.task_slots_per_node
+
+    @property
+    def target_slots(self) -> int:
+        return (self.target_dedicated_nodes + self.target_spot_nodes) * self.task_slots_per_node
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobInfo:
+    """A job as the service lists it (enum values lower-cased)."""
+
+    job_id: str
+    pool_id: str | None
+    state: str
+    creation_time: _dt.datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskSpec:
+    """One Batch task: the worker command in the worker image with its environment."""
+
+    task_id: str
+    command_line: str
+    image: str
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False)
+    max_retries: int = 3
+    #: Seconds; None leaves the service default (unlimited).
+    max_wall_clock: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskCounts:
+    active: int
+    running: int
+    completed: int
+    succeeded: int
+    failed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskOutcome:
+    """A completed task, from the filtered listing."""
+
+    task_id: str
+    state: str
+    transition_time: _dt.datetime
+    exit_code: int | None = None
+    #: ``"code: message"`` of the task's failureInfo, if it has one.
+    failure: str | None = None
+    result: str | None = None
+    retry_count: int = 0
+    requeue_count: int = 0
+    start_time: _dt.datetime | None = None
+    end_time: _dt.datetime | None = None
+    node_id: str | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.failure is None and self.exit_code == 0
+
+
+def pool_differences(info: PoolInfo, spec: PoolSpec) -> list[str]:
+    """Human-readable ways in which an existing pool differs from what the config asks for.
+
+    An existing pool is never changed (it may be shared, or sized by hand on purpose); the
+    backend only warns, so a user who expected eight spot nodes learns why they got two.
+    """
+    diffs: list[str] = []
+    if info.vm_size.lower() != spec.vm_size.lower():
+        diffs.append(f"vm_size is {info.vm_size!r}, the config asks for {spec.vm_size!r}")
+    if info.target_dedicated_nodes != spec.dedicated_nodes:
+        diffs.append(
+            f"{info.target_dedicated_nodes} dedicated nodes, "
+            f"the config asks for {spec.dedicated_nodes}"
+        )
+    if info.target_spot_nodes != spec.spot_nodes:
+        diffs.append(f"{info.target_spot_nodes} spot nodes, the config asks for {spec.spot_nodes}")
+    if info.task_slots_per_node != spec.task_slots_per_node:
+        diffs.append(
+            f"{info.task_slots_per_node} task slots per node, "
+            f"the config asks for {spec.task_slots_per_node}"
+        )
+    if spec.image not in info.image_names:
+        listed = ", ".join(info.image_names) or "none"
+        diffs.append(
+            f"the image {spec.image!r} is not among the pool's container images ({listed}); "
+            "tasks will pull it on first use"
+        )
+    return diffs
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _enum_text(value: Any) -> str:
+    """Lower-cased text of an SDK enum or of the raw string the service sent."""
+    if value is None:
+        return ""
+    if isinstance(value, Enum):
+        value = value.value
+    return str(value).lower()
+
+
+def _odata_datetime(moment: _dt.datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    utc = moment.astimezone(_dt.timezone.utc)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def _error_code(e: HttpResponseError) -> str:
+    code = getattr(e, "error", None)
+    text = getattr(code, "code", None)
+    if text:
+        return str(text)
+    model = getattr(e, "model", None)
+    return str(getattr(model, "code", "") or "")
+
+
+def _error_message(e: AzureError) -> str:
+    if isinstance(e, HttpResponseError):
+        model = getattr(e, "model", None)
+        message = getattr(getattr(model, "message", None), "value", None)
+        if message:
+            return str(message).splitlines()[0]
+        return str(e.reason or e.message or "").splitlines()[0]
+    return str(e.message or e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _task_body_size(task: bm.BatchTaskCreateOptions) -> int:
+    return len(json.dumps(task.as_dict(), default=str)) + 2
+
+
+def _chunks(
+    tasks: Sequence[bm.BatchTaskCreateOptions],
+) -> Iterator[list[bm.BatchTaskCreateOptions]]:
+    """Greedy chunks of at most 100 tasks and at most ~900 kB of JSON each."""
+    chunk: list[bm.BatchTaskCreateOptions] = []
+    size = 0
+    for task in tasks:
+        task_size = _task_body_size(task)
+        if task_size > MAX_BODY_BYTES:
+            raise ConfigError(
+                f"task {task.id} is {task_size} bytes of JSON, over the Batch limit of 1 MB "
+                "per request: pass large values through blobs, not environment settings"
+            )
+        if chunk and (len(chunk) >= MAX_TASKS_PER_CALL or size + task_size > MAX_BODY_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(task)
+        size += task_size
+    if chunk:
+        yield chunk
+
+
+def _account_name(cfg: BatchConfig) -> str:
+    if cfg.batch_account:
+        return str(cfg.batch_account)
+    host = urlparse(str(cfg.batch_url or "")).hostname or ""
+    return host.split(".")[0]
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class BatchService:
+    """A thin, typed facade over ``azure.batch.BatchClient`` for what the backend needs.
+
+    Thread-safe: the SDK client is, and the only mutable state here is the executor that
+    runs several addtaskcollection calls at once.
+    """
+
+    def __init__(
+        self,
+        client: BatchClient,
+        *,
+        account: str,
+        uses_key: bool,
+        poll_interval: float = 2.0,
+    ) -> None:
+        self._client = client
+        self._account = account
+        self._uses_key = uses_key
+        self._poll_interval = poll_interval
+        self._executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
+        #: Number of create_task_collection calls made (for tests and benchmarks).
+        self.submit_calls = 0
+
+    # ---- construction
+
+    @classmethod
+    def from_config(cls, cfg: BatchConfig) -> BatchService:
+        """Build the client from the config's endpoint and credential.
+
+        A shared key signs requests itself (``AzureNamedKeyCredential``); without one, a
+        ``TokenCredential`` is used (the config's, else ``DefaultAzureCredential``). The SDK
+        refuses to send a bearer token over plain http, so that combination is refused here
+        with the fix instead of failing on the first request.
+        """
+        url = cfg.batch_url
+        if not url:
+            raise ConfigError(
+                "no Batch account endpoint: set batch_url= or BATCH_ACCOUNT_URL "
+                "(https://<account>.<region>.batch.azure.com)"
+            )
+        account = _account_name(cfg)
+        credential: AzureNamedKeyCredential | TokenCredential
+        if cfg.batch_key:
+            if not account:
+                raise ConfigError(
+                    "a Batch account key needs the account name: set batch_account= "
+                    "or BATCH_ACCOUNT_NAME"
+                )
+            credential = AzureNamedKeyCredential(account, cfg.batch_key)
+            uses_key = True
+        else:
+            if urlparse(url).scheme.lower() != "https":
+                raise CredentialError(
+                    f"the Batch endpoint {url} is plain http, and token credentials are only "
+                    "sent over https: give the account key (batch_key= or BATCH_ACCOUNT_KEY) "
+                    "or use an https endpoint"
+                )
+            if cfg.batch_credential is not None:
+                credential = cast(TokenCredential, cfg.batch_credential)
+            else:
+                from azure.identity import DefaultAzureCredential
+
+                credential = DefaultAzureCredential()
+            uses_key = False
+        client = BatchClient(
+            endpoint=url,
+            credential=credential,
+            retry_policy=RetryPolicy(retry_total=8, retry_backoff_factor=0.5, retry_backoff_max=30),
+            connection_timeout=30,
+            read_timeout=120,
+        )
+        return cls(client, account=account, uses_key=uses_key, poll_interval=cfg.poll_interval)
+
+    def close(self) -> None:
+        with self._executor_lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+        self._client.close()
+
+    # ---- error translation
+
+    def _translate(self, e: AzureError, what: str) -> AzureBatchError:
+        status = getattr(e, "status_code", None)
+        if isinstance(e, ClientAuthenticationError) or status in (401, 403):
+            if self._uses_key:
+                return CredentialError(
+                    f"the Batch account key for {self._account} was refused while trying to "
+                    f"{what}: check BATCH_ACCOUNT_KEY (or batch_key=) and BATCH_ACCOUNT_NAME"
+                )
+            return CredentialError(
+                f"the Azure credential was refused by the Batch account {self._account} while "
+                f"trying to {what}: check that the identity has a Batch data-plane role on the "
+                f"account ({_error_message(e)})"
+            )
+        if isinstance(e, HttpResponseError):
+            code = _error_code(e)
+            return ServiceError(
+                f"could not {what}: the Batch service answered {status} {code}: {_error_message(e)}"
+            )
+        if isinstance(e, (ServiceRequestError, ServiceResponseError)):
+            return ServiceError(
+                f"could not {what}: the Batch account at {self._client._config.endpoint} "
+                f"did not answer ({_error_message(e)})"
+            )
+        return ServiceError(f"could not {what}: {_error_message(e)}")
+
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except AzureError as e:
+            raise self._translate(e, what) from e
+
+    # ---- pools
+
+    @staticmethod
+    def _pool_info(pool: bm.BatchPool, node_states: Mapping[str, int] | None = None) -> PoolInfo:
+        vmc = pool.virtual_machine_configuration
+        cc = vmc.container_configuration if vmc is not None else None
+        images = tuple(cc.container_image_names or ()) if cc is not None else ()
+        errors = tuple(
+            f"{err.code}: {err.message}" for err in (pool.resize_errors or ()) if err is not None
+        )
+        return PoolInfo(
+            pool_id=pool.id,
+            state=_enum_text(pool.state),
+            allocation_state=_enum_text(pool.allocation_state),
+            vm_size=pool.vm_size or "",
+            target_dedicated_nodes=pool.target_dedicated_nodes or 0,
+            target_spot_nodes=pool.target_low_priority_nodes or 0,
+            current_dedicated_nodes=pool.current_dedicated_nodes or 0,
+            current_spot_nodes=pool.current_low_priority_nodes or 0,
+            task_slots_per_node=pool.task_slots_per_node or 1,
+            image_names=images,
+            resize_errors=errors,
+            node_states=dict(node_states or {}),
+        )
+
+    def get_pool(self, pool_id: str) -> PoolInfo | None:
+        """The pool, or None if there is none (``pool_exists`` raises instead of saying so)."""
+        try:
+            pool = self._client.get_pool(pool_id)
+        except ResourceNotFoundError:
+            return None
+        except AzureError as e:
+            raise self._translate(e, f"read the pool {pool_id}") from e
+        return self._pool_info(pool)
+
+    def list_pools(self) -> list[PoolInfo]:
+        with self._call("list the pools"):
+            return [self._pool_info(p) for p in self._client.list_pools()]
+
+    def create_pool(self, spec: PoolSpec) -> None:
+        """Create the pool; a ``PoolExists`` answer (another client won the race) is fine."""
+        registries = None
+        if spec.registry_server:
+            registries = [
+                bm.ContainerRegistryReference(
+                    registry_server=spec.registry_server,
+                    username=spec.registry_username,
+                    password=spec.registry_password,
+                )
+            ]
+        start_task = None
+        if spec.start_task_command:
+            start_task = bm.BatchStartTask(
+                command_line=spec.start_task_command,
+                wait_for_success=True,
+                max_task_retry_count=1,
+                user_identity=bm.UserIdentity(
+                    auto_user=bm.AutoUserSpecification(scope="pool", elevation_level="admin")
+                ),
+            )
+        options = bm.BatchPoolCreateOptions(
+            id=spec.pool_id,
+            vm_size=spec.vm_size,
+            virtual_machine_configuration=bm.VirtualMachineConfiguration(
+                image_reference=bm.BatchVmImageReference(
+                    publisher=spec.node_image_publisher,
+                    offer=spec.node_image_offer,
+                    sku=spec.node_image_sku,
+                    version="latest",
+                ),
+                node_agent_sku_id=spec.node_agent_sku_id,
+                container_configuration=bm.BatchContainerConfiguration(
+                    type="dockerCompatible",
+                    container_image_names=[spec.image],
+                    container_registries=registries,
+                ),
+            ),
+            target_dedicated_nodes=spec.dedicated_nodes,
+            target_low_priority_nodes=spec.spot_nodes,
+            task_slots_per_node=spec.task_slots_per_node,
+            task_scheduling_policy=bm.BatchTaskSchedulingPolicy(node_fill_type="spread"),
+            start_task=start_task,
+        )
+        try:
+            self._client.create_pool(options)
+        except HttpResponseError as e:
+            if _error_code(e) == "PoolExists":
+                return
+            raise self._translate(e, f"create the pool {spec.pool_id}") from e
+        except AzureError as e:
+            raise self._translate(e, f"create the pool {spec.pool_id}") from e
+
+    def ensure_pool(self, spec: PoolSpec, *, timeout: float = 600.0) -> tuple[PoolInfo, bool]:
+        """Return the pool and whether this call created it.
+
+        An existing pool is left exactly as it is. A pool that is being deleted (the end of
+        a previous run) is waited out and then created afresh, since the service refuses to
+        create a pool whose id is still in the deleting state.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.get_pool(spec.pool_id)
+            if info is None:
+                self.create_pool(spec)
+                created = self.get_pool(spec.pool_id)
+                if created is None:
+                    raise ServiceError(f"the pool {spec.pool_id} vanished right after creation")
+                return created, True
+            if info.state != "deleting":
+                return info, False
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"the pool {spec.pool_id} has been deleting for over {timeout:.0f} s; "
+                    "wait for it to go or choose another pool_id"
+                )
+            time.sleep(max(self._poll_interval, 0.1))
+
+    def _node_states(self, pool_id: str) -> dict[str, int]:
+        states: dict[str, int] = {}
+        with self._call(f"list the nodes of the pool {pool_id}"):
+            for node in self._client.list_nodes(pool_id, select=["id", "state"]):
+                key = _enum_text(node.state)
+                states[key] = states.get(key, 0) + 1
+        return states
+
+    def wait_for_capacity(
+        self,
+        pool_id: str,
+        *,
+        min_slots: int,
+        timeout: float,
+        progress: Callable[[PoolInfo], None],
+    ) -> PoolInfo:
+        """Wait until the pool has ``min_slots`` usable task slots (idle or running nodes).
+
+        Calls ``progress`` after every look so the caller can show a line. Gives up with a
+        :class:`ServiceError` when the pool stops resizing with no usable node and reports
+        resize errors (quota, unavailable VM size), or when ``timeout`` seconds pass.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pool = self._client.get_pool(pool_id)
+            except ResourceNotFoundError as e:
+                raise ServiceError(
+                    f"the pool {pool_id} was deleted while waiting for its nodes"
+                ) from e
+            except AzureError as e:
+                raise self._translate(e, f"read the pool {pool_id}") from e
+            info = self._pool_info(pool, self._node_states(pool_id))
+            progress(info)
+            if info.ready_slots >= min_slots:
+                return info
+            if info.allocation_state == "steady" and info.ready_nodes == 0:
+                if info.resize_errors:
+                    raise ServiceError(
+                        f"the pool {pool_id} could not get nodes: " + "; ".join(info.resize_errors)
+                    )
+                if info.target_dedicated_nodes + info.target_spot_nodes == 0:
+                    raise ServiceError(
+                        f"the pool {pool_id} is sized to zero nodes: resize it or set "
+                        "dedicated_nodes= / spot_nodes="
+                    )
+                unusable = {
+                    s: n
+                    for s, n in info.node_states.items()
+                    if s in ("unusable", "starttaskfailed", "offline")
+                }
+                if unusable and sum(unusable.values()) == sum(info.node_states.values()):
+                    raise ServiceError(
+                        f"every node of the pool {pool_id} is unusable ({unusable}); "
+                        "check the start task and the container image"
+                    )
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"the pool {pool_id} had no usable task slot after {timeout:.0f} s "
+                    f"(nodes: {dict(info.node_states) or 'none yet'}); raise pool_timeout= "
+                    "or check the pool in the Azure portal"
+                )
+            time.sleep(max(self._poll_interval, 0.05))
+
+    def delete_pool(self, pool_id: str) -> None:
+        """Start deleting the pool (the service finishes it in the background)."""
+        try:
+            self._client.begin_delete_pool(pool_id, polling_interval=5)
+        except ResourceNotFoundError:
+            return
+        except HttpResponseError as e:
+            if _error_code(e) in ("PoolBeingDeleted", "PoolNotFound"):
+                return
+            raise self._translate(e, f"delete the pool {pool_id}") from e
+        except AzureError as e:
+            raise self._translate(e, f"delete the pool {pool_id}") from e
+
+    # ---- jobs
+
+    def create_job(self, job_id: str, pool_id: str) -> None:
+        """One job per Parallel call; it stays active after its tasks finish (noaction)."""
+        options = bm.BatchJobCreateOptions(
+            id=job_id,
+            pool_info=bm.BatchPoolInfo(pool_id=pool_id),
+            uses_task_dependencies=False,
+            all_tasks_complete_mode="noaction",
+        )
+        with self._call(f"create the job {job_id} on the pool {pool_id}"):
+            self._client.create_job(options)
+
+    def list_jobs(self) -> list[JobInfo]:
+        with self._call("list the jobs"):
+            return [
+                JobInfo(
+                    job_id=j.id or "",
+                    pool_id=j.pool_info.pool_id if j.pool_info is not None else None,
+                    state=_enum_text(j.state),
+                    creation_time=j.creation_time,
+                )
+                for j in self._client.list_jobs(select=["id", "poolInfo", "state", "creationTime"])
+            ]
+
+    def terminate_job(self, job_id: str, reason: str, *, wait: float = 60.0) -> None:
+        """Terminate the job: running tasks are killed, active ones never start.
+
+        Waits up to ``wait`` seconds for the job to leave the terminating state, so that no
+        task keeps running (and billing) after this returns.
+        """
+        options = BatchJobTerminateOptions(termination_reason=reason or "Terminated")
+        try:
+            poller = self._client.begin_terminate_job(
+                job_id, options, polling_interval=max(1, int(self._poll_interval))
+            )
+        except ResourceNotFoundError:
+            return
+        except HttpResponseError as e:
+            if _error_code(e) in ("JobCompleted", "JobBeingTerminated", "JobBeingDeleted"):
+                return
+            raise self._translate(e, f"terminate the job {job_id}") from e
+        except AzureError as e:
+            raise self._translate(e, f"terminate the job {job_id}") from e
+        if wait > 0:
+            try:
+                poller.result(timeout=wait)
+            except AzureError as e:
+                _log.debug("waiting for job %s to terminate: %s", job_id, e)
+
+    def delete_job(self, job_id: str) -> None:
+        """Start deleting the job and its tasks (the service finishes in the background)."""
+        try:
+            self._client.begin_delete_job(job_id, polling_interval=max(1, int(self._poll_interval)))
+        except ResourceNotFoundError:
+            return
+        except HttpResponseError as e:
+            if _error_code(e) in ("JobBeingDeleted", "JobNotFound"):
+                return
+            raise self._translate(e, f"delete the job {job_id}") from e
+        except AzureError as e:
+            raise self._translate(e, f"delete the job {job_id}") from e
+
+    # ---- tasks
+
+    @staticmethod
+    def _task_options(spec: TaskSpec) -> bm.BatchTaskCreateOptions:
+        wall = (
+            _dt.timedelta(seconds=spec.max_wall_clock) if spec.max_wall_clock is not None else None
+        )
+        return bm.BatchTaskCreateOptions(
+            id=spec.task_id,
+            command_line=spec.command_line,
+            container_settings=bm.BatchTaskContainerSettings(image_name=spec.image),
+            environment_settings=[
+                bm.EnvironmentSetting(name=k, value=v) for k, v in spec.environment.items()
+            ],
+            constraints=bm.BatchTaskConstraints(
+                max_task_retry_count=spec.max_retries, max_wall_clock_time=wall
+            ),
+        )
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=SUBMIT_CONCURRENCY, thread_name_prefix="azurebatch-add"
+                )
+            return self._executor
+
+    def add_tasks(self, job_id: str, tasks: Sequence[TaskSpec]) -> None:
+        """Add tasks in chunks of ≤100 (and ≤~900 kB), several chunks in flight.
+
+        Every per-task status is read case-insensitively. ``TaskExists`` counts as success:
+        task ids are unique within a run, so an existing id can only come from an earlier
+        attempt of this same submission (ours, or the SDK's own transparent retry of a
+        request whose response was lost). Server errors are retried; any other per-task
+        error raises a :class:`ServiceError` naming the task.
+        """
+        options = [self._task_options(t) for t in tasks]
+        chunks = list(_chunks(options))
+        if not chunks:
+            return
+        if len(chunks) == 1:
+            self._add_chunk(job_id, chunks[0])
+            return
+        futures = [self._pool().submit(self._add_chunk, job_id, c) for c in chunks]
+        first_error: BaseException | None = None
+        for fut in futures:
+            try:
+                fut.result()
+            except BaseException as e:
+                if first_error is None:
+                    first_error = e
+        if first_error is not None:
+            raise first_error
+
+    def _add_chunk(self, job_id: str, chunk: list[bm.BatchTaskCreateOptions]) -> None:
+        pending = {t.id: t for t in chunk}
+        last_problem = ""
+        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+            if attempt > 1:
+                time.sleep(min(0.25 * 2 ** (attempt - 2), 5.0))
+            self.submit_calls += 1
+            try:
+                result = self._client.create_task_collection(
+                    job_id, bm.BatchTaskGroup(task_values=list(pending.values()))
+                )
+            except HttpResponseError as e:
+                code = _error_code(e)
+                status = e.status_code or 0
+                if code == "RequestBodyTooLarge" and len(pending) > 1:
+                    items = list(pending.values())
+                    half = len(items) // 2
+                    self._add_chunk(job_id, items[:half])
+                    self._add_chunk(job_id, items[half:])
+                    return
+                if status >= 500 or status in (408, 429):
+                    last_problem = f"{status} {code}: {_error_message(e)}"
+                    continue
+                raise self._translate(e, f"add {len(pending)} tasks to the job {job_id}") from e
+            except (ServiceRequestError, ServiceResponseError) as e:
+                last_problem = _error_message(e)
+                continue
+            except AzureError as e:
+                raise self._translate(e, f"add {len(pending)} tasks to the job {job_id}") from e
+            for item in result.result_values or ():
+                status_text = _enum_text(item.status)
+                code = (item.error.code or "") if item.error is not None else ""
+                if status_text == "success" or code == "TaskExists":
+                    pending.pop(item.task_id, None)
+                elif status_text == "servererror":
+                    msg = item.error.message.value if item.error and item.error.message else ""
+                    last_problem = f"task {item.task_id}: {code} {msg}".strip()
+                else:
+                    msg = item.error.message.value if item.error and item.error.message else ""
+                    details = ""
+                    if item.error is not None and item.error.error_values:
+                        details = (
+                            " ("
+                            + ", ".join(f"{d.key}={d.value}" for d in item.error.error_values)
+                            + ")"
+                        )
+                    raise ServiceError(
+                        f"the Batch service refused the task {item.task_id} of the job "
+                        f"{job_id}: {code}: {msg}{details}"
+                    )
+            if not pending:
+                return
+        raise ServiceError(
+            f"could not add the tasks {', '.join(sorted(pending)[:5])}"
+            f"{' ...' if len(pending) > 5 else ''} to the job {job_id} after "
+            f"{SUBMIT_ATTEMPTS} attempts: {last_problem}"
+        )
+
+    def task_counts(self, job_id: str) -> TaskCounts:
+        with self._call(f"read the task counts of the job {job_id}"):
+            counts = self._client.get_job_task_counts(job_id).task_counts
+        return TaskCounts(
+            active=counts.active,
+            running=counts.running,
+            completed=counts.completed,
+            succeeded=counts.succeeded,
+            failed=counts.failed,
+        )
+
+    def completed_tasks(
+        self, job_id: str, *, since: _dt.datetime | None = None
+    ) -> list[TaskOutcome]:
+        """Tasks that reached the completed state at or after ``since`` (all if None).
+
+        One filtered, ``$select``-ed listing (paged by the SDK) instead of a GET per task.
+        """
+        query = "state eq 'completed'"
+        if since is not None:
+            query += f" and stateTransitionTime ge datetime'{_odata_datetime(since)}'"
+        outcomes: list[TaskOutcome] = []
+        with self._call(f"list the completed tasks of the job {job_id}"):
+            for task in self._client.list_tasks(
+                job_id,
+                filter=query,
+                select=["id", "state", "stateTransitionTime", "executionInfo", "nodeInfo"],
+                max_results=1000,
+            ):
+                outcomes.append(self._outcome(task))
+        return outcomes
+
+    @staticmethod
+    def _outcome(task: bm.BatchTask) -> TaskOutcome:
+        info = task.execution_info
+        failure = None
+        exit_code = None
+        result = None
+        retry_count = requeue_count = 0
+        start = end = None
+        if info is not None:
+            exit_code = info.exit_code
+            retry_count = info.retry_count or 0
+            requeue_count = info.requeue_count or 0
+            start, end = info.start_time, info.end_time
+            result = _enum_text(info.result) or None
+            if info.failure_info is not None:
+                fi = info.failure_info
+                failure = f"{fi.code or _enum_text(fi.category)}: {fi.message or ''}".strip()
+        node = task.node_info.node_id if task.node_info is not None else None
+        return TaskOutcome(
+            task_id=task.id,
+            state=_enum_text(task.state),
+            transition_time=task.state_transition_time,
+            exit_code=exit_code,
+            failure=failure,
+            result=result,
+            retry_count=retry_count,
+            requeue_count=requeue_count,
+            start_time=start,
+            end_time=end,
+            node_id=node,
+        )
+
+    def read_task_file(
+        self, job_id: str, task_id: str, path: str, *, tail_bytes: int = 4096
+    ) -> str:
+        """The last ``tail_bytes`` of a task file, or "" if it is absent or unreadable.
+
+        Used to explain a failure, so it never raises: a second error would hide the first.
+        """
+        try:
+            props = self._client.get_task_file_properties(job_id, task_id, path)
+            size = int(props.content_length or 0)
+            if size <= 0:
+                return ""
+            start = max(0, size - tail_bytes)
+            data = b"".join(
+                self._client.download_task_file(
+                    job_id, task_id, path, ocp_range=f"bytes={start}-{size - 1}"
+                )
+            )
+        except AzureError as e:
+            _log.debug("could not read %s of task %s/%s: %s", path, job_id, task_id, e)
+            return ""
+        return data.decode("utf-8", errors="replace")
