@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -25,15 +26,17 @@ from typing import TYPE_CHECKING, Any, TextIO
 from joblib_azurebatch.errors import AzureBatchError
 
 if TYPE_CHECKING:
+    from joblib_azurebatch.batch import BatchService, JobInfo
     from joblib_azurebatch.config import BatchConfig
 
 __all__ = ["main"]
 
 PROG = "joblib-azurebatch"
 
-# Prefix of every Batch job id the backend creates (agreed with batch.py); ``cleanup`` and
-# ``jobs list`` use it to tell this library's jobs from anyone else's on a shared account.
-JOB_PREFIX_FALLBACK = "jab-"
+# Every job id the backend creates ends in ``-{UTC time}-{8 hex digits}``
+# (``BatchConfig.new_job_id``), whatever prefix ``job_id`` gave it; ``jobs list`` and
+# ``cleanup`` use this to tell this library's jobs from anyone else's on a shared account.
+_OUR_JOB_ID = re.compile(r"-\d{8}T\d{6}-[0-9a-f]{8}$")
 
 
 # --------------------------------------------------------------------------- demo
@@ -190,7 +193,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import joblib_azurebatch  # noqa: F401  (registers the "azurebatch" backend)
 
     if args.azure:
-        cfg = _config_from_env(args, pool_id=args.pool_id)
+        cfg = _config_from_env(pool_id=args.pool_id)
         where = f"Azure Batch account {cfg.batch_account!r}, pool {cfg.pool_id!r}"
         return _run_demo(cfg, folds=args.folds, trees=args.trees, where=where, out=sys.stdout)
 
@@ -227,6 +230,7 @@ def local_env(local: Any) -> dict[str, str]:
         "BATCH_ACCOUNT_KEY": str(local.batch_key),
         "STORAGE_ACCOUNT_NAME": str(local.storage_account),
         "STORAGE_ACCOUNT_KEY": str(local.storage_key),
+        "STORAGE_ACCOUNT_URL": str(local.blob_url),
         "AZURE_STORAGE_CONNECTION_STRING": str(local.storage_connection_string),
     }
 
@@ -256,16 +260,27 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- housekeeping
 
 
-def _config_from_env(args: argparse.Namespace, **overrides: Any) -> BatchConfig:
+def _config_from_env(**overrides: Any) -> BatchConfig:
     from joblib_azurebatch.config import BatchConfig
 
-    return BatchConfig.from_env(**{k: v for k, v in overrides.items() if v is not None})
+    return BatchConfig.from_env(**overrides)
 
 
-def _job_prefix() -> str:
-    from joblib_azurebatch import batch
+@contextlib.contextmanager
+def _batch_service(cfg: BatchConfig) -> Iterator[BatchService]:
+    from joblib_azurebatch.batch import BatchService
 
-    return str(getattr(batch, "JOB_ID_PREFIX", JOB_PREFIX_FALLBACK))
+    cfg.validate()
+    svc = BatchService.from_config(cfg)
+    try:
+        yield svc
+    finally:
+        svc.close()
+
+
+def is_our_job(job_id: str) -> bool:
+    """Whether a job id has the shape of the ids ``BatchConfig.new_job_id`` makes."""
+    return _OUR_JOB_ID.search(job_id) is not None
 
 
 def _print_rows(rows: Sequence[Sequence[str]], header: Sequence[str], out: TextIO) -> None:
@@ -276,103 +291,97 @@ def _print_rows(rows: Sequence[Sequence[str]], header: Sequence[str], out: TextI
 
 
 def cmd_pools_list(args: argparse.Namespace) -> int:
-    from joblib_azurebatch.batch import BatchService
-
-    svc = BatchService.from_config(_config_from_env(args))
+    with _batch_service(_config_from_env()) as svc:
+        pools = svc.list_pools()
     rows = [
         (
             p.pool_id,
-            str(p.vm_size),
-            str(p.state),
-            str(p.allocation_state),
+            p.vm_size,
+            p.state,
+            p.allocation_state,
             f"{p.current_dedicated_nodes}/{p.target_dedicated_nodes}",
-            f"{p.current_low_priority_nodes}/{p.target_low_priority_nodes}",
+            f"{p.current_spot_nodes}/{p.target_spot_nodes}",
             str(p.task_slots_per_node),
         )
-        for p in svc.list_pools()
+        for p in pools
     ]
-    _print_rows(
-        rows,
-        ("POOL", "VM SIZE", "STATE", "ALLOCATION", "DEDICATED", "SPOT", "SLOTS"),
-        sys.stdout,
-    )
+    header = ("POOL", "VM SIZE", "STATE", "ALLOCATION", "DEDICATED", "SPOT", "SLOTS")
+    _print_rows(rows, header, sys.stdout)
     return 0
 
 
 def cmd_pools_delete(args: argparse.Namespace) -> int:
-    from joblib_azurebatch.batch import BatchService
-
-    svc = BatchService.from_config(_config_from_env(args))
-    for pool_id in args.pool_ids:
-        svc.delete_pool(pool_id)
-        print(f"deleting pool {pool_id}")
+    with _batch_service(_config_from_env()) as svc:
+        for pool_id in args.pool_ids:
+            svc.delete_pool(pool_id)
+            print(f"deleting pool {pool_id}")
     return 0
 
 
-def _our_jobs(svc: Any, *, include_all: bool) -> list[Any]:
-    prefix = _job_prefix()
-    jobs = list(svc.list_jobs())
-    return jobs if include_all else [j for j in jobs if j.job_id.startswith(prefix)]
+def _our_jobs(svc: BatchService, *, include_all: bool) -> list[JobInfo]:
+    jobs = svc.list_jobs()
+    return jobs if include_all else [j for j in jobs if is_our_job(j.job_id)]
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
-    from joblib_azurebatch.batch import BatchService
-
-    svc = BatchService.from_config(_config_from_env(args))
+    with _batch_service(_config_from_env()) as svc:
+        jobs = _our_jobs(svc, include_all=args.all)
     rows = [
-        (j.job_id, str(j.pool_id), str(j.state), str(j.creation_time or ""))
-        for j in _our_jobs(svc, include_all=args.all)
+        (
+            j.job_id,
+            j.pool_id or "",
+            j.state,
+            j.creation_time.strftime("%Y-%m-%d %H:%M:%S") if j.creation_time else "",
+        )
+        for j in jobs
     ]
-    _print_rows(rows, ("JOB", "POOL", "STATE", "CREATED"), sys.stdout)
+    _print_rows(rows, ("JOB", "POOL", "STATE", "CREATED (UTC)"), sys.stdout)
     return 0
 
 
 def cmd_jobs_delete(args: argparse.Namespace) -> int:
-    from joblib_azurebatch.batch import BatchService
-
-    svc = BatchService.from_config(_config_from_env(args))
-    for job_id in args.job_ids:
-        svc.delete_job(job_id)
-        print(f"deleting job {job_id}")
+    with _batch_service(_config_from_env()) as svc:
+        for job_id in args.job_ids:
+            svc.delete_job(job_id)
+            print(f"deleting job {job_id}")
     return 0
 
 
-def cleanup(
-    cfg: BatchConfig, *, dry_run: bool, out: TextIO, log: Callable[[str], None] | None = None
-) -> tuple[int, int]:
-    """Delete this library's Batch jobs and the blobs under ``jobs/`` in its container.
+def cleanup(cfg: BatchConfig, *, dry_run: bool, out: TextIO) -> tuple[int, int]:
+    """Delete this library's Batch jobs and every blob under ``jobs/`` in its container.
 
-    Returns ``(jobs, blobs)`` deleted (or that would be, with ``dry_run``). Blobs of a job
-    that still exists elsewhere are removed with it; orphaned job folders (a client killed
-    after the job was deleted) are found from the blob listing itself.
+    Returns ``(jobs, blobs)`` deleted (or that would be, with ``dry_run``). The blob folders
+    are found from the blob listing itself rather than from the jobs, so that folders whose
+    job is already gone (a client killed between the two deletions) go too.
     """
-    from joblib_azurebatch.batch import BatchService
     from joblib_azurebatch.storage import BlobStore
 
-    say = log or (lambda line: print(line, file=out))
-    svc = BatchService.from_config(cfg)
-    store = BlobStore.from_config(cfg)
     verb = "would delete" if dry_run else "deleted"
+    with _batch_service(cfg) as svc:
+        jobs = [j for j in _our_jobs(svc, include_all=False) if j.state != "deleting"]
+        for job in jobs:
+            if not dry_run:
+                svc.delete_job(job.job_id)
+            print(f"{verb} job {job.job_id}", file=out)
 
-    jobs = _our_jobs(svc, include_all=False)
-    for job in jobs:
-        if not dry_run:
-            svc.delete_job(job.job_id)
-        say(f"{verb} job {job.job_id}")
-
-    folders = sorted({name.split("/")[1] for name in store.list_names("jobs/") if "/" in name})
-    blobs = 0
-    for job_id in folders:
-        prefix = f"jobs/{job_id}/"
-        count = len(store.list_names(prefix)) if dry_run else store.delete_prefix(prefix)
-        blobs += count
-        say(f"{verb} {count} blobs under {cfg.container}/{prefix}")
-    say(f"{verb} {len(jobs)} jobs and {blobs} blobs")
+    with contextlib.closing(BlobStore.from_config(cfg)) as store:
+        names = store.list_names("jobs/")
+        folders = sorted({name.split("/")[1] for name in names if name.count("/") >= 2})
+        blobs = 0
+        for job_id in folders:
+            prefix = f"jobs/{job_id}/"
+            if dry_run:
+                count = sum(1 for name in names if name.startswith(prefix))
+            else:
+                count = store.delete_prefix(prefix)
+            blobs += count
+            print(f"{verb} {count} blobs under {cfg.container}/{prefix}", file=out)
+    print(f"{verb} {len(jobs)} jobs and {blobs} blobs", file=out)
     return len(jobs), blobs
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    cleanup(_config_from_env(args), dry_run=args.dry_run, out=sys.stdout)
+    cleanup(_config_from_env(), dry_run=args.dry_run, out=sys.stdout)
     return 0
 
 
