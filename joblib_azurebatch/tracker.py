@@ -1,0 +1,286 @@
+"""The one thread that turns Batch task states into finished results.
+
+Each run (one Batch job) has one :class:`Tracker`. Its thread polls the job's task counts,
+which is one cheap request, and only when more tasks have completed than it has seen does
+it list the newly completed ones (``stateTransitionTime`` at or after the last one seen,
+minus a small overlap for listings that lag, de-duplicated by task id). For each finished
+task it downloads the result blob (a few downloads run in parallel) and then calls the
+task's ``on_done`` from this one thread, in order.
+
+One thread matters: joblib 1.6 returns a silently truncated list when completion callbacks
+race each other. It also matters that a result is fully downloaded before its callback
+fires, because joblib may terminate the backend as soon as the last callback ran.
+
+Nothing is dropped or duplicated: a preempted or requeued task is simply not completed
+yet; a task id is delivered at most once; a completed task is delivered whatever its
+state, as a result, a :class:`~joblib_azurebatch.errors.TaskFailedError` (non-zero exit,
+failure info, or no result blob), or the service error that stopped the polling.
+"""
+
+from __future__ import annotations
+
+import _thread
+import datetime as _dt
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from .batch import BatchService, TaskOutcome
+from .errors import AzureBatchError, CredentialError, TaskFailedError
+
+__all__ = ["TaskDone", "Tracker"]
+
+_log = logging.getLogger(__name__)
+
+#: Listings reach back this far before the newest completion seen, because the service
+#: may show a task that completed at time T after one that completed later.
+DEFAULT_OVERLAP = 5.0
+#: List completed tasks at least this often even when the counts did not move (the counts
+#: are eventually consistent and may lag the listing).
+RELIST_EVERY = 30.0
+#: Consecutive failed polls (each already retried by the SDK) before pending tasks fail.
+MAX_POLL_FAILURES = 5
+#: A result blob missing right after its task completed is looked for again this often.
+RESULT_ATTEMPTS = 3
+RESULT_RETRY_DELAY = 0.5
+STDERR_TAIL_BYTES = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskDone:
+    """What ``on_done`` receives: the result bytes, or the error that replaces them."""
+
+    task_id: str
+    outcome: TaskOutcome | None = None
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+OnDone = Callable[[TaskDone], None]
+
+
+class Tracker:
+    """Polls one job and resolves the tasks it was asked to watch.
+
+    ``fetch(task_id)`` returns the task's result blob and raises ``FileNotFoundError`` when
+    there is none; the tracker never interprets the bytes.
+    """
+
+    def __init__(
+        self,
+        service: BatchService,
+        job_id: str,
+        *,
+        fetch: Callable[[str], bytes],
+        poll_interval: float,
+        max_task_retries: int = 3,
+        overlap: float = DEFAULT_OVERLAP,
+        download_workers: int = 8,
+    ) -> None:
+        self._service = service
+        self._job_id = job_id
+        self._fetch = fetch
+        self._poll_interval = poll_interval
+        self._max_task_retries = max_task_retries
+        self._overlap = _dt.timedelta(seconds=max(overlap, 3 * poll_interval))
+        self._lock = threading.Lock()
+        self._watched: dict[str, OnDone] = {}
+        self._delivered: set[str] = set()
+        self._seen_completed: set[str] = set()
+        self._newest: _dt.datetime | None = None
+        self._inbox: queue.SimpleQueue[TaskDone] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._downloads = ThreadPoolExecutor(
+            max_workers=download_workers, thread_name_prefix=f"azurebatch-fetch-{job_id}"
+        )
+        self._thread = threading.Thread(
+            target=self._run, name=f"azurebatch-tracker-{job_id}", daemon=True
+        )
+        self._started = False
+        #: Requests made, for tests and benchmarks.
+        self.count_polls = 0
+        self.list_polls = 0
+
+    # ---------------------------------------------------------------- public
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def watch(self, task_id: str, on_done: OnDone) -> None:
+        """Resolve ``task_id`` through ``on_done`` once it completes. Call before adding it."""
+        with self._lock:
+            if task_id in self._watched or task_id in self._delivered:
+                raise ValueError(f"task {task_id} is already watched")
+            self._watched[task_id] = on_done
+        self._wake.set()
+
+    def deliver(self, task_id: str, error: BaseException) -> None:
+        """Resolve a watched task with ``error`` from the tracker's thread (never this one).
+
+        For failures found before the task reached Batch (an upload or submission error),
+        so that every callback still comes from the one thread.
+        """
+        self._inbox.put(TaskDone(task_id=task_id, error=error))
+        self._wake.set()
+
+    def pending(self) -> list[str]:
+        with self._lock:
+            return list(self._watched)
+
+    @property
+    def in_tracker_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def stop(self, *, wait: float = 10.0) -> None:
+        """Stop polling; callbacks not yet fired never fire."""
+        self._stopping.set()
+        self._wake.set()
+        if self._started and not self.in_tracker_thread:
+            self._thread.join(wait)
+        self._downloads.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- the thread
+
+    def _run(self) -> None:
+        failures = 0
+        last_listing = 0.0
+        listed_count = -1
+        while not self._stopping.is_set():
+            self._drain_inbox()
+            if not self.pending():
+                self._sleep()
+                continue
+            try:
+                counts = self._service.task_counts(self._job_id)
+                self.count_polls += 1
+                stale = time.monotonic() - last_listing > RELIST_EVERY
+                if counts.completed > len(self._seen_completed) or stale:
+                    # Counts ahead of two listings in a row: a completion fell outside the
+                    # overlap window; look at every completed task once.
+                    full = stale or (
+                        listed_count == counts.completed
+                        and counts.completed > len(self._seen_completed)
+                    )
+                    self._list_and_resolve(full=full)
+                    last_listing = time.monotonic()
+                    listed_count = counts.completed
+                failures = 0
+            except CredentialError as e:
+                self._fail_all(e)
+            except AzureBatchError as e:
+                failures += 1
+                _log.warning(
+                    "polling the job %s failed (%d in a row): %s", self._job_id, failures, e
+                )
+                if failures >= MAX_POLL_FAILURES:
+                    self._fail_all(e)
+                    failures = 0
+            except Exception as e:  # a bug must not leave the caller waiting forever
+                _log.exception("the tracker of the job %s failed", self._job_id)
+                self._fail_all(e)
+            self._sleep()
+
+    def _sleep(self) -> None:
+        self._wake.wait(self._poll_interval)
+        self._wake.clear()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                done = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._fire(done)
+
+    def _since(self, *, full: bool) -> _dt.datetime | None:
+        if full or self._newest is None:
+            return None
+        return self._newest - self._overlap
+
+    def _list_and_resolve(self, *, full: bool) -> None:
+        outcomes = self._service.completed_tasks(self._job_id, since=self._since(full=full))
+        self.list_polls += 1
+        fresh: list[TaskOutcome] = []
+        for outcome in outcomes:
+            self._seen_completed.add(outcome.task_id)
+            if self._newest is None or outcome.transition_time > self._newest:
+                self._newest = outcome.transition_time
+            with self._lock:
+                if outcome.task_id in self._watched and outcome.task_id not in self._delivered:
+                    fresh.append(outcome)
+        if not fresh:
+            return
+        futures: dict[Future[TaskDone], str] = {
+            self._downloads.submit(self._collect, outcome): outcome.task_id for outcome in fresh
+        }
+        for fut in as_completed(futures):
+            if self._stopping.is_set():
+                return
+            try:
+                done = fut.result()
+            except BaseException as e:
+                done = TaskDone(task_id=futures[fut], error=e)
+            self._fire(done)
+            self._drain_inbox()
+
+    def _collect(self, outcome: TaskOutcome) -> TaskDone:
+        """Download a finished task's result, or explain why there is none (worker thread)."""
+        if outcome.succeeded:
+            for attempt in range(RESULT_ATTEMPTS):
+                try:
+                    return TaskDone(
+                        task_id=outcome.task_id, outcome=outcome, data=self._fetch(outcome.task_id)
+                    )
+                except FileNotFoundError:
+                    if attempt + 1 < RESULT_ATTEMPTS:
+                        time.sleep(RESULT_RETRY_DELAY)
+            reason = "it exited with code 0 but uploaded no result"
+        elif outcome.failure:
+            reason = f"it failed with {outcome.failure}"
+            if outcome.exit_code is not None:
+                reason += f" (exit code {outcome.exit_code})"
+        else:
+            reason = f"it exited with code {outcome.exit_code}"
+        tail = self._service.read_task_file(
+            self._job_id, outcome.task_id, "stderr.txt", tail_bytes=STDERR_TAIL_BYTES
+        )
+        tries = outcome.retry_count + 1
+        message = (
+            f"the Batch task {outcome.task_id} of the job {self._job_id} failed outside "
+            f"your code: {reason}, after {tries} attempt{'s' if tries != 1 else ''}"
+            + (f" on the node {outcome.node_id}" if outcome.node_id else "")
+            + ". Batch retries such a task up to max_task_retries times "
+            f"({self._max_task_retries}); the node's files stay readable while the job exists "
+            "(keep_job=True keeps it)."
+        )
+        return TaskDone(
+            task_id=outcome.task_id,
+            outcome=outcome,
+            error=TaskFailedError(message, self._job_id, outcome.task_id, tail),
+        )
+
+    def _fail_all(self, error: BaseException) -> None:
+        for task_id in self.pending():
+            self._fire(TaskDone(task_id=task_id, error=error))
+
+    def _fire(self, done: TaskDone) -> None:
+        with self._lock:
+            on_done = self._watched.pop(done.task_id, None)
+            if on_done is None:
+                return
+            self._delivered.add(done.task_id)
+        try:
+            on_done(done)
+        except KeyboardInterrupt:
+            # The input generator of a Parallel call raised it while the callback was
+            # pulling the next batch: hand it to the thread the user is waiting in.
+            _thread.interrupt_main()
+        except BaseException:
+            _log.exception("the completion callback of task %s raised", done.task_id)
