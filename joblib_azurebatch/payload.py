@@ -1,0 +1,614 @@
+"""What travels between the client and a node: signed task and result envelopes.
+
+Both envelopes are ``MAGIC (4) | version (1) | HMAC-SHA256 (32) | body``; the MAC covers
+magic, version and body, and is checked before a single byte of the body is unpickled, so
+a node never unpickles what the client did not sign (and the client never unpickles a
+result that its own task did not write). The body is a plain pickle of a dict of plain
+types, read with an unpickler that refuses every global; the user's objects inside it are
+cloudpickle bytes that are only unpickled after the Python, cloudpickle and joblib versions
+were found equal on both sides. See docs/internals.md for the fields.
+
+Large arguments (numpy arrays, bytes, and through their arrays pandas objects) are not
+copied into every task: a cloudpickle `Pickler` replaces each one at or above
+``inline_threshold`` bytes by the persistent id ``("joblib-azurebatch-object", sha256)``,
+stores it once per job under ``jobs/{job_id}/objects/{sha256}``, and hands the task a
+read-only SAS URL for it. The sha256 travels inside the signed payload, so the worker
+verifies every object it downloads (or finds in its node cache) before unpickling it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import pickle
+import secrets
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
+
+import cloudpickle
+import joblib
+
+from joblib_azurebatch.errors import PayloadError, RemoteError, VersionMismatchError
+
+__all__ = [
+    "ENVELOPE_VERSION",
+    "OBJECT_TAG",
+    "PAYLOAD_URL_ENV",
+    "RESULT_MAGIC",
+    "RESULT_URL_ENV",
+    "SIGNING_KEY_ENV",
+    "TASK_MAGIC",
+    "ObjectStore",
+    "PayloadWriter",
+    "PreparedTask",
+    "RemoteTraceback",
+    "ResultEnvelope",
+    "TaskEnvelope",
+    "check_versions",
+    "decode_task",
+    "encode_result",
+    "job_prefix",
+    "load_calls",
+    "new_signing_key",
+    "object_blob",
+    "payload_blob",
+    "read_result",
+    "result_blob",
+    "versions",
+]
+
+TASK_MAGIC = b"JABT"
+RESULT_MAGIC = b"JABR"
+ENVELOPE_VERSION = 1
+OBJECT_TAG = "joblib-azurebatch-object"
+_HEADER = 4 + 1 + 32
+# The body of an envelope is plain data; protocol 4 keeps it readable by any Python >= 3.8.
+_BODY_PROTOCOL = 4
+
+PAYLOAD_URL_ENV = "JOBLIB_AZUREBATCH_PAYLOAD_URL"
+RESULT_URL_ENV = "JOBLIB_AZUREBATCH_RESULT_URL"
+SIGNING_KEY_ENV = "JOBLIB_AZUREBATCH_SIGNING_KEY"
+
+
+# ---------------------------------------------------------------------- blob layout
+
+
+def job_prefix(job_id: str) -> str:
+    """Every blob of a job lives under this prefix, so cleanup is one `delete_prefix`."""
+    return f"jobs/{job_id}/"
+
+
+def object_blob(job_id: str, sha256: str) -> str:
+    """The content-addressed blob of one large argument."""
+    return f"jobs/{job_id}/objects/{sha256}"
+
+
+def payload_blob(job_id: str, task_id: str) -> str:
+    """The signed task envelope a task downloads."""
+    return f"jobs/{job_id}/tasks/{task_id}/payload"
+
+
+def result_blob(job_id: str, task_id: str) -> str:
+    """The signed result envelope a task uploads."""
+    return f"jobs/{job_id}/tasks/{task_id}/result"
+
+
+def new_signing_key() -> bytes:
+    """A fresh random per-job HMAC key (32 bytes)."""
+    return secrets.token_bytes(32)
+
+
+# ---------------------------------------------------------------------- versions
+
+
+def versions() -> dict[str, str]:
+    """The versions that must agree for cloudpickle bytes to load on the other side."""
+    return {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "cloudpickle": str(cloudpickle.__version__),
+        "joblib": str(joblib.__version__),
+    }
+
+
+def _minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def check_versions(client: Mapping[str, str]) -> None:
+    """Raise `VersionMismatchError` unless this interpreter can load the client's pickles.
+
+    The Python minor version and the cloudpickle version must be equal (cloudpickle only
+    promises to load what the same version dumped); joblib must agree on major.minor
+    (``BatchedCalls`` is pickled with its private layout).
+    """
+    mine = versions()
+    differs = [
+        name
+        for name, same in (
+            ("python", client.get("python") == mine["python"]),
+            ("cloudpickle", client.get("cloudpickle") == mine["cloudpickle"]),
+            ("joblib", _minor(client.get("joblib", "")) == _minor(mine["joblib"])),
+        )
+        if not same
+    ]
+    if not differs:
+        return
+
+    def show(v: Mapping[str, str]) -> str:
+        return ", ".join(f"{k} {v.get(k, '?')}" for k in ("python", "cloudpickle", "joblib"))
+
+    pins = " ".join(f"{k}=={client.get(k, '?')}" for k in ("cloudpickle", "joblib"))
+    raise VersionMismatchError(
+        f"The worker image runs {show(mine)} but the client runs {show(client)} "
+        f"(different: {', '.join(differs)}); cloudpickle cannot move code between them. "
+        f"Run tasks in an image built for the client: `docker build --build-arg "
+        f"PYTHON_VERSION={client.get('python', '?')} -f docker/Dockerfile .` (see "
+        f"docker/README.md), or in your own image `pip install {pins}` on Python "
+        f"{client.get('python', '?')}, and pass it as BatchConfig(image=...)."
+    )
+
+
+# ---------------------------------------------------------------------- envelopes
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads only plain containers and scalars: an envelope body names no class."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"envelope bodies hold plain data, not {module}.{name}")
+
+
+def _seal(magic: bytes, body: dict[str, Any], key: bytes) -> bytes:
+    data = pickle.dumps(body, protocol=_BODY_PROTOCOL)
+    head = magic + bytes([ENVELOPE_VERSION])
+    mac = hmac.new(key, head + data, hashlib.sha256).digest()
+    return head + mac + data
+
+
+def _unseal(magic: bytes, data: bytes, key: bytes, *, what: str) -> dict[str, Any]:
+    if len(data) < _HEADER or data[:4] != magic:
+        raise PayloadError(f"This is not a joblib-azurebatch {what} (wrong magic bytes)")
+    version = data[4]
+    if version != ENVELOPE_VERSION:
+        raise PayloadError(
+            f"The {what} has envelope version {version}, this side reads version "
+            f"{ENVELOPE_VERSION}: the client and the worker image run different releases "
+            "of joblib-azurebatch; install the same release in both"
+        )
+    mac, body = data[5:_HEADER], data[_HEADER:]
+    expected = hmac.new(key, data[:5] + body, hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, expected):
+        raise PayloadError(
+            f"The {what} failed signature verification (tampered with, truncated, or signed "
+            "with another job's key); it was not unpickled"
+        )
+    try:
+        loaded = _PlainUnpickler(io.BytesIO(body)).load()
+    except Exception as e:
+        raise PayloadError(f"The {what} body is not plain data: {e}") from e
+    if not isinstance(loaded, dict):
+        raise PayloadError(f"The {what} body is not a dict")
+    return loaded
+
+
+# ---------------------------------------------------------------------- client: writing
+
+
+class ObjectStore(Protocol):
+    """What `PayloadWriter` needs from storage (`storage.BlobStore` provides it)."""
+
+    def upload(self, name: str, data: bytes, *, overwrite: bool = True) -> None: ...
+
+    def upload_if_absent(self, name: str, data: bytes) -> bool: ...
+
+    def sas_url(
+        self, name: str, *, read: bool = False, write: bool = False, expiry: timedelta
+    ) -> str: ...
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    """A task whose payload and objects are stored; what `batch.TaskSpec` needs."""
+
+    task_id: str
+    payload_blob: str
+    result_blob: str
+    environment: dict[str, str] = field(repr=False)  # holds SAS URLs and the signing key
+    payload_bytes: int
+    objects: tuple[str, ...]
+
+
+def _large_size(obj: Any, threshold: int) -> int | None:
+    """The serialized size if ``obj`` goes to the object store, else None (fast path)."""
+    kind = type(obj)
+    if kind is bytes or kind is bytearray:
+        size = len(obj)
+    else:
+        numpy = sys.modules.get("numpy")
+        if numpy is None or not isinstance(obj, numpy.ndarray) or obj.dtype.hasobject:
+            return None
+        size = int(obj.nbytes)
+    return size if size >= threshold else None
+
+
+class _ObjectPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, with large arguments swapped for persistent ids."""
+
+    def __init__(self, file: io.BytesIO, writer: PayloadWriter) -> None:
+        super().__init__(file)
+        self._writer = writer
+        self.referenced: dict[str, None] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if _large_size(obj, self._writer.inline_threshold) is None:
+            return None
+        sha = self._writer._digest(obj)
+        self.referenced[sha] = None
+        return (OBJECT_TAG, sha)
+
+
+class PayloadWriter:
+    """Writes the tasks of one Batch job: objects once, a signed payload per task.
+
+    One writer per job (``JobRun``); thread-safe, so a submitter thread may prepare tasks
+    while the caller's thread dispatches more. Each distinct large object is serialized
+    and hashed once (cached by ``id()`` with a strong reference, so an id is not reused by
+    another object while the job runs) and uploaded once.
+    """
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        job_id: str,
+        signing_key: bytes,
+        inline_threshold: int = 65536,
+        sas_expiry: float | timedelta = 86400.0,
+    ) -> None:
+        self._store = store
+        self.job_id = job_id
+        self._key = signing_key
+        self.inline_threshold = inline_threshold
+        self._expiry = (
+            sas_expiry if isinstance(sas_expiry, timedelta) else timedelta(seconds=sas_expiry)
+        )
+        self._lock = threading.Lock()
+        self._by_id: dict[int, tuple[Any, str]] = {}
+        self._unsent: dict[str, bytes] = {}
+        self._stored: set[str] = set()
+        self._sha_locks: dict[str, threading.Lock] = {}
+        self.objects_hashed = 0
+        self.objects_uploaded = 0
+        self.object_bytes_uploaded = 0
+
+    # -- pickling
+
+    def _digest(self, obj: Any) -> str:
+        with self._lock:
+            cached = self._by_id.get(id(obj))
+            if cached is not None and cached[0] is obj:
+                return cached[1]
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        sha = hashlib.sha256(data).hexdigest()
+        with self._lock:
+            self._by_id[id(obj)] = (obj, sha)
+            self.objects_hashed += 1
+            if sha not in self._stored:
+                self._unsent.setdefault(sha, data)
+        return sha
+
+    def _dump(self, calls: Any) -> tuple[bytes, list[str]]:
+        """Cloudpickle ``calls``; returns the bytes and the sha256 of each object referenced.
+
+        An unpicklable function or argument raises `PayloadError` naming it, before anything
+        is uploaded.
+        """
+        buffer = io.BytesIO()
+        pickler = _ObjectPickler(buffer, self)
+        try:
+            pickler.dump(calls)
+        except Exception as e:
+            raise _unpicklable(calls, e) from e
+        return buffer.getvalue(), list(pickler.referenced)
+
+    # -- storing
+
+    def _store_object(self, sha: str) -> None:
+        with self._lock:
+            if sha in self._stored:
+                return
+            lock = self._sha_locks.setdefault(sha, threading.Lock())
+        with lock:
+            with self._lock:
+                if sha in self._stored:
+                    return
+                data = self._unsent[sha]
+            uploaded = self._store.upload_if_absent(object_blob(self.job_id, sha), data)
+            with self._lock:
+                self._stored.add(sha)
+                del self._unsent[sha]
+                if uploaded:
+                    self.objects_uploaded += 1
+                    self.object_bytes_uploaded += len(data)
+
+    def prepare(self, task_id: str, calls: Any) -> PreparedTask:
+        """Pickle, store new objects, store the signed payload, and sign the task's URLs.
+
+        The returned `PreparedTask.environment` is the task's environment settings: a read
+        SAS for the payload, a write SAS for the result, the job's signing key. The object
+        table inside the payload holds a read SAS per object.
+        """
+        calls_bytes, shas = self._dump(calls)
+        for sha in shas:
+            self._store_object(sha)
+        objects = {
+            sha: self._store.sas_url(object_blob(self.job_id, sha), read=True, expiry=self._expiry)
+            for sha in shas
+        }
+        body = {
+            "job_id": self.job_id,
+            "task_id": task_id,
+            "client": versions(),
+            "objects": objects,
+            "calls": calls_bytes,
+        }
+        envelope = _seal(TASK_MAGIC, body, self._key)
+        payload_name = payload_blob(self.job_id, task_id)
+        result_name = result_blob(self.job_id, task_id)
+        self._store.upload(payload_name, envelope, overwrite=True)
+        environment = {
+            PAYLOAD_URL_ENV: self._store.sas_url(payload_name, read=True, expiry=self._expiry),
+            RESULT_URL_ENV: self._store.sas_url(result_name, write=True, expiry=self._expiry),
+            SIGNING_KEY_ENV: self._key.hex(),
+        }
+        return PreparedTask(
+            task_id=task_id,
+            payload_blob=payload_name,
+            result_blob=result_name,
+            environment=environment,
+            payload_bytes=len(envelope),
+            objects=tuple(shas),
+        )
+
+
+def _describe_callable(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    module = getattr(func, "__module__", None)
+    if name is None:
+        return repr(func)
+    return f"{module}.{name}" if module else str(name)
+
+
+def _unpicklable(calls: Any, error: Exception) -> PayloadError:
+    """Name the call (function or argument) that does not pickle, and the fix."""
+    culprit = "the batch of calls"
+    for item in getattr(calls, "items", None) or []:
+        try:
+            func, args, kwargs = item
+        except (TypeError, ValueError):
+            break
+        try:
+            cloudpickle.dumps(func)
+        except Exception:
+            culprit = f"the function {_describe_callable(func)}"
+            break
+        try:
+            cloudpickle.dumps((args, kwargs))
+        except Exception:
+            culprit = f"an argument of {_describe_callable(func)}"
+            break
+    else:
+        if callable(calls) and not hasattr(calls, "items"):
+            culprit = f"the function {_describe_callable(calls)}"
+    return PayloadError(
+        f"Cannot send {culprit} to Azure Batch: {type(error).__name__}: {error}. "
+        "Everything a task runs must pickle with cloudpickle: define the function at module "
+        "level or in an importable module, and do not capture locks, open files, sockets, "
+        "database connections or SDK clients in it or its arguments. Nothing was uploaded."
+    )
+
+
+# ---------------------------------------------------------------------- worker: reading
+
+
+@dataclass(frozen=True)
+class TaskEnvelope:
+    """A verified task payload; ``calls`` is still cloudpickle bytes."""
+
+    job_id: str
+    task_id: str
+    client: dict[str, str]
+    objects: dict[str, str] = field(repr=False)  # sha256 -> read SAS URL
+    calls: bytes = field(repr=False)
+
+
+def decode_task(data: bytes, key: bytes) -> TaskEnvelope:
+    """Verify a task envelope; `PayloadError` if it does not verify. Unpickles no user code."""
+    body = _unseal(TASK_MAGIC, data, key, what="task payload")
+    try:
+        return TaskEnvelope(
+            job_id=str(body["job_id"]),
+            task_id=str(body["task_id"]),
+            client={str(k): str(v) for k, v in body["client"].items()},
+            objects={str(k): str(v) for k, v in body["objects"].items()},
+            calls=bytes(body["calls"]),
+        )
+    except (KeyError, AttributeError, TypeError) as e:
+        raise PayloadError(f"The task payload lacks a field: {e}") from e
+
+
+class _ObjectUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, load: Callable[[str], Any]) -> None:
+        super().__init__(file)
+        self._load = load
+        self._loaded: dict[str, Any] = {}
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) == 2 and pid[0] == OBJECT_TAG):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        sha = str(pid[1])
+        if sha not in self._loaded:
+            self._loaded[sha] = self._load(sha)
+        return self._loaded[sha]
+
+
+def load_calls(envelope: TaskEnvelope, load_object: Callable[[str], bytes]) -> Any:
+    """Unpickle the calls; ``load_object(sha256)`` returns the verified bytes of an object.
+
+    Call only after `check_versions(envelope.client)`.
+    """
+
+    def load(sha: str) -> Any:
+        if sha not in envelope.objects:
+            raise pickle.UnpicklingError(f"object {sha} is not in the payload's object table")
+        data = load_object(sha)
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise PayloadError(f"object {sha} does not match its sha256; it was not unpickled")
+        return pickle.loads(data)
+
+    return _ObjectUnpickler(io.BytesIO(envelope.calls), load).load()
+
+
+def encode_result(
+    *,
+    task_id: str,
+    key: bytes,
+    value: Any = None,
+    error: BaseException | None = None,
+    timings: Mapping[str, float] | None = None,
+) -> bytes:
+    """The signed result envelope: the pickled value, or the exception and its traceback.
+
+    A value that does not pickle becomes a `PayloadError` result, and an exception that
+    does not survive a pickle round trip here (a keyword-only ``__init__``, a lock in its
+    attributes) travels as type, message and traceback only, for `RemoteError`.
+    """
+    value_bytes: bytes | None = None
+    if error is None:
+        try:
+            value_bytes = cloudpickle.dumps(value)
+        except Exception as e:
+            error = PayloadError(
+                f"The return value of task {task_id} cannot be pickled: {type(e).__name__}: "
+                f"{e}. Return plain data (numbers, arrays, frames, fitted estimators)."
+            )
+            error.__cause__ = e
+    exception_bytes: bytes | None = None
+    exc_type = exc_message = tb_text = ""
+    if error is not None:
+        exc_type = f"{type(error).__module__}.{type(error).__qualname__}"
+        exc_message = _safe_str(error)
+        tb_text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        try:
+            exception_bytes = cloudpickle.dumps(error)
+            pickle.loads(exception_bytes)
+        except Exception:
+            exception_bytes = None
+    body = {
+        "task_id": task_id,
+        "ok": error is None,
+        "value": value_bytes,
+        "exception": exception_bytes,
+        "exc_type": exc_type,
+        "exc_message": exc_message,
+        "traceback": tb_text,
+        "worker": versions(),
+        "timings": {str(k): float(v) for k, v in (timings or {}).items()},
+    }
+    return _seal(RESULT_MAGIC, body, key)
+
+
+def _safe_str(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:
+        return f"<{type(error).__name__}: str() failed>"
+
+
+# ---------------------------------------------------------------------- client: results
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised on a node, attached as ``__cause__``."""
+
+    def __init__(self, tb: str = "", /) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\nTraceback on the Azure Batch node:\n{self.tb}"
+
+
+@dataclass(frozen=True)
+class ResultEnvelope:
+    """A verified result; `result` gives the values or raises the task's exception."""
+
+    task_id: str
+    ok: bool
+    value: bytes | None = field(repr=False)
+    exception_bytes: bytes | None = field(repr=False)
+    exc_type: str
+    exc_message: str
+    traceback: str = field(repr=False)
+    worker: dict[str, str]
+    timings: dict[str, float]
+
+    def exception(self) -> BaseException | None:
+        """The task's exception with its remote traceback as ``__cause__``, or None.
+
+        The original type when it unpickles here, else `RemoteError` carrying type,
+        message and traceback.
+        """
+        if self.ok:
+            return None
+        error: BaseException | None = None
+        if self.exception_bytes is not None:
+            try:
+                loaded = pickle.loads(self.exception_bytes)
+            except Exception:
+                loaded = None
+            if isinstance(loaded, BaseException):
+                error = loaded
+        if error is None:
+            return RemoteError(self.exc_type, self.exc_message, self.traceback)
+        error.__cause__ = RemoteTraceback(self.traceback)
+        return error
+
+    def result(self) -> Any:
+        """The task's return value (for a `BatchedCalls`, the list of call results)."""
+        error = self.exception()
+        if error is not None:
+            raise error
+        try:
+            return pickle.loads(self.value or b"")
+        except Exception as e:
+            raise PayloadError(
+                f"The result of task {self.task_id} cannot be unpickled here: "
+                f"{type(e).__name__}: {e}. The client lacks a module or class that the "
+                "worker returned; install it on the client."
+            ) from e
+
+
+def read_result(data: bytes, key: bytes) -> ResultEnvelope:
+    """Verify a result envelope (`PayloadError` if it does not) without unpickling user data."""
+    body = _unseal(RESULT_MAGIC, data, key, what="task result")
+    try:
+        return ResultEnvelope(
+            task_id=str(body["task_id"]),
+            ok=bool(body["ok"]),
+            value=body["value"],
+            exception_bytes=body["exception"],
+            exc_type=str(body["exc_type"]),
+            exc_message=str(body["exc_message"]),
+            traceback=str(body["traceback"]),
+            worker={str(k): str(v) for k, v in body["worker"].items()},
+            timings={str(k): float(v) for k, v in body["timings"].items()},
+        )
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise PayloadError(f"The task result lacks a field: {e}") from e
