@@ -1,0 +1,293 @@
+"""The program every Batch task runs: ``python -m joblib_azurebatch.worker``.
+
+It needs only what the worker image installs and no account credential: the task's
+environment gives it a read SAS URL for its payload, a write SAS URL for its result and the
+job's signing key. It downloads and verifies the payload, checks that this interpreter can
+load the client's pickles, fetches the large arguments through a cache shared by the tasks
+of the node, runs the calls and uploads a signed result envelope.
+
+The exit code tells Batch whether to retry: 0 whenever a result was uploaded, including
+when the user's function raised (the client re-raises it) or the versions differ (a retry
+would not help); non-zero only when the infrastructure failed, and then stderr says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TextIO
+
+from joblib_azurebatch.errors import AzureBatchError, PayloadError
+from joblib_azurebatch.payload import (
+    PAYLOAD_URL_ENV,
+    RESULT_URL_ENV,
+    SIGNING_KEY_ENV,
+    TaskEnvelope,
+    check_versions,
+    decode_task,
+    encode_result,
+    load_calls,
+)
+from joblib_azurebatch.storage import download_url, redact_url, upload_url
+
+__all__ = [
+    "EXIT_BAD_ENVIRONMENT",
+    "EXIT_DOWNLOAD_FAILED",
+    "EXIT_OBJECT_FAILED",
+    "EXIT_OK",
+    "EXIT_UNVERIFIED",
+    "EXIT_UPLOAD_FAILED",
+    "ObjectCache",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_BAD_ENVIRONMENT = 2
+EXIT_DOWNLOAD_FAILED = 3
+EXIT_UNVERIFIED = 4
+EXIT_OBJECT_FAILED = 5
+EXIT_UPLOAD_FAILED = 6
+
+_PREFIX = "[joblib-azurebatch worker]"
+
+
+class _InfrastructureError(Exception):
+    """A failure outside the user's code: the worker exits with ``code``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ObjectCache:
+    """The node's copy of the job's large arguments, shared by concurrent tasks.
+
+    Files are named by sha256 and written to a temporary name then renamed with
+    `os.replace`, so a reader never sees half a file; an exclusive lock per object makes a
+    second task wait for the first one's download instead of downloading again. A file
+    whose content does not match its name is replaced, never used.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.hits = 0
+        self.downloads = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_node(cls, environ: Mapping[str, str]) -> ObjectCache:
+        """The cache in ``$AZ_BATCH_NODE_SHARED_DIR``, or a temporary folder if unusable."""
+        candidates = []
+        shared = environ.get("AZ_BATCH_NODE_SHARED_DIR")
+        if shared:
+            candidates.append(Path(shared) / "joblib-azurebatch" / "objects")
+        candidates.append(Path(tempfile.gettempdir()) / f"joblib-azurebatch-{os.getuid()}")
+        for directory in candidates:
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                continue
+            if os.access(directory, os.W_OK | os.X_OK):
+                return cls(directory)
+        return cls(Path(tempfile.mkdtemp(prefix="joblib-azurebatch-")))
+
+    @contextlib.contextmanager
+    def _locked(self, sha: str) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Batch nodes here are Linux
+            yield
+            return
+        with open(self.directory / f".{sha}.lock", "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _read_verified(self, path: Path, sha: str) -> bytes | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if hashlib.sha256(data).hexdigest() == sha:
+            return data
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return None
+
+    def get(self, sha: str, url: str) -> bytes:
+        """The object's bytes, from the cache or downloaded once for the whole node."""
+        path = self.directory / sha
+        data = self._read_verified(path, sha)
+        if data is None:
+            with self._locked(sha):
+                data = self._read_verified(path, sha)
+                if data is None:
+                    data = download_url(url)
+                    if hashlib.sha256(data).hexdigest() != sha:
+                        raise PayloadError(
+                            f"object {sha} downloaded from {redact_url(url)} does not match "
+                            "its sha256"
+                        )
+                    temporary = self.directory / f".{sha}.{os.getpid()}.{secrets.token_hex(4)}"
+                    temporary.write_bytes(data)
+                    os.replace(temporary, path)
+                    with self._lock:
+                        self.downloads += 1
+                    return data
+        with self._lock:
+            self.hits += 1
+        return data
+
+
+def _log(out: TextIO, message: str) -> None:
+    print(f"{_PREFIX} {message}", file=out, flush=True)
+
+
+def _read_environment(environ: Mapping[str, str]) -> tuple[str, str, bytes]:
+    missing = [
+        name for name in (PAYLOAD_URL_ENV, RESULT_URL_ENV, SIGNING_KEY_ENV) if not environ.get(name)
+    ]
+    if missing:
+        raise _InfrastructureError(
+            EXIT_BAD_ENVIRONMENT,
+            f"the task's environment lacks {', '.join(missing)}; this program runs inside "
+            "Batch tasks created by the joblib 'azurebatch' backend",
+        )
+    try:
+        key = bytes.fromhex(environ[SIGNING_KEY_ENV])
+    except ValueError:
+        raise _InfrastructureError(
+            EXIT_BAD_ENVIRONMENT, f"{SIGNING_KEY_ENV} is not a hexadecimal key"
+        ) from None
+    return environ[PAYLOAD_URL_ENV], environ[RESULT_URL_ENV], key
+
+
+def _fetch_objects(envelope: TaskEnvelope, cache: ObjectCache) -> dict[str, bytes]:
+    if not envelope.objects:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(4, len(envelope.objects))) as pool:
+        futures = {sha: pool.submit(cache.get, sha, url) for sha, url in envelope.objects.items()}
+        try:
+            return {sha: future.result() for sha, future in futures.items()}
+        except (AzureBatchError, OSError) as e:
+            raise _InfrastructureError(
+                EXIT_OBJECT_FAILED, f"fetching a shared object failed: {e}"
+            ) from e
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(note)
+
+
+def _run(
+    envelope: TaskEnvelope, cache: ObjectCache, out: TextIO
+) -> tuple[Any, BaseException | None, dict[str, float]]:
+    timings: dict[str, float] = {}
+    try:
+        check_versions(envelope.client)
+    except PayloadError as e:
+        _log(out, f"version mismatch, reporting it to the client: {e}")
+        return None, e, timings
+    start = time.perf_counter()
+    objects = _fetch_objects(envelope, cache)
+    timings["download"] = time.perf_counter() - start
+    if objects:
+        _log(
+            out,
+            f"{len(objects)} shared objects, {sum(map(len, objects.values()))} bytes "
+            f"({cache.downloads} downloaded, {cache.hits} from the node cache {cache.directory})",
+        )
+    start = time.perf_counter()
+    try:
+        calls = load_calls(envelope, objects.__getitem__)
+    except Exception as e:
+        if isinstance(e, ImportError):
+            _add_note(
+                e,
+                "The worker image lacks a module that the task needs: install it in the image "
+                "(FROM the standard image, then pip install; see docker/README.md).",
+            )
+        _log(out, f"the calls could not be unpickled: {type(e).__name__}: {e}")
+        return None, e, timings
+    finally:
+        del objects
+        timings["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        value = calls()
+    except Exception as e:
+        timings["run"] = time.perf_counter() - start
+        _log(out, f"the function raised {type(e).__name__} after {timings['run']:.3f} s")
+        return None, e, timings
+    timings["run"] = time.perf_counter() - start
+    _log(out, f"ran the calls in {timings['run']:.3f} s")
+    return value, None, timings
+
+
+def main(
+    environ: Mapping[str, str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run the task described by the environment; returns the process exit code."""
+    environ = os.environ if environ is None else environ
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    try:
+        payload_url, result_url, key = _read_environment(environ)
+        _log(out, f"downloading the payload {redact_url(payload_url)}")
+        start = time.perf_counter()
+        try:
+            data = download_url(payload_url)
+        except (AzureBatchError, OSError) as e:
+            raise _InfrastructureError(
+                EXIT_DOWNLOAD_FAILED, f"downloading the payload failed: {e}"
+            ) from e
+        elapsed = time.perf_counter() - start
+        try:
+            envelope = decode_task(data, key)
+        except PayloadError as e:
+            raise _InfrastructureError(EXIT_UNVERIFIED, str(e)) from e
+        _log(
+            out,
+            f"task {envelope.task_id} of job {envelope.job_id}: {len(data)} bytes in "
+            f"{elapsed:.3f} s, signature verified",
+        )
+        cache = ObjectCache.for_node(environ)
+        value, error, timings = _run(envelope, cache, out)
+        timings["download"] = timings.get("download", 0.0) + elapsed
+        result = encode_result(
+            task_id=envelope.task_id, key=key, value=value, error=error, timings=timings
+        )
+        start = time.perf_counter()
+        try:
+            upload_url(result_url, result)
+        except (AzureBatchError, OSError) as e:
+            raise _InfrastructureError(
+                EXIT_UPLOAD_FAILED, f"uploading the result failed: {e}"
+            ) from e
+        _log(
+            out, f"uploaded the result ({len(result)} bytes) in {time.perf_counter() - start:.3f} s"
+        )
+        return EXIT_OK
+    except _InfrastructureError as e:
+        print(f"{_PREFIX} error: {e}", file=err, flush=True)
+        return e.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
