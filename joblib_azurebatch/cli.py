@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -222,19 +223,6 @@ def _local_batch_class() -> Any:
     return LocalBatch
 
 
-def local_env(local: Any) -> dict[str, str]:
-    """The environment variables that point ``BatchConfig.from_env()`` at a local account."""
-    return {
-        "BATCH_ACCOUNT_URL": str(local.batch_url),
-        "BATCH_ACCOUNT_NAME": str(local.batch_account),
-        "BATCH_ACCOUNT_KEY": str(local.batch_key),
-        "STORAGE_ACCOUNT_NAME": str(local.storage_account),
-        "STORAGE_ACCOUNT_KEY": str(local.storage_key),
-        "STORAGE_ACCOUNT_URL": str(local.blob_url),
-        "AZURE_STORAGE_CONNECTION_STRING": str(local.storage_connection_string),
-    }
-
-
 def cmd_emulator(args: argparse.Namespace) -> int:
     LocalBatch = _local_batch_class()
     stop = threading.Event()
@@ -244,10 +232,16 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_signal)
     try:
-        with LocalBatch(nodes=args.nodes, slots_per_node=args.slots) as local:
-            print("# A local Azure Batch account is running. In another shell:", flush=True)
-            for name, value in local_env(local).items():
-                print(f"export {name}='{value}'")
+        with LocalBatch(
+            nodes=args.nodes,
+            spot_nodes=args.spot_nodes,
+            slots_per_node=args.slots,
+            allocation_delay=args.allocation_delay,
+        ) as local:
+            print(f"# Batch: {local.batch_url}  blobs: {local.blob_url}")
+            print("# A local Azure Batch account is running; in another shell:")
+            for name, value in local.environment().items():
+                print(f"export {name}={shlex.quote(value)}")
             print("# Ctrl-C stops it.", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 while not stop.wait(0.5):
@@ -425,8 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
         "emulator",
         help="start a local Batch account (emulator + Azurite) and print its variables",
     )
-    emu.add_argument("--nodes", type=int, default=2, help="nodes the local config proposes")
-    emu.add_argument("--slots", type=int, default=2, help="slots per node it proposes")
+    emu.add_argument("--nodes", type=int, default=2, help="dedicated nodes it proposes (2)")
+    emu.add_argument("--spot-nodes", type=int, default=0, help="spot nodes it proposes (0)")
+    emu.add_argument("--slots", type=int, default=2, help="slots per node it proposes (2)")
+    emu.add_argument(
+        "--allocation-delay", type=float, default=0.0, help="seconds a new node takes to start"
+    )
     emu.set_defaults(func=cmd_emulator)
 
     pools = sub.add_parser("pools", help="list or delete pools")
