@@ -1,0 +1,420 @@
+"""Task and result envelopes: round trips, shared objects stored once, tampering, exceptions."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import pickle
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from joblib._parallel_backends import SequentialBackend
+from joblib.parallel import BatchedCalls
+
+from joblib_azurebatch import payload
+from joblib_azurebatch.errors import PayloadError, RemoteError, VersionMismatchError
+from joblib_azurebatch.payload import (
+    OBJECT_TAG,
+    PAYLOAD_URL_ENV,
+    RESULT_URL_ENV,
+    SIGNING_KEY_ENV,
+    PayloadWriter,
+    RemoteTraceback,
+    check_versions,
+    decode_task,
+    encode_result,
+    load_calls,
+    read_result,
+)
+
+KEY = bytes(range(32))
+
+
+class MemoryStore:
+    """The `payload.ObjectStore` interface in memory, counting what is written."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.uploads: list[str] = []
+        self.lock = threading.Lock()
+
+    def upload(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        with self.lock:
+            if not overwrite and name in self.blobs:
+                raise FileExistsError(name)
+            self.blobs[name] = bytes(data)
+            self.uploads.append(name)
+
+    def upload_if_absent(self, name: str, data: bytes) -> bool:
+        try:
+            self.upload(name, data, overwrite=False)
+        except FileExistsError:
+            return False
+        return True
+
+    def sas_url(
+        self, name: str, *, read: bool = False, write: bool = False, expiry: timedelta
+    ) -> str:
+        assert read != write, "a task URL grants read or write, not both"
+        return f"memory://{name}?{'r' if read else 'cw'}&se={expiry.total_seconds():.0f}"
+
+    def object_uploads(self) -> list[str]:
+        return [name for name in self.uploads if "/objects/" in name]
+
+
+def batch(*calls: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> BatchedCalls:
+    return BatchedCalls(list(calls), (SequentialBackend(), 1))
+
+
+def run_on_worker(store: MemoryStore, task: payload.PreparedTask, key: bytes = KEY) -> Any:
+    """What the worker does, without the network: verify, check, load, run, encode, read."""
+    envelope = decode_task(store.blobs[task.payload_blob], key)
+    check_versions(envelope.client)
+    assert set(envelope.objects) == set(task.objects)
+    calls = load_calls(envelope, lambda sha: store.blobs[f"jobs/job1/objects/{sha}"])
+    try:
+        value, error = calls(), None
+    except Exception as e:
+        value, error = None, e
+    return read_result(
+        encode_result(task_id=envelope.task_id, key=key, value=value, error=error), key
+    )
+
+
+def writer(store: MemoryStore, threshold: int = 1024) -> PayloadWriter:
+    return PayloadWriter(
+        store, job_id="job1", signing_key=KEY, inline_threshold=threshold, sas_expiry=600.0
+    )
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def column_means(frame: pd.DataFrame) -> list[float]:
+    return [float(v) for v in frame.mean(numeric_only=True)]
+
+
+class UserError(Exception):
+    pass
+
+
+def fails(x: int) -> int:
+    raise UserError(f"bad value {x}")
+
+
+class KeywordOnlyError(Exception):
+    def __init__(self, *, code: int) -> None:
+        super().__init__(f"code {code}")
+
+
+def fails_with_keyword_only() -> None:
+    raise KeywordOnlyError(code=7)
+
+
+class LockedError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def fails_with_lock() -> None:
+    raise LockedError("holds a lock")
+
+
+def test_small_calls_round_trip_inline() -> None:
+    store = MemoryStore()
+    task = writer(store).prepare("t0", batch((add, (1,), {"b": 2}), (add, (5,), {})))
+    assert task.objects == ()
+    assert store.object_uploads() == []
+    assert store.uploads == ["jobs/job1/tasks/t0/payload"]
+    assert task.payload_blob == "jobs/job1/tasks/t0/payload"
+    assert task.result_blob == "jobs/job1/tasks/t0/result"
+    assert run_on_worker(store, task).result() == [3, 5]
+
+
+def test_task_environment_has_scoped_urls_and_the_key() -> None:
+    task = writer(MemoryStore()).prepare("t0", batch((add, (1,), {})))
+    env = task.environment
+    assert set(env) == {PAYLOAD_URL_ENV, RESULT_URL_ENV, SIGNING_KEY_ENV}
+    assert env[PAYLOAD_URL_ENV] == "memory://jobs/job1/tasks/t0/payload?r&se=600"
+    assert env[RESULT_URL_ENV] == "memory://jobs/job1/tasks/t0/result?cw&se=600"
+    assert bytes.fromhex(env[SIGNING_KEY_ENV]) == KEY
+    assert KEY.hex() not in repr(task)
+
+
+def test_large_array_is_stored_once_for_many_tasks() -> None:
+    store = MemoryStore()
+    w = writer(store, threshold=65536)
+    X = np.random.default_rng(0).normal(size=(2000, 50))  # 800 kB
+    tasks = [w.prepare(f"t{i}", batch((np.sum, (X,), {}))) for i in range(10)]
+    assert w.objects_hashed == 1
+    assert w.objects_uploaded == 1
+    assert len(store.object_uploads()) == 1
+    assert w.object_bytes_uploaded >= X.nbytes
+    for task in tasks:
+        assert len(task.objects) == 1
+        assert task.payload_bytes < 4096  # the array is referenced, not copied
+    assert run_on_worker(store, tasks[3]).result() == [pytest.approx(X.sum())]
+    # Equal content in another array is the same object: hashed again, stored once.
+    w.prepare("copy", batch((np.sum, (X.copy(),), {})))
+    assert (w.objects_hashed, w.objects_uploaded) == (2, 1)
+
+
+def test_several_objects_and_repeats_in_one_task() -> None:
+    store = MemoryStore()
+    a, b = np.arange(5000.0), np.ones(3000)
+    task = writer(store).prepare("t", batch((np.dot, (a[:3000], b), {}), (np.sum, (a,), {})))
+    # a[:3000] is a view: pickled on its own, so three distinct objects
+    assert len(task.objects) == 3
+    values = run_on_worker(store, task).result()
+    assert values == [pytest.approx(a[:3000].sum()), pytest.approx(a.sum())]
+    same = writer(store).prepare("t2", batch((np.dot, (a, a), {})))
+    assert len(same.objects) == 1
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_bytes_over_the_threshold_go_to_the_object_store(kind: type) -> None:
+    store = MemoryStore()
+    big, small = kind(b"x" * 5000), kind(b"y" * 100)
+    task = writer(store).prepare("t", batch((len, (big,), {}), (len, (small,), {})))
+    assert len(task.objects) == 1
+    assert run_on_worker(store, task).result() == [5000, 100]
+
+
+def test_threshold_is_inclusive() -> None:
+    store = MemoryStore()
+    at = writer(store, threshold=8000).prepare("t", batch((np.sum, (np.zeros(1000),), {})))
+    below = writer(store, threshold=8001).prepare("u", batch((np.sum, (np.zeros(1000),), {})))
+    assert (len(at.objects), len(below.objects)) == (1, 0)
+
+
+def test_pandas_frames_travel_through_their_arrays() -> None:
+    store = MemoryStore()
+    frame = pd.DataFrame(np.random.default_rng(1).normal(size=(10000, 4)), columns=list("abcd"))
+    frame["label"] = ["x", "y"] * 5000
+    task = writer(store, threshold=65536).prepare("t", batch((column_means, (frame,), {})))
+    assert len(task.objects) >= 1
+    assert task.payload_bytes < frame.memory_usage(deep=True).sum() / 4
+    assert run_on_worker(store, task).result() == [column_means(frame)]
+
+
+def test_object_arrays_stay_inline() -> None:
+    store = MemoryStore()
+    arr = np.array([object()] * 10 + ["s" * 10000], dtype=object)
+    task = writer(store, threshold=16).prepare("t", batch((len, (arr,), {})))
+    assert task.objects == ()
+    assert run_on_worker(store, task).result() == [11]
+
+
+def test_concurrent_tasks_store_each_object_once() -> None:
+    store = MemoryStore()
+    w = writer(store)
+    shared = [np.full(1000, i, dtype=np.float64) for i in range(4)]
+    with ThreadPoolExecutor(8) as pool:
+        tasks = list(
+            pool.map(lambda i: w.prepare(f"t{i}", batch((np.sum, (shared[i % 4],), {}))), range(32))
+        )
+    assert len(store.object_uploads()) == 4
+    assert w.objects_uploaded == 4
+    assert [run_on_worker(store, t).result() for t in tasks[:4]] == [
+        [0.0],
+        [1000.0],
+        [2000.0],
+        [3000.0],
+    ]
+
+
+def test_unpicklable_function_is_named_and_nothing_is_uploaded() -> None:
+    store = MemoryStore()
+    lock = threading.Lock()
+
+    def uses_a_lock(x: int) -> int:
+        with lock:
+            return x
+
+    big = np.zeros(10000)
+    with pytest.raises(PayloadError) as info:
+        writer(store).prepare("t", batch((np.sum, (big,), {}), (uses_a_lock, (1,), {})))
+    message = str(info.value)
+    assert "the function" in message
+    assert "uses_a_lock" in message
+    assert "module level" in message
+    assert store.uploads == []
+
+
+def test_unpicklable_argument_is_named() -> None:
+    store = MemoryStore()
+    with pytest.raises(PayloadError, match=r"an argument of .*\.add"):
+        writer(store).prepare("t", batch((add, (threading.Lock(),), {})))
+    assert store.uploads == []
+
+
+def test_user_exception_keeps_its_type_and_remote_traceback() -> None:
+    store = MemoryStore()
+    result = run_on_worker(store, writer(store).prepare("t", batch((fails, (41,), {}))))
+    assert not result.ok
+    assert result.exc_type.endswith("UserError")
+    with pytest.raises(UserError, match="bad value 41") as info:
+        result.result()
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "in fails" in cause.tb
+    assert 'raise UserError(f"bad value {x}")' in cause.tb
+    assert "Azure Batch node" in str(cause)
+
+
+@pytest.mark.parametrize(
+    ("func", "type_name", "message"),
+    [
+        (fails_with_keyword_only, "KeywordOnlyError", "code 7"),
+        (fails_with_lock, "LockedError", "holds a lock"),
+    ],
+)
+def test_exception_that_does_not_pickle_becomes_remote_error(
+    func: Any, type_name: str, message: str
+) -> None:
+    store = MemoryStore()
+    result = run_on_worker(store, writer(store).prepare("t", batch((func, (), {}))))
+    assert result.exception_bytes is None
+    with pytest.raises(RemoteError) as info:
+        result.result()
+    error = info.value
+    assert error.type_name.endswith(type_name)
+    assert error.message == message
+    assert f"in {func.__name__}" in error.remote_traceback
+    assert type_name in str(error)
+    assert message in str(error)
+
+
+def test_unpicklable_return_value_is_a_payload_error_result() -> None:
+    data = encode_result(task_id="t", key=KEY, value=[threading.Lock()])
+    result = read_result(data, KEY)
+    assert not result.ok
+    with pytest.raises(PayloadError, match="return value of task t cannot be pickled"):
+        result.result()
+
+
+def test_timings_and_worker_versions_travel() -> None:
+    data = encode_result(task_id="t", key=KEY, value=[1], timings={"run": 1.5, "download": 0.25})
+    result = read_result(data, KEY)
+    assert result.timings == {"run": 1.5, "download": 0.25}
+    assert result.worker == payload.versions()
+    assert result.result() == [1]
+
+
+# ---------------------------------------------------------------------- tampering
+
+
+def _sealed() -> bytes:
+    store = MemoryStore()
+    task = writer(store).prepare("t", batch((add, (1,), {})))
+    return store.blobs[task.payload_blob]
+
+
+@pytest.mark.parametrize("position", [0, 4, 10, 40, -1])
+def test_any_changed_byte_fails_verification(position: int) -> None:
+    data = bytearray(_sealed())
+    data[position] ^= 0x01
+    with pytest.raises(PayloadError):
+        decode_task(bytes(data), KEY)
+
+
+def test_wrong_key_truncation_and_wrong_kind_are_refused() -> None:
+    data = _sealed()
+    with pytest.raises(PayloadError, match="signature verification"):
+        decode_task(data, bytes(32))
+    with pytest.raises(PayloadError):
+        decode_task(data[:-10], KEY)
+    with pytest.raises(PayloadError):
+        decode_task(data[:20], KEY)
+    with pytest.raises(PayloadError, match="wrong magic"):
+        read_result(data, KEY)  # a task envelope is not a result envelope
+    assert decode_task(data, KEY).task_id == "t"
+
+
+def test_unknown_envelope_version_is_refused() -> None:
+    data = bytearray(_sealed())
+    data[4] = 99
+    with pytest.raises(PayloadError, match="envelope version 99"):
+        decode_task(bytes(data), KEY)
+
+
+class _Boom:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (print, ("unpickled!",))
+
+
+def test_a_signed_body_with_a_global_is_still_not_unpickled(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    body = pickle.dumps({"job_id": "j", "evil": _Boom()}, protocol=4)
+    head = payload.TASK_MAGIC + bytes([payload.ENVELOPE_VERSION])
+    data = head + hmac.new(KEY, head + body, hashlib.sha256).digest() + body
+    with pytest.raises(PayloadError, match="plain data"):
+        decode_task(data, KEY)
+    assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_object_with_the_wrong_content_is_not_unpickled() -> None:
+    store = MemoryStore()
+    task = writer(store).prepare("t", batch((np.sum, (np.ones(1000),), {})))
+    envelope = decode_task(store.blobs[task.payload_blob], KEY)
+    with pytest.raises(PayloadError, match="does not match its sha256"):
+        load_calls(envelope, lambda sha: pickle.dumps(np.zeros(1000)))
+
+
+def test_persistent_ids_name_the_objects() -> None:
+    store = MemoryStore()
+    X = np.arange(1000.0)
+    task = writer(store).prepare("t", batch((np.sum, (X,), {})))
+    sha = hashlib.sha256(pickle.dumps(X, protocol=pickle.HIGHEST_PROTOCOL)).hexdigest()
+    assert task.objects == (sha,)
+    assert store.blobs[f"jobs/job1/objects/{sha}"] == pickle.dumps(
+        X, protocol=pickle.HIGHEST_PROTOCOL
+    )
+    envelope = decode_task(store.blobs[task.payload_blob], KEY)
+    assert OBJECT_TAG.encode() in envelope.calls
+
+
+# ---------------------------------------------------------------------- versions
+
+
+def test_equal_versions_pass_and_joblib_patch_releases_are_compatible() -> None:
+    mine = payload.versions()
+    check_versions(mine)
+    major, minor = mine["joblib"].split(".")[:2]
+    check_versions({**mine, "joblib": f"{major}.{minor}.99"})
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"python": "3.9"}, "python"),
+        ({"cloudpickle": "0.0.1"}, "cloudpickle"),
+        ({"joblib": "0.1.0"}, "joblib"),
+    ],
+)
+def test_version_mismatch_says_what_to_build_or_install(change: dict[str, str], named: str) -> None:
+    client = {**payload.versions(), **change}
+    with pytest.raises(VersionMismatchError) as info:
+        check_versions(client)
+    message = str(info.value)
+    assert f"different: {named}" in message
+    assert f"--build-arg PYTHON_VERSION={client['python']}" in message
+    assert f"pip install cloudpickle=={client['cloudpickle']} joblib=={client['joblib']}" in message
+    assert "BatchConfig(image=...)" in message
+
+
+def test_version_mismatch_result_raises_on_the_client() -> None:
+    try:
+        check_versions({**payload.versions(), "python": "2.7"})
+    except VersionMismatchError as e:
+        data = encode_result(task_id="t", key=KEY, error=e)
+    with pytest.raises(VersionMismatchError, match=r"PYTHON_VERSION=2\.7"):
+        read_result(data, KEY).result()
