@@ -1,0 +1,841 @@
+"""The joblib backend: ``Parallel`` batches become Azure Batch tasks.
+
+Contract (joblib's modern one, as in its own ``_dask.py``): :meth:`AzureBatchBackend.submit`
+returns a :class:`concurrent.futures.Future` and the callback joblib passes is always called
+once the result (or the error that replaces it) is in hand, from one thread per run, never
+concurrently (joblib 1.6 returns a silently truncated list when callbacks race).
+
+Per-call state: joblib shares one backend instance between every ``Parallel`` under a
+``parallel_config`` (a GridSearchCV inside a loop calls ``terminate()`` on the same instance
+as the outer loop). So the instance keeps a :class:`JobRun` per ``Parallel`` call, found from
+the ``parallel`` that joblib hands to ``configure`` and to every callback, and ends only the
+runs whose ``Parallel`` has stopped running.
+
+A run is one Batch job. On its first batch it checks the Batch credential (a read of the
+pool), creates the blob container, the pool if absent (an existing pool is never changed,
+only compared and warned about), waits for the first usable slot with a progress line,
+and creates the job. Batches are prepared (pickled, uploaded) and added by a submitter
+thread in ``create_task_collection`` chunks, so ``submit`` returns at once. A tracker thread
+(:mod:`joblib_azurebatch.tracker`) resolves them. At the end the job is terminated (if
+anything may still run) and deleted, its blobs deleted, and the pool deleted if this
+process created it and ``keep_pool`` is false: also on Ctrl-C, on an exception in the
+caller, on ``timeout=`` and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import math
+import queue
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from joblib.parallel import (
+    FallbackToBackend,
+    ParallelBackendBase,
+    SequentialBackend,
+    ThreadingBackend,
+)
+
+from .batch import BatchService, PoolInfo, PoolSpec, TaskSpec, pool_differences
+from .config import BatchConfig
+from .errors import AzureBatchError, ConfigError
+from .payload import (
+    PayloadWriter,
+    PreparedTask,
+    job_prefix,
+    new_signing_key,
+    read_result,
+    result_blob,
+)
+from .storage import BlobStore
+from .tracker import TaskDone, Tracker
+
+__all__ = ["AzureBatchBackend", "BatchSizer", "JobRun", "PoolDifferenceWarning"]
+
+_log = logging.getLogger(__name__)
+
+#: What every task runs inside the worker image.
+WORKER_COMMAND = "python -m joblib_azurebatch.worker"
+
+
+class PoolDifferenceWarning(UserWarning):
+    """An existing pool differs from the config; it is used as it is."""
+
+
+# --------------------------------------------------------------------------- batch sizing
+
+
+class BatchSizer:
+    """How many calls to pack into one Batch task, learned from finished tasks.
+
+    Batch takes seconds to schedule and start a task, so one call per task would spend
+    most of the time in scheduling. From each finished task the sizer learns the run time
+    per call (from the result envelope) and the overhead per task (the task's time on the
+    node beyond the calls, plus the service's scheduling latency), and aims at batches that
+    run ``overhead_ratio`` times longer than their overhead, clamped to
+    ``[min_duration, max_duration]`` seconds.
+
+    It never takes calls away from idle slots: with the number of calls left known, a batch
+    holds at most ``remaining / n_jobs`` of them, and joblib keeps ``pre_dispatch`` (two
+    per slot by default) batches in flight. It grows at most ``max_growth`` times per
+    decision, so one fast first call cannot put the whole input into a handful of tasks.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_jobs: int,
+        min_duration: float,
+        max_duration: float,
+        overhead_ratio: float = 5.0,
+        max_growth: int = 8,
+        smoothing: float = 0.3,
+    ) -> None:
+        self.n_jobs = max(1, n_jobs)
+        self.min_duration = min_duration
+        self.max_duration = max(max_duration, min_duration)
+        self.overhead_ratio = overhead_ratio
+        self.max_growth = max(2, max_growth)
+        self.smoothing = smoothing
+        self.size = 1
+        self.per_call: float | None = None
+        self.overhead: float | None = None
+        self.samples = 0
+        self._lock = threading.Lock()
+
+    def record(self, *, batch_size: int, run_seconds: float, overhead_seconds: float) -> None:
+        """Learn from one finished task that ran ``batch_size`` calls."""
+        if batch_size <= 0:
+            return
+        per_call = max(run_seconds, 0.0) / batch_size
+        overhead = max(overhead_seconds, 0.0)
+        with self._lock:
+            a = self.smoothing
+            self.per_call = (
+                per_call if self.per_call is None else (1 - a) * self.per_call + a * per_call
+            )
+            self.overhead = (
+                overhead if self.overhead is None else (1 - a) * self.overhead + a * overhead
+            )
+            self.samples += 1
+
+    def _smooth(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def target_duration(self) -> float:
+        overhead = self.overhead or 0.0
+        return min(max(overhead * self.overhead_ratio, self.min_duration), self.max_duration)
+
+    def initial_size(self, *, total: int | None, all_at_once: bool) -> int:
+        """The size before any task finished: 1, unless joblib dispatches everything now.
+
+        With ``pre_dispatch="all"`` no completion will ever come back to resize batches, so
+        the known number of calls is spread over about four tasks per slot.
+        """
+        if all_at_once and total:
+            return max(1, math.ceil(total / (4 * self.n_jobs)))
+        return 1
+
+    def next_size(self, *, remaining: int | None = None) -> int:
+        """The size of the next batch; ``remaining`` is the number of calls not yet sent."""
+        with self._lock:
+            if self.samples == 0 or self.per_call is None:
+                return self.size
+            ideal = self.target_duration() / max(self.per_call, 1e-6)
+            size = max(1, min(int(ideal), self.size * self.max_growth))
+            if remaining is not None and remaining > 0:
+                size = min(size, max(1, math.ceil(remaining / self.n_jobs)))
+            self.size = size
+            return size
+
+
+# --------------------------------------------------------------------------- pools
+
+
+@dataclass
+class _PoolLease:
+    key: tuple[str, str]
+    service: BatchService
+    pool_id: str
+    created: bool
+    keep: bool
+    holders: int = 0
+
+
+class _PoolRegistry:
+    """Which pools this process uses, so that concurrent or nested runs share one.
+
+    The pool is deleted when the last run using it ends, if this process created it and
+    no run asked to keep it. A pool that existed before is never changed or deleted.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._leases: dict[tuple[str, str], _PoolLease] = {}
+
+    def acquire(self, service: BatchService, spec: PoolSpec, cfg: BatchConfig) -> _PoolLease:
+        key = (str(cfg.batch_url), spec.pool_id)
+        with self._lock:
+            lease = self._leases.get(key)
+            if lease is None:
+                info, created = service.ensure_pool(spec)
+                lease = _PoolLease(
+                    key=key,
+                    service=service,
+                    pool_id=spec.pool_id,
+                    created=created,
+                    keep=cfg.keep_pool,
+                )
+                self._leases[key] = lease
+                if not created:
+                    _warn_differences(info, spec)
+            lease.keep = lease.keep or cfg.keep_pool
+            lease.holders += 1
+            return lease
+
+    def release(self, lease: _PoolLease) -> None:
+        with self._lock:
+            lease.holders -= 1
+            if lease.holders > 0:
+                return
+            self._leases.pop(lease.key, None)
+            delete = lease.created and not lease.keep
+        if delete:
+            lease.service.delete_pool(lease.pool_id)
+
+
+_POOLS = _PoolRegistry()
+
+
+def _warn_differences(info: PoolInfo, spec: PoolSpec) -> None:
+    diffs = pool_differences(info, spec)
+    if diffs:
+        warnings.warn(
+            f"The existing pool {spec.pool_id} is used as it is, though it differs from the "
+            f"config: {'; '.join(diffs)}. Delete it or choose another pool_id to get the "
+            "configured one.",
+            PoolDifferenceWarning,
+            stacklevel=6,
+        )
+
+
+@contextmanager
+def _capacity_progress(pool_id: str) -> Iterator[Callable[[PoolInfo], None]]:
+    """A tqdm line on stderr while the pool gets its nodes (only if there is a wait)."""
+    bar: Any = None
+
+    def show(info: PoolInfo) -> None:
+        nonlocal bar
+        if bar is None:
+            if info.ready_slots > 0:
+                return
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=max(info.target_slots, 1),
+                desc=f"Azure Batch pool {pool_id}: usable slots",
+                unit="slot",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        bar.n = info.ready_slots
+        states = ", ".join(f"{n} {s}" for s, n in sorted(info.node_states.items()))
+        bar.set_postfix_str(f"{info.allocation_state}; nodes: {states or 'none yet'}")
+        bar.refresh()
+
+    try:
+        yield show
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class _Account:
+    """The config and the two clients built from it, shared by the runs of a backend."""
+
+    cfg: BatchConfig
+    service: BatchService
+    store: BlobStore
+
+
+@dataclass
+class _Pending:
+    future: Future[Any]
+    callback: Callable[[Any], Any] | None
+    size: int
+    submitted: float
+
+
+_current = threading.local()
+_LIVE_RUNS: weakref.WeakSet[JobRun] = weakref.WeakSet()
+
+#: Seconds the submitter waits for more batches before a flush, so that joblib's first
+#: burst of ``pre_dispatch`` batches goes out in one request.
+_LINGER = 0.02
+_MAX_FLUSH = 500
+_PREPARE_WORKERS = 8
+
+
+class JobRun:
+    """One ``Parallel`` call: one Batch job, its submitter and its tracker."""
+
+    def __init__(
+        self,
+        account: _Account,
+        *,
+        n_jobs: int,
+        sizer: BatchSizer,
+        scheduling_latency: float,
+    ) -> None:
+        self.account = account
+        self.cfg = account.cfg
+        self.job_id = self.cfg.new_job_id()
+        self.n_jobs = n_jobs
+        self.sizer = sizer
+        self._scheduling_latency = scheduling_latency
+        self._key = new_signing_key()
+        self._writer = PayloadWriter(
+            account.store,
+            job_id=self.job_id,
+            signing_key=self._key,
+            inline_threshold=self.cfg.inline_threshold,
+            sas_expiry=self.cfg.sas_expiry,
+        )
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self._pending: dict[str, _Pending] = {}
+        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._state = "new"  # new -> started -> (aborted) -> closed
+        self._lease: Any = None
+        self._job_created = False
+        self._tracker: Tracker | None = None
+        self._submitter: threading.Thread | None = None
+        self._prepare_pool: ThreadPoolExecutor | None = None
+        #: Counters for tests and benchmarks.
+        self.tasks_submitted = 0
+        self.calls_submitted = 0
+        _LIVE_RUNS.add(self)
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def started(self) -> bool:
+        return self._state != "new"
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    # ---------------------------------------------------------------- starting
+
+    def _start(self, first_id: str, first_calls: Any) -> PreparedTask:
+        """Everything Azure needs before the first task, in an order that creates nothing
+        in Batch when something is wrong: a read of the pool checks the Batch key, the
+        container checks the storage credential, the first batch is pickled (an unpicklable
+        function fails here) and stored, and only then are the pool and the job created."""
+        cfg, svc, store = self.cfg, self.account.service, self.account.store
+        spec = PoolSpec.from_config(cfg)
+        svc.get_pool(spec.pool_id)
+        store.ensure_container()
+        first = self._writer.prepare(first_id, first_calls)
+        self._lease = _POOLS.acquire(svc, spec, cfg)
+        with _capacity_progress(spec.pool_id) as progress:
+            svc.wait_for_capacity(
+                spec.pool_id, min_slots=1, timeout=cfg.pool_timeout, progress=progress
+            )
+        svc.create_job(self.job_id, spec.pool_id)
+        self._job_created = True
+        self._tracker = Tracker(
+            svc,
+            self.job_id,
+            fetch=lambda task_id: store.download(result_blob(self.job_id, task_id)),
+            poll_interval=cfg.poll_interval,
+            max_task_retries=cfg.max_task_retries,
+        )
+        self._tracker.start()
+        self._prepare_pool = ThreadPoolExecutor(
+            max_workers=_PREPARE_WORKERS, thread_name_prefix=f"azurebatch-prepare-{self.job_id}"
+        )
+        self._submitter = threading.Thread(
+            target=self._submit_loop, name=f"azurebatch-submit-{self.job_id}", daemon=True
+        )
+        self._submitter.start()
+        return first
+
+    # ---------------------------------------------------------------- submitting
+
+    def submit(self, calls: Any, callback: Callable[[Any], Any] | None) -> Future[Any]:
+        """Queue one batch of calls as a task; returns at once (after the first batch).
+
+        The first batch is pickled here, before anything exists in Azure, so that an
+        unpicklable function fails the call with nothing created.
+        """
+        task_id = f"task-{next(self._ids):06d}"
+        item: Any = calls
+        with self._lock:
+            if self._state == "new":
+                self._state = "started"
+                try:
+                    item = self._start(task_id, calls)
+                except BaseException:
+                    self._state = "aborted"
+                    raise
+            elif self._state != "started":
+                future: Future[Any] = Future()
+                future.cancel()
+                return future
+            size = len(calls) if hasattr(calls, "__len__") else 1
+            future = Future()
+            self._pending[task_id] = _Pending(future, callback, size, time.monotonic())
+            assert self._tracker is not None
+            self._tracker.watch(task_id, self._on_done)
+            self.tasks_submitted += 1
+            self.calls_submitted += size
+        self._queue.put((task_id, item))
+        return future
+
+    def _submit_loop(self) -> None:
+        stop = False
+        while not stop:
+            item = self._queue.get()
+            if item is None:
+                return
+            items = [item]
+            deadline = time.monotonic() + _LINGER
+            while len(items) < _MAX_FLUSH:
+                try:
+                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            if self._state != "started":
+                return
+            try:
+                self._flush(items)
+            except BaseException as e:  # never let the thread die with tasks unresolved
+                for task_id, _ in items:
+                    self._fail(task_id, e)
+
+    def _prepare(self, item: tuple[str, Any]) -> PreparedTask | BaseException:
+        if isinstance(item[1], PreparedTask):
+            return item[1]
+        try:
+            return self._writer.prepare(item[0], item[1])
+        except BaseException as e:
+            return e
+
+    def _flush(self, items: list[tuple[str, Any]]) -> None:
+        assert self._prepare_pool is not None
+        prepared = list(self._prepare_pool.map(self._prepare, items))
+        specs: list[TaskSpec] = []
+        for (task_id, _), result in zip(items, prepared, strict=True):
+            if isinstance(result, BaseException):
+                self._fail(task_id, result)
+                continue
+            specs.append(
+                TaskSpec(
+                    task_id=task_id,
+                    command_line=WORKER_COMMAND,
+                    image=self.cfg.image,
+                    environment=result.environment,
+                    max_retries=self.cfg.max_task_retries,
+                    max_wall_clock=self.cfg.task_timeout,
+                )
+            )
+        if not specs or self._state != "started":
+            return
+        try:
+            self.account.service.add_tasks(self.job_id, specs)
+        except BaseException as e:
+            for spec in specs:
+                self._fail(spec.task_id, e)
+
+    def _fail(self, task_id: str, error: BaseException) -> None:
+        if self._tracker is not None:
+            self._tracker.deliver(task_id, error)
+
+    # ---------------------------------------------------------------- results
+
+    def _on_done(self, done: TaskDone) -> None:
+        """Resolve a task's future and run joblib's callback (in the tracker's thread)."""
+        with self._lock:
+            pending = self._pending.pop(done.task_id, None)
+        if pending is None:
+            return
+        error = done.error
+        value: Any = None
+        if error is None:
+            try:
+                envelope = read_result(done.data or b"", self._key)
+                self._learn(pending, envelope.timings, done)
+                value = envelope.result()
+            except BaseException as e:
+                error = e
+        if error is not None:
+            pending.future.set_exception(error)
+        else:
+            pending.future.set_result(value)
+        if pending.callback is not None:
+            _current.run = self
+            try:
+                pending.callback(pending.future)
+            finally:
+                _current.run = None
+
+    def _learn(self, pending: _Pending, timings: dict[str, float], done: TaskDone) -> None:
+        run = float(timings.get("run", 0.0))
+        outcome = done.outcome
+        on_node = 0.0
+        if outcome is not None and outcome.start_time and outcome.end_time:
+            on_node = (outcome.end_time - outcome.start_time).total_seconds()
+        else:
+            on_node = run + sum(float(timings.get(k, 0.0)) for k in ("download", "upload"))
+        overhead = max(on_node - run, 0.0) + self._scheduling_latency + self.cfg.poll_interval / 2
+        self.sizer.record(batch_size=pending.size, run_seconds=run, overhead_seconds=overhead)
+
+    # ---------------------------------------------------------------- ending
+
+    def abort(self) -> None:
+        """Stop everything now: queued batches are dropped, the job's tasks terminated."""
+        with self._lock:
+            if self._state != "started":
+                return
+            self._state = "aborted"
+            self._aborted = True
+        self._drain_queue()
+        if self._job_created:
+            try:
+                self.account.service.terminate_job(
+                    self.job_id, "joblib-azurebatch: the Parallel call was aborted"
+                )
+            except AzureBatchError as e:
+                _warn_cleanup(f"could not terminate the job {self.job_id}: {e}")
+        if self._tracker is not None:
+            self._tracker.stop(wait=0)
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+
+    def close(self) -> None:
+        """End the run: job terminated if needed and deleted, blobs and pool released."""
+        with self._lock:
+            if self._state == "closed":
+                return
+            was = self._state
+            self._state = "closed"
+        _LIVE_RUNS.discard(self)
+        if was == "new":
+            return
+        cfg, svc = self.cfg, self.account.service
+        self._drain_queue()
+        if self._submitter is not None and self._submitter is not threading.current_thread():
+            self._submitter.join(10)
+        if self._tracker is not None:
+            self._tracker.stop()
+        if self._prepare_pool is not None:
+            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            leftovers = list(self._pending.values())
+            self._pending.clear()
+        for pending in leftovers:
+            pending.future.cancel()
+        if self._job_created:
+            try:
+                if (leftovers or cfg.keep_job) and was != "aborted":
+                    svc.terminate_job(self.job_id, "joblib-azurebatch: the Parallel call ended")
+                if not cfg.keep_job:
+                    svc.delete_job(self.job_id)
+            except AzureBatchError as e:
+                _warn_cleanup(f"could not end the job {self.job_id}: {e}")
+        if not cfg.keep_blobs:
+            try:
+                self.account.store.delete_prefix(job_prefix(self.job_id))
+            except (AzureBatchError, OSError) as e:
+                _warn_cleanup(f"could not delete the blobs of the job {self.job_id}: {e}")
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            try:
+                _POOLS.release(lease)
+            except AzureBatchError as e:
+                _warn_cleanup(f"could not delete the pool {cfg.pool_id}: {e}")
+
+
+def _warn_cleanup(message: str) -> None:
+    warnings.warn(
+        f"joblib-azurebatch: {message}. Run `joblib-azurebatch cleanup` to remove what is left.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+@atexit.register
+def _close_live_runs() -> None:
+    """Nothing keeps running (and billing) after the interpreter exits mid-run."""
+    for run in list(_LIVE_RUNS):
+        try:
+            run.abort()
+            run.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            _log.exception("closing the job %s at exit failed", run.job_id)
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
+    """Run joblib batches as Azure Batch tasks.
+
+    Use it through joblib: ``parallel_config(backend="azurebatch", config=cfg)`` (config
+    given to the constructor) or ``Parallel(backend="azurebatch", config=cfg)`` (given to
+    :meth:`configure`). Without a config, :meth:`BatchConfig.from_env` is used.
+    """
+
+    supports_retrieve_callback = True
+    supports_inner_max_num_threads = False
+    supports_sharedmem = False
+    uses_threads = False
+    default_n_jobs = -1
+
+    #: Batch durations aimed at (seconds); see :class:`BatchSizer`.
+    MIN_IDEAL_BATCH_DURATION = 2.0
+    MAX_IDEAL_BATCH_DURATION = 60.0
+    #: Seconds the service takes to put a queued task on a free slot (added to the overhead
+    #: measured on the node).
+    SCHEDULING_LATENCY = 1.0
+    #: Batches run this many times longer than their overhead.
+    OVERHEAD_RATIO = 5.0
+
+    def __init__(
+        self,
+        *,
+        config: BatchConfig | None = None,
+        nesting_level: int | None = None,
+        inner_max_num_threads: int | None = None,
+    ) -> None:
+        super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
+        if config is not None and not isinstance(config, BatchConfig):
+            raise ConfigError(
+                f"config= must be a joblib_azurebatch.BatchConfig, not {type(config).__name__}"
+            )
+        self._config = config
+        self._accounts: dict[int, _Account] = {}
+        self._runs: dict[tuple[int, Any], tuple[Any, JobRun]] = {}
+        self._lock = threading.RLock()
+        self.parallel: Any = None
+
+    # ---------------------------------------------------------------- config and sizing
+
+    def _config_now(self) -> BatchConfig:
+        if self._config is None:
+            self._config = BatchConfig.from_env()
+        return self._config
+
+    def _account(self) -> _Account:
+        cfg = self._config_now()
+        with self._lock:
+            account = self._accounts.get(id(cfg))
+            if account is None or account.cfg is not cfg:
+                account = _Account(
+                    cfg=cfg,
+                    service=BatchService.from_config(cfg),
+                    store=BlobStore.from_config(cfg),
+                )
+                self._accounts[id(cfg)] = account
+            return account
+
+    def _capacity(self) -> int:
+        try:
+            return int(self._config_now().target_slots)
+        except ConfigError:
+            return 1
+
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
+        """The pool's target capacity (nodes x slots) for -1 or None, from the config alone.
+
+        Cheap (no request) and never 0. Only an explicit ``n_jobs=1`` gives 1, which joblib
+        runs in-process; a one-slot pool still reports 2 for ``n_jobs=-1`` so that the work
+        goes to the pool rather than silently running locally.
+        """
+        if n_jobs == 0:
+            raise ValueError("n_jobs == 0 in Parallel has no meaning")
+        if n_jobs == 1:
+            return 1
+        capacity = self._capacity()
+        if n_jobs is None:
+            wanted = capacity
+        elif n_jobs < 0:
+            wanted = capacity + 1 + n_jobs
+        else:
+            wanted = n_jobs
+        return max(wanted, 2)
+
+    def configure(
+        self,
+        n_jobs: int | None = 1,
+        parallel: Any = None,
+        prefer: str | None = None,
+        require: str | None = None,
+        *,
+        config: BatchConfig | None = None,
+        **backend_kwargs: Any,
+    ) -> int:
+        """Check the config and return ``n_jobs``; nothing is created in Azure here.
+
+        ``n_jobs=1`` falls back to joblib's sequential backend, so nothing is created at all.
+        """
+        if config is not None:
+            if not isinstance(config, BatchConfig):
+                raise ConfigError(
+                    f"config= must be a joblib_azurebatch.BatchConfig, not {type(config).__name__}"
+                )
+            self._config = config
+        n = self.effective_n_jobs(n_jobs)
+        if n == 1:
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        self._config_now().validate()
+        self.parallel = parallel
+        _current.parallel = parallel
+        return n
+
+    def start_call(self) -> None:
+        if self.parallel is not None:
+            _current.parallel = self.parallel
+
+    def _sizer(self) -> BatchSizer:
+        return BatchSizer(
+            n_jobs=self._n_jobs_for(None),
+            min_duration=self.MIN_IDEAL_BATCH_DURATION,
+            max_duration=self.MAX_IDEAL_BATCH_DURATION,
+            overhead_ratio=self.OVERHEAD_RATIO,
+        )
+
+    def _n_jobs_for(self, parallel: Any) -> int:
+        cached = getattr(parallel, "_cached_effective_n_jobs", None)
+        if isinstance(cached, int) and cached > 0:
+            return cached
+        return self.effective_n_jobs(-1)
+
+    def compute_batch_size(self) -> int:
+        """Calls per task for the next batch of the run joblib is dispatching for."""
+        run: JobRun | None = getattr(_current, "run", None)
+        parallel = getattr(_current, "parallel", None) or self.parallel
+        if run is None:
+            run = self._run_for(parallel, getattr(parallel, "_call_id", None))
+        else:
+            parallel = self._parallel_of(run)
+        total = getattr(parallel, "n_tasks", None)
+        dispatched = getattr(parallel, "n_dispatched_tasks", 0) or 0
+        if run.sizer.samples == 0:
+            all_at_once = getattr(parallel, "_pre_dispatch_amount", None) == 0
+            return run.sizer.initial_size(total=total, all_at_once=all_at_once)
+        remaining = total - dispatched if isinstance(total, int) else None
+        return run.sizer.next_size(remaining=remaining)
+
+    def batch_completed(self, batch_size: int, duration: float) -> None:
+        """Unused: the sizer learns from the task's own timings, not from joblib's clock."""
+
+    # ---------------------------------------------------------------- runs
+
+    def _run_for(self, parallel: Any, call_id: Any) -> JobRun:
+        key = (id(parallel), call_id)
+        with self._lock:
+            entry = self._runs.get(key)
+            if entry is not None and not entry[1].closed:
+                return entry[1]
+            sizer = self._sizer()
+            sizer.n_jobs = self._n_jobs_for(parallel)
+            run = JobRun(
+                self._account(),
+                n_jobs=sizer.n_jobs,
+                sizer=sizer,
+                scheduling_latency=self.SCHEDULING_LATENCY,
+            )
+            ref = weakref.ref(parallel) if parallel is not None else None
+            self._runs[key] = (ref, run)
+            return run
+
+    def _parallel_of(self, run: JobRun) -> Any:
+        with self._lock:
+            for ref, candidate in self._runs.values():
+                if candidate is run:
+                    return ref() if ref is not None else None
+        return None
+
+    def _finished_runs(self, *, aborting: bool = False) -> list[JobRun]:
+        """Runs whose Parallel has stopped (or, for ``aborting``, is aborting)."""
+        done: list[JobRun] = []
+        with self._lock:
+            for key, (ref, run) in list(self._runs.items()):
+                parallel = ref() if ref is not None else None
+                if aborting:
+                    hit = parallel is None or bool(getattr(parallel, "_aborting", True))
+                else:
+                    hit = parallel is None or not getattr(parallel, "_running", False)
+                if hit:
+                    done.append(run)
+                    if not aborting:
+                        del self._runs[key]
+        return done
+
+    def submit(self, func: Any, callback: Any = None) -> Future[Any]:
+        parallel = getattr(callback, "parallel", None)
+        if parallel is None:
+            parallel = getattr(_current, "parallel", None) or self.parallel
+        call_id = getattr(callback, "parallel_call_id", getattr(parallel, "_call_id", None))
+        return self._run_for(parallel, call_id).submit(func, callback)
+
+    def retrieve_result_callback(self, out: Future[Any]) -> Any:
+        return out.result()
+
+    def abort_everything(self, ensure_ready: bool = True) -> None:
+        """Terminate the remaining tasks of the run being aborted (its job stays until
+        ``stop_call``/``terminate`` deletes it)."""
+        for run in self._finished_runs(aborting=True):
+            run.abort()
+
+    def stop_call(self) -> None:
+        self._close_finished()
+
+    def terminate(self) -> None:
+        self._close_finished()
+
+    def _close_finished(self) -> None:
+        for run in self._finished_runs():
+            run.close()
+
+    def get_nested_backend(self) -> tuple[ParallelBackendBase, int | None]:
+        """A light local backend for Parallel calls made inside a task, never ``self``:
+        joblib pickles it into every task, and this backend holds the account's secrets."""
+        level = (self.nesting_level or 0) + 1
+        if level > 1:
+            return SequentialBackend(nesting_level=level), None
+        return ThreadingBackend(nesting_level=level), None
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "AzureBatchBackend holds account credentials and is never pickled; tasks get a "
+            "local backend from get_nested_backend()"
+        )
