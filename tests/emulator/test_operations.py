@@ -730,3 +730,48 @@ def test_wrong_key_is_refused_and_changes_nothing(local: Any) -> None:
     )
     with pytest.raises(ResourceNotFoundError):
         right.get_pool(pool_id)
+
+
+# --- real transitions, on an account whose nodes take time to allocate -----------------------
+
+
+@pytest.fixture(scope="module")
+def slow_client() -> Iterator[BatchClient]:
+    """A Batch emulator of its own (no storage needed) whose nodes take 0.8 s to come up."""
+    from joblib_azurebatch.emulator.server import BatchEmulator
+
+    with BatchEmulator(allocation_delay=0.8) as emulator:
+        credential = AzureNamedKeyCredential(emulator.account_name, emulator.key)
+        yield BatchClient(emulator.url, credential)
+
+
+def test_allocation_and_deletion_move_through_states(slow_client: BatchClient) -> None:
+    pool_id = unique("slow-pool")
+    slow_client.create_pool(pool_options(pool_id, target_dedicated_nodes=1))
+    early = slow_client.get_pool(pool_id)
+    assert early.allocation_state == "resizing"
+    assert early.current_dedicated_nodes in (0, 1)
+    seen: set[str] = set()
+
+    def idle() -> bool:
+        seen.update(getattr(n.state, "value", n.state) for n in slow_client.list_nodes(pool_id))
+        return "idle" in seen
+
+    wait_for("the node to become idle", idle, timeout=10)
+    assert seen & {"creating", "starting"}, seen
+    assert slow_client.get_pool(pool_id).allocation_state == "steady"
+
+    slow_client.begin_delete_pool(pool_id, polling_interval=FAST)
+    assert slow_client.get_pool(pool_id).state == "deleting"
+    with pytest.raises(ResourceExistsError) as being_deleted:
+        slow_client.create_pool(pool_options(pool_id))
+    assert being_deleted.value.error.code == "PoolBeingDeleted"
+
+    def gone() -> bool:
+        try:
+            slow_client.get_pool(pool_id)
+        except ResourceNotFoundError:
+            return True
+        return False
+
+    wait_for("the deleted pool to disappear", gone, timeout=10)
