@@ -1,0 +1,718 @@
+"""Running the account: node life cycles, scheduling tasks onto slots, and local processes.
+
+One executor thread owns time: it moves nodes through ``creating → starting →
+waitingForStartTask → idle`` (after the configured allocation delay), places active tasks
+onto free slots, and enforces wall-clock limits. Each placed task runs in a thread of its
+own that stages its files and waits for its process (``/bin/sh -c commandLine`` in a
+process group, so that a kill reaches every child). Task and node directories are laid out
+as on a Batch node (``{node}/workitems/{job}/job-1/{task}/wd`` with stdout.txt and
+stderr.txt beside ``wd``), and the process sees the ``AZ_BATCH_*`` variables and nothing of
+the emulator's own environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .models import Account, Job, Node, Pool, StartTaskInfo, Task
+from .staging import StagingError, download_resource_files, upload_output_files
+from .wire import utcnow
+
+__all__ = ["Executor"]
+
+_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+_TERMINATED = {
+    "category": "userError",
+    "code": "TaskEnded",
+    "message": "Task Was Ended by User Request",
+    "details": [{"name": "Message", "value": "Task Was Ended by User Request"}],
+}
+_WALL_CLOCK = {
+    "category": "userError",
+    "code": "MaxWallClockTimeExpiry",
+    "message": "The task exceeded its maximum wall clock time and was terminated",
+    "details": [{"name": "Message", "value": "The task exceeded its maximum wall clock time"}],
+}
+_EXIT_CODE = {
+    "category": "userError",
+    "code": "FailureExitCode",
+    "message": "The task process exited with an unexpected exit code",
+    "details": [
+        {"name": "Message", "value": "The task process exited with an unexpected exit code"}
+    ],
+}
+
+
+@dataclass
+class _Run:
+    """One attempt of a task (or a start task) on a node."""
+
+    key: tuple[str, str]
+    attempt: int
+    node: Node
+    process: subprocess.Popen[bytes] | None = None
+    #: Why the emulator stopped it: "requeue", "terminate", "wallclock" or "shutdown".
+    stop_reason: str | None = None
+    deadline: float | None = None
+    thread: threading.Thread | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _exit_status(returncode: int) -> int:
+    """A killed process reports 128 + signal, as a shell on the node would."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Executor:
+    """Drives node states and task processes for one :class:`Account`."""
+
+    def __init__(
+        self,
+        account: Account,
+        *,
+        base_url: Callable[[], str],
+        images: Mapping[str, str] | None = None,
+        default_python: str | None = None,
+        max_processes: int | None = None,
+        allocation_delay: float = 0.0,
+    ) -> None:
+        self.account = account
+        self._base_url = base_url
+        self.images = dict(images or {})
+        self.default_python = default_python or sys.executable
+        self.max_processes = max_processes or max(4, (os.cpu_count() or 2) * 4)
+        self.allocation_delay = allocation_delay
+        self._runs: dict[tuple[str, str], _Run] = {}
+        self._start_runs: dict[str, _Run] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._loop, name="batch-emulator-executor", daemon=True
+        )
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the executor thread."""
+        self._thread.start()
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        """Kill every process the emulator started and stop the thread."""
+        with self.account.lock:
+            self._stopping = True
+            runs = [*self._runs.values(), *self._start_runs.values()]
+            for run in runs:
+                self._kill(run, "shutdown")
+            self.account.notify()
+        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for run in runs:
+            run.done.wait(max(0.0, deadline - time.monotonic()))
+            if run.process is not None and run.process.poll() is None:
+                _killpg(run.process)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    run.process.wait(1.0)
+
+    def process_ids(self) -> list[int]:
+        """Process ids of the local processes running now (for tests of cleanup)."""
+        with self.account.lock:
+            return [
+                r.process.pid
+                for r in (*self._runs.values(), *self._start_runs.values())
+                if r.process is not None and r.process.poll() is None
+            ]
+
+    def later(self, delay: float, action: Callable[[], None]) -> None:
+        """Run ``action`` (under the lock, on the executor thread) after ``delay`` seconds."""
+        with self.account.lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), action))
+            self.account.notify()
+
+    def _loop(self) -> None:
+        acc = self.account
+        with acc.lock:
+            while not self._stopping:
+                try:
+                    self._fire_timers()
+                    self._enforce_wall_clock()
+                    self._schedule()
+                    self._complete_jobs()
+                except Exception:  # the executor must outlive an emulator bug in one tick
+                    import traceback
+
+                    traceback.print_exc()
+                wait = 0.2
+                if self._timers:
+                    wait = min(wait, max(0.0, self._timers[0][0] - time.monotonic()))
+                acc.changed.wait(wait)
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, action = heapq.heappop(self._timers)
+            action()
+
+    # -- pools and nodes --------------------------------------------------------------------
+
+    def reconcile(self, pool: Pool) -> None:
+        """Grow or shrink ``pool`` towards its targets (lock held)."""
+        if pool.state != "active":
+            return
+        changed = False
+        for dedicated, target in ((True, pool.target_dedicated), (False, pool.target_spot)):
+            live = pool.live_nodes(dedicated=dedicated)
+            for _ in range(target - len(live)):
+                node = self.account.new_node(pool, dedicated=dedicated, state="creating")
+                self._boot(pool, node, first=True)
+                changed = True
+            excess = len(live) - target
+            if excess > 0:
+                victims = sorted(live, key=lambda n: (n.state != "idle", n.used_slots))
+                for node in victims[:excess]:
+                    self.remove_node(pool, node, requeue=True)
+                    changed = True
+        if changed:
+            pool.move_allocation("resizing")
+        self._maybe_steady(pool)
+
+    def _maybe_steady(self, pool: Pool) -> None:
+        if pool.allocation_state == "steady":
+            return
+        settling = {"creating", "starting", "waitingForStartTask"}
+        if not any(n.state in settling for n in pool.nodes.values()):
+            pool.move_allocation("steady")
+            pool.touch()
+
+    def _boot(self, pool: Pool, node: Node, *, first: bool) -> None:
+        """Take ``node`` through creating/starting to idle (or its start task)."""
+        delay = self.allocation_delay
+        generation = node.generation
+
+        def to_starting() -> None:
+            if node.state in ("creating", "preempted", "unusable", "startTaskFailed", "rebooting"):
+                node.move("starting")
+                self.later(delay / 2, to_ready)
+
+        def to_ready() -> None:
+            if node.state != "starting" or node.generation != generation + 1:
+                return
+            if "startTask" in pool.spec:
+                start = pool.wire_start_task()
+                if start.get("waitForSuccess", True):
+                    node.move("waitingForStartTask")
+                else:
+                    node.move("idle")
+                self._run_start_task(pool, node, start)
+            else:
+                node.move("idle")
+            self._maybe_steady(pool)
+            self.account.notify()
+
+        if first and delay <= 0:
+            to_starting()
+            self._fire_timers()
+        else:
+            self.later(delay / 2, to_starting)
+
+    def remove_node(self, pool: Pool, node: Node, *, requeue: bool) -> None:
+        """Take ``node`` out of ``pool``; its running tasks go back to the queue."""
+        self._evict(node, requeue=requeue, charge=False)
+        if node.id in self._start_runs:
+            self._kill(self._start_runs[node.id], "requeue")
+        node.move("leavingPool")
+        pool.nodes.pop(node.id, None)
+
+    def preempt(self, pool: Pool, node: Node, *, recover_after: float | None) -> None:
+        """Preempt ``node``: running tasks are requeued without charging a retry."""
+        self._evict(node, requeue=True, charge=False)
+        node.move("preempted")
+        if recover_after is not None:
+            self.later(recover_after, lambda: self._recover(pool, node, "preempted"))
+        self.account.notify()
+
+    def make_unusable(self, pool: Pool, node: Node, *, recover_after: float | None) -> None:
+        """Kill ``node``: it becomes unusable and its running tasks are requeued."""
+        self._evict(node, requeue=True, charge=False)
+        node.move("unusable")
+        if recover_after is not None:
+            self.later(recover_after, lambda: self._recover(pool, node, "unusable"))
+        self.account.notify()
+
+    def _recover(self, pool: Pool, node: Node, from_state: str) -> None:
+        if pool.nodes.get(node.id) is node and node.state == from_state:
+            generation = node.generation
+            node.move("starting")
+
+            def ready() -> None:
+                if node.state == "starting" and node.generation == generation + 1:
+                    node.move("idle")
+                    self.account.notify()
+
+            self.later(self.allocation_delay / 2, ready)
+
+    def _evict(self, node: Node, *, requeue: bool, charge: bool) -> None:
+        for job_id, task_id in list(node.running):
+            job = self.account.jobs.get(job_id)
+            task = job.tasks.get(task_id) if job else None
+            run = self._runs.get((job_id, task_id))
+            if run is not None:
+                self._kill(run, "requeue")
+            if task is not None and task.state in ("running", "preparing") and requeue:
+                self._release(task)
+                task.move("active")
+                task.node_id = None
+                task.pool_id = None
+                if charge:
+                    task.retry_count += 1
+            node.running.pop((job_id, task_id), None)
+        if node.state == "running":
+            node.move("idle")
+
+    def delete_pool(self, pool: Pool) -> None:
+        """Mark ``pool`` deleting, take its nodes away, and drop it shortly after."""
+        pool.move("deleting")
+        pool.touch()
+        for node in list(pool.nodes.values()):
+            self.remove_node(pool, node, requeue=True)
+
+        def gone() -> None:
+            if self.account.pools.get(pool.id) is pool:
+                del self.account.pools[pool.id]
+                shutil.rmtree(self.account.root / pool.id, ignore_errors=True)
+
+        self.later(max(0.05, self.allocation_delay / 2), gone)
+
+    # -- start task -------------------------------------------------------------------------
+
+    def _run_start_task(self, pool: Pool, node: Node, start: Mapping[str, Any]) -> None:
+        info = StartTaskInfo()
+        node.start_task_info = info
+        run = _Run(key=("$start", node.id), attempt=node.generation, node=node)
+        self._start_runs[node.id] = run
+        base = node.root / "startup"
+        env = self._environment(
+            pool=pool,
+            node=node,
+            job_id=None,
+            task_id="$start",
+            task_dir=base,
+            settings=start.get("environmentSettings", []),
+        )
+        thread = threading.Thread(
+            target=self._start_task_body,
+            args=(pool, node, start, run, base, env),
+            name=f"start-task-{node.id[-8:]}",
+            daemon=True,
+        )
+        run.thread = thread
+        thread.start()
+
+    def _start_task_body(
+        self,
+        pool: Pool,
+        node: Node,
+        start: Mapping[str, Any],
+        run: _Run,
+        base: Path,
+        env: dict[str, str],
+    ) -> None:
+        retries = int(start.get("maxTaskRetryCount", 0) or 0)
+        attempt = 0
+        code: int = 0
+        failure: dict[str, Any] | None = None
+        try:
+            while True:
+                code, failure = self._execute(
+                    run,
+                    base=base,
+                    command=str(start.get("commandLine", "")),
+                    env=env,
+                    resource_files=start.get("resourceFiles", []),
+                    output_files=[],
+                    container=start.get("containerSettings"),
+                )
+                if run.stop_reason is not None:
+                    return
+                if (code != 0 or failure) and (retries < 0 or attempt < retries):
+                    attempt += 1
+                    with self.account.lock:
+                        if node.start_task_info is not None:
+                            node.start_task_info.retry_count = attempt
+                    continue
+                break
+            with self.account.lock:
+                info = node.start_task_info
+                if info is None or node.generation != run.attempt:
+                    return
+                info.state = "completed"
+                info.end_time = utcnow()
+                info.exit_code = code
+                if failure is None and code != 0:
+                    failure = dict(_EXIT_CODE)
+                info.failure = failure
+                if node.state == "waitingForStartTask":
+                    node.move("idle" if failure is None else "startTaskFailed")
+                self._maybe_steady(pool)
+                self.account.notify()
+        finally:
+            with self.account.lock:
+                if self._start_runs.get(node.id) is run:
+                    del self._start_runs[node.id]
+            run.done.set()
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    def _schedulable_jobs(self) -> list[Job]:
+        jobs = [j for j in self.account.jobs.values() if j.state == "active"]
+        return sorted(jobs, key=lambda j: (-j.priority, j.creation_time))
+
+    def _schedule(self) -> None:
+        if self._stopping:
+            return
+        for job in self._schedulable_jobs():
+            pool = self.account.pools.get(job.pool_id or "")
+            if pool is None or pool.state != "active":
+                continue
+            spread = (
+                str(pool.spec.get("taskSchedulingPolicy", {}).get("nodeFillType", "spread")).lower()
+                == "spread"
+            )
+            limit = int(job.spec.get("maxParallelTasks", -1))
+            running = sum(1 for t in job.tasks.values() if t.state in ("running", "preparing"))
+            for task in job.tasks.values():
+                if task.state != "active":
+                    continue
+                if len(self._runs) >= self.max_processes:
+                    return
+                if limit >= 0 and running >= limit:
+                    break
+                node = self._pick_node(pool, task.required_slots, spread=spread)
+                if node is None:
+                    break
+                self._dispatch(job, pool, node, task)
+                running += 1
+
+    def _pick_node(self, pool: Pool, slots: int, *, spread: bool) -> Node | None:
+        free = [
+            n
+            for n in pool.nodes.values()
+            if n.schedulable and pool.slots_per_node - n.used_slots >= slots
+        ]
+        if not free:
+            return None
+        if spread:
+            return min(free, key=lambda n: (n.used_slots, n.id))
+        return max(free, key=lambda n: (n.used_slots, n.id))
+
+    def _dispatch(self, job: Job, pool: Pool, node: Node, task: Task) -> None:
+        task.attempt += 1
+        task.move("running")
+        now = utcnow()
+        task.start_time = now
+        task.end_time = None
+        task.exit_code = None
+        task.failure = None
+        if task.retry_count:
+            task.last_retry_time = now
+        task.node_id = node.id
+        task.pool_id = pool.id
+        node.running[(job.id, task.id)] = task.required_slots
+        node.total_tasks_run += 1
+        if node.state == "idle":
+            node.move("running")
+        task_dir = node.root / "workitems" / job.id / "job-1" / task.id
+        task.task_dir = task_dir
+        run = _Run(key=(job.id, task.id), attempt=task.attempt, node=node)
+        wall = task.max_wall_clock
+        if wall is not None:
+            run.deadline = time.monotonic() + wall.total_seconds()
+        self._runs[run.key] = run
+        settings = [
+            *job.spec.get("commonEnvironmentSettings", []),
+            *task.spec.get("environmentSettings", []),
+        ]
+        env = self._environment(
+            pool=pool,
+            node=node,
+            job_id=job.id,
+            task_id=task.id,
+            task_dir=task_dir,
+            settings=settings,
+        )
+        thread = threading.Thread(
+            target=self._task_body,
+            args=(task, run, task_dir, env, dict(task.spec)),
+            name=f"task-{job.id}-{task.id}",
+            daemon=True,
+        )
+        run.thread = thread
+        thread.start()
+
+    def _task_body(
+        self, task: Task, run: _Run, task_dir: Path, env: dict[str, str], spec: dict[str, Any]
+    ) -> None:
+        try:
+            code, failure = self._execute(
+                run,
+                base=task_dir,
+                command=str(spec.get("commandLine", "")),
+                env=env,
+                resource_files=spec.get("resourceFiles", []),
+                output_files=spec.get("outputFiles", []),
+                container=spec.get("containerSettings"),
+            )
+            with self.account.lock:
+                self._finish(task, run, code, failure)
+        finally:
+            with self.account.lock:
+                if self._runs.get(run.key) is run:
+                    del self._runs[run.key]
+                self.account.notify()
+            run.done.set()
+
+    def _finish(self, task: Task, run: _Run, code: int, failure: dict[str, Any] | None) -> None:
+        """Record how an attempt ended, unless the emulator already moved the task on."""
+        if task.attempt != run.attempt or task.state != "running":
+            return
+        if run.stop_reason in ("requeue", "shutdown", "terminate"):
+            return
+        self._release(task)
+        node = run.node
+        if run.stop_reason == "wallclock":
+            failure = dict(_WALL_CLOCK)
+        elif failure is None and code != 0:
+            failure = dict(_EXIT_CODE)
+        retryable = (
+            run.stop_reason is None and failure is not None and failure["code"] == "FailureExitCode"
+        )
+        max_retries = task.max_task_retry_count
+        task.exit_code = code
+        task.end_time = utcnow()
+        if retryable and (max_retries < 0 or task.retry_count < max_retries):
+            task.retry_count += 1
+            task.failure = failure
+            task.move("active")
+            return
+        task.failure = failure
+        if failure is None:
+            node.total_tasks_succeeded += 1
+        task.move("completed")
+
+    def _release(self, task: Task) -> None:
+        """Free the slots ``task`` holds on its node."""
+        if task.pool_id is None or task.node_id is None:
+            return
+        pool = self.account.pools.get(task.pool_id)
+        node = pool.nodes.get(task.node_id) if pool else None
+        if node is None:
+            return
+        node.running.pop((task.job_id, task.id), None)
+        if not node.running and node.state == "running":
+            node.move("idle")
+
+    def terminate_task(self, task: Task) -> None:
+        """End ``task`` now: an active task completes unrun, a running one is killed."""
+        if task.state == "completed":
+            return
+        run = self._runs.get((task.job_id, task.id))
+        if task.state in ("running", "preparing"):
+            if run is not None:
+                self._kill(run, "terminate")
+            self._release(task)
+            task.exit_code = 137
+            task.failure = dict(_TERMINATED)
+        else:
+            task.failure = dict(_TERMINATED)
+            task.exit_code = None
+        task.end_time = utcnow()
+        task.move("completed")
+        self.account.notify()
+
+    def forget_task(self, task: Task) -> None:
+        """Kill ``task``'s process if it runs (the task is being deleted)."""
+        run = self._runs.get((task.job_id, task.id))
+        if run is not None:
+            self._kill(run, "terminate")
+        self._release(task)
+
+    def _enforce_wall_clock(self) -> None:
+        now = time.monotonic()
+        for run in list(self._runs.values()):
+            if run.deadline is not None and now >= run.deadline and run.stop_reason is None:
+                self._kill(run, "wallclock")
+
+    def _complete_jobs(self) -> None:
+        for job in list(self.account.jobs.values()):
+            if job.state == "terminating":
+                if not any(t.state in ("running", "preparing") for t in job.tasks.values()):
+                    job.move("completed")
+                    job.end_time = utcnow()
+                    job.touch()
+            elif job.state == "active":
+                mode = str(job.spec.get("onAllTasksComplete", "noaction")).lower()
+                if mode == "terminatejob" and all(
+                    t.state == "completed" for t in job.tasks.values()
+                ):
+                    job.terminate_reason = "AllTasksComplete"
+                    job.move("terminating")
+                    job.move("completed")
+                    job.end_time = utcnow()
+                    job.touch()
+                elif str(job.spec.get("onTaskFailure", "noaction")).lower() == (
+                    "performexitoptionsjobaction"
+                ) and any(t.state == "completed" and t.failure for t in job.tasks.values()):
+                    job.terminate_reason = "TaskFailed"
+                    self.terminate_job(job, reason="TaskFailed")
+
+    def terminate_job(self, job: Job, *, reason: str) -> None:
+        """Terminate ``job``: running tasks are killed and completed, active ones never run."""
+        if job.state in ("completed", "terminating", "deleting"):
+            return
+        job.terminate_reason = reason
+        job.move("terminating")
+        job.touch()
+        for task in job.tasks.values():
+            if task.state in ("running", "preparing"):
+                self.terminate_task(task)
+        self.account.notify()
+
+    # -- processes --------------------------------------------------------------------------
+
+    def _kill(self, run: _Run, reason: str) -> None:
+        if run.stop_reason is None:
+            run.stop_reason = reason
+        if run.process is not None and run.process.poll() is None:
+            _killpg(run.process)
+
+    def _python_for(self, container: Mapping[str, Any] | None) -> str | None:
+        if not container:
+            return None
+        image = str(container.get("imageName", ""))
+        for name in (image, image.split("@")[0], image.rsplit(":", 1)[0]):
+            if name in self.images:
+                return self.images[name]
+        return self.default_python
+
+    def _environment(
+        self,
+        *,
+        pool: Pool,
+        node: Node,
+        job_id: str | None,
+        task_id: str,
+        task_dir: Path,
+        settings: Iterable[Mapping[str, Any]],
+    ) -> dict[str, str]:
+        base_url = self._base_url()
+        env = {
+            "PATH": _SYSTEM_PATH + os.pathsep + os.path.dirname(self.default_python),
+            "LANG": "C.UTF-8",
+            "HOME": str(task_dir / "wd"),
+            "AZ_BATCH_ACCOUNT_NAME": self.account.name,
+            "AZ_BATCH_ACCOUNT_URL": base_url,
+            "AZ_BATCH_POOL_ID": pool.id,
+            "AZ_BATCH_NODE_ID": node.id,
+            "AZ_BATCH_NODE_IS_DEDICATED": "true" if node.is_dedicated else "false",
+            "AZ_BATCH_NODE_ROOT_DIR": str(node.root),
+            "AZ_BATCH_NODE_SHARED_DIR": str(node.root / "shared"),
+            "AZ_BATCH_NODE_STARTUP_DIR": str(node.root / "startup"),
+            "AZ_BATCH_NODE_MOUNTS_DIR": str(node.root / "fsmounts"),
+            "AZ_BATCH_TASK_DIR": str(task_dir),
+            "AZ_BATCH_TASK_WORKING_DIR": str(task_dir / "wd"),
+            "AZ_BATCH_TASK_ID": task_id,
+            "AZ_BATCH_TASK_USER": "_azbatch",
+            "AZ_BATCH_TASK_USER_IDENTITY": "PoolNonAdmin",
+            "AZ_BATCH_CERTIFICATES_DIR": str(task_dir / "certs"),
+            "AZ_BATCH_RESERVED_EPHEMERAL_DISK_SPACE_BYTES": "1000000000",
+        }
+        if job_id is not None:
+            env["AZ_BATCH_JOB_ID"] = job_id
+        for item in settings:
+            if "name" in item:
+                env[str(item["name"])] = str(item.get("value", ""))
+        return env
+
+    def _execute(
+        self,
+        run: _Run,
+        *,
+        base: Path,
+        command: str,
+        env: dict[str, str],
+        resource_files: list[Mapping[str, Any]],
+        output_files: list[Mapping[str, Any]],
+        container: Mapping[str, Any] | None,
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Stage, run and unstage one attempt; returns (exit code, failureInfo or None)."""
+        workdir = base / "wd"
+        if workdir.exists() and run.key[0] != "$start":
+            shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        python = self._python_for(container)
+        if python is not None:
+            env = dict(env)
+            env["PATH"] = os.path.dirname(python) + os.pathsep + _SYSTEM_PATH
+            if container and container.get("workingDirectory") == "containerImageDefault":
+                pass
+        try:
+            download_resource_files(resource_files, workdir)
+        except StagingError as e:
+            return 1, e.failure_info
+        with open(base / "stdout.txt", "wb") as out, open(base / "stderr.txt", "wb") as err:
+            with self.account.lock:
+                if run.stop_reason is not None:
+                    return 137, None
+                try:
+                    run.process = subprocess.Popen(
+                        ["/bin/sh", "-c", command],
+                        cwd=workdir,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=err,
+                        start_new_session=True,
+                    )
+                except OSError as e:
+                    msg = f"The task process could not start: {e}"
+                    return 1, {
+                        "category": "userError",
+                        "code": "CommandProgramNotFound",
+                        "message": msg,
+                        "details": [{"name": "Message", "value": msg}],
+                    }
+            returncode = run.process.wait()
+            # Children left behind in the group die with the task, as on a node.
+            _killpg(run.process)
+        code = _exit_status(returncode)
+        if run.stop_reason in ("requeue", "shutdown", "terminate"):
+            return code, None
+        try:
+            upload_output_files(output_files, workdir, code)
+        except StagingError as e:
+            return code, e.failure_info
+        return code, None
+
+    def running_runs(self) -> int:
+        """How many task processes are running or being staged."""
+        with self.account.lock:
+            return len(self._runs)
+
+
+def _killpg(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)

@@ -1,0 +1,162 @@
+"""A whole local Azure account in one ``with`` block: Azurite for blobs, the emulator for Batch.
+
+``LocalBatch`` is what tests, the demo and users' own tests start: it brings up Azurite and
+the Batch emulator on free ports, exposes the endpoints and credentials under the names
+:class:`~joblib_azurebatch.config.BatchConfig` uses, and tears both down (every process,
+every temporary folder) when the block ends, also when the body raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from .azurite import Azurite
+from .server import BatchEmulator
+
+if TYPE_CHECKING:
+    from joblib_azurebatch.config import BatchConfig
+
+__all__ = ["LocalBatch"]
+
+
+class LocalBatch:
+    """Azurite plus the Batch emulator, started together and stopped together.
+
+    ``nodes``, ``spot_nodes`` and ``slots_per_node`` are the pool shape that
+    :meth:`config` proposes to the backend; the emulator runs whatever pools clients create.
+    ``images`` maps container image names to local Python interpreters (default: the one
+    running this process), ``max_processes`` caps the task processes running at once, and
+    ``allocation_delay`` makes new nodes take that many seconds to become idle.
+    """
+
+    def __init__(
+        self,
+        *,
+        nodes: int = 1,
+        spot_nodes: int = 0,
+        slots_per_node: int = 1,
+        allocation_delay: float = 0.0,
+        images: Mapping[str, str] | None = None,
+        max_processes: int | None = None,
+        batch_account: str = "localbatch",
+        azurite_executable: str | None = None,
+    ) -> None:
+        if nodes < 0 or spot_nodes < 0 or nodes + spot_nodes < 1:
+            raise ValueError("LocalBatch needs at least one node: nodes + spot_nodes >= 1")
+        if slots_per_node < 1:
+            raise ValueError("slots_per_node must be at least 1")
+        self.nodes = nodes
+        self.spot_nodes = spot_nodes
+        self.slots_per_node = slots_per_node
+        self.azurite = Azurite(executable=azurite_executable)
+        self.emulator = BatchEmulator(
+            account=batch_account,
+            images=images,
+            max_processes=max_processes,
+            allocation_delay=allocation_delay,
+        )
+        self._running = False
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    @property
+    def batch_url(self) -> str:
+        """The Batch account endpoint (``http://127.0.0.1:{port}``)."""
+        return self.emulator.url
+
+    @property
+    def batch_account(self) -> str:
+        """The Batch account name."""
+        return self.emulator.account_name
+
+    @property
+    def batch_key(self) -> str:
+        """The Batch account's shared key (base64)."""
+        return self.emulator.key
+
+    @property
+    def blob_url(self) -> str:
+        """The storage account's blob endpoint."""
+        return self.azurite.blob_url
+
+    @property
+    def storage_account(self) -> str:
+        """The storage account name (Azurite's development account)."""
+        return self.azurite.account_name
+
+    @property
+    def storage_key(self) -> str:
+        """The storage account key."""
+        return self.azurite.account_key
+
+    @property
+    def storage_connection_string(self) -> str:
+        """A connection string for azure-storage-blob."""
+        return self.azurite.connection_string
+
+    def environment(self) -> dict[str, str]:
+        """The environment variables that point a client at this local account."""
+        return {
+            "BATCH_ACCOUNT_NAME": self.batch_account,
+            "BATCH_ACCOUNT_KEY": self.batch_key,
+            "BATCH_ACCOUNT_URL": self.batch_url,
+            "STORAGE_ACCOUNT_NAME": self.storage_account,
+            "STORAGE_ACCOUNT_KEY": self.storage_key,
+            "AZURE_STORAGE_CONNECTION_STRING": self.storage_connection_string,
+        }
+
+    def config(self, **overrides: Any) -> BatchConfig:
+        """A :class:`BatchConfig` for this account and pool shape; keywords override fields."""
+        from joblib_azurebatch.config import BatchConfig
+
+        fields: dict[str, Any] = {
+            "batch_url": self.batch_url,
+            "batch_account": self.batch_account,
+            "batch_key": self.batch_key,
+            "storage_url": self.blob_url,
+            "storage_account": self.storage_account,
+            "storage_key": self.storage_key,
+            "storage_connection_string": self.storage_connection_string,
+            "dedicated_nodes": self.nodes,
+            "spot_nodes": self.spot_nodes,
+            "task_slots_per_node": self.slots_per_node,
+            "poll_interval": 0.2,
+        }
+        fields.update(overrides)
+        return BatchConfig(**fields)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> LocalBatch:
+        """Start Azurite, then the emulator; if either fails, nothing is left running."""
+        try:
+            self.azurite.start()
+            self.emulator.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._running = True
+        return self
+
+    def stop(self) -> None:
+        """Stop the emulator (and its task processes), then Azurite."""
+        self._running = False
+        try:
+            self.emulator.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                self.azurite.stop()
+
+    def __enter__(self) -> LocalBatch:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

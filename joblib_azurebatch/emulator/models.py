@@ -1,0 +1,620 @@
+"""The emulated account's state: pools, nodes, jobs and tasks with their legal transitions.
+
+Each entity keeps what the client sent (``spec``, the create body in the wire's camelCase)
+beside what the service computes (state, times, counters), and renders itself to the wire
+form with :meth:`to_wire`. State changes go through :func:`_move`, which refuses a
+transition Batch never makes, so a scheduling bug shows up as an error instead of a task
+that silently jumps from ``active`` to ``completed`` with a start time.
+
+All mutation happens under :attr:`Account.lock`; the HTTP handlers and the executor thread
+share one :class:`Account`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import batch_error
+from .wire import UNLIMITED, format_duration, format_time, new_etag, parse_duration, utcnow
+
+__all__ = [
+    "Account",
+    "IllegalTransition",
+    "Job",
+    "Node",
+    "Pool",
+    "Task",
+]
+
+JSON = dict[str, Any]
+
+TASK_TRANSITIONS: dict[str, frozenset[str]] = {
+    "active": frozenset({"preparing", "running", "completed"}),
+    "preparing": frozenset({"running", "active", "completed"}),
+    "running": frozenset({"completed", "active"}),
+    "completed": frozenset({"active"}),
+}
+JOB_TRANSITIONS: dict[str, frozenset[str]] = {
+    "active": frozenset({"terminating", "completed", "disabling", "deleting"}),
+    "disabling": frozenset({"disabled", "deleting", "terminating"}),
+    "disabled": frozenset({"enabling", "deleting", "terminating"}),
+    "enabling": frozenset({"active", "deleting", "terminating"}),
+    "terminating": frozenset({"completed", "deleting"}),
+    "completed": frozenset({"deleting"}),
+    "deleting": frozenset(),
+}
+NODE_TRANSITIONS: dict[str, frozenset[str]] = {
+    "creating": frozenset({"starting", "leavingPool", "preempted", "unusable"}),
+    "starting": frozenset({"waitingForStartTask", "idle", "leavingPool", "preempted", "unusable"}),
+    "waitingForStartTask": frozenset(
+        {"idle", "startTaskFailed", "leavingPool", "preempted", "unusable"}
+    ),
+    "startTaskFailed": frozenset({"leavingPool", "starting", "preempted", "unusable"}),
+    "idle": frozenset({"running", "leavingPool", "preempted", "unusable", "rebooting"}),
+    "running": frozenset({"idle", "leavingPool", "preempted", "unusable", "rebooting"}),
+    "rebooting": frozenset({"starting", "leavingPool", "unusable"}),
+    "preempted": frozenset({"starting", "leavingPool"}),
+    "unusable": frozenset({"starting", "leavingPool"}),
+    "leavingPool": frozenset(),
+}
+POOL_TRANSITIONS: dict[str, frozenset[str]] = {
+    "active": frozenset({"deleting"}),
+    "deleting": frozenset(),
+}
+ALLOCATION_TRANSITIONS: dict[str, frozenset[str]] = {
+    "steady": frozenset({"resizing"}),
+    "resizing": frozenset({"steady", "stopping"}),
+    "stopping": frozenset({"steady"}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """The emulator tried a state change Batch never makes (an emulator bug)."""
+
+
+def _move(kind: str, table: dict[str, frozenset[str]], current: str, new: str, ident: str) -> None:
+    if new != current and new not in table.get(current, frozenset()):
+        raise IllegalTransition(f"{kind} {ident!r} cannot go from {current!r} to {new!r}")
+
+
+@dataclass
+class _Stamped:
+    """Shared bookkeeping: ETag, times and the previous state."""
+
+    id: str
+    state: str
+    creation_time: _dt.datetime = field(default_factory=utcnow)
+    last_modified: _dt.datetime = field(default_factory=utcnow)
+    state_transition_time: _dt.datetime = field(default_factory=utcnow)
+    previous_state: str | None = None
+    previous_state_transition_time: _dt.datetime | None = None
+    etag: str = field(default_factory=new_etag)
+
+    def touch(self) -> None:
+        """Record a modification: new ETag and lastModified."""
+        self.etag = new_etag()
+        self.last_modified = utcnow()
+
+    def _set_state(self, new: str) -> None:
+        if new == self.state:
+            return
+        now = utcnow()
+        self.previous_state = self.state
+        self.previous_state_transition_time = self.state_transition_time
+        self.state = new
+        self.state_transition_time = now
+
+
+@dataclass
+class StartTaskInfo:
+    """What the node's start task did; rendered as ``startTaskInfo``."""
+
+    state: str = "running"
+    start_time: _dt.datetime = field(default_factory=utcnow)
+    end_time: _dt.datetime | None = None
+    exit_code: int | None = None
+    retry_count: int = 0
+    failure: JSON | None = None
+
+    def to_wire(self) -> JSON:
+        out: JSON = {"state": self.state, "startTime": format_time(self.start_time)}
+        if self.end_time is not None:
+            out["endTime"] = format_time(self.end_time)
+        if self.exit_code is not None:
+            out["exitCode"] = self.exit_code
+        if self.failure is not None:
+            out["failureInfo"] = self.failure
+        out["retryCount"] = self.retry_count
+        if self.state == "completed":
+            out["result"] = "failure" if self.failure or self.exit_code else "success"
+        return out
+
+
+@dataclass
+class Node:
+    """One compute node: its slots, the tasks on it, and its directory on the local disk."""
+
+    id: str
+    pool_id: str
+    is_dedicated: bool
+    state: str
+    root: Path
+    ip_address: str
+    state_transition_time: _dt.datetime = field(default_factory=utcnow)
+    allocation_time: _dt.datetime = field(default_factory=utcnow)
+    last_boot_time: _dt.datetime | None = None
+    running: dict[tuple[str, str], int] = field(default_factory=dict)
+    total_tasks_run: int = 0
+    total_tasks_succeeded: int = 0
+    start_task_info: StartTaskInfo | None = None
+    generation: int = 0
+
+    def move(self, new: str) -> None:
+        """Change state if Batch allows that change."""
+        _move("node", NODE_TRANSITIONS, self.state, new, self.id)
+        if new != self.state:
+            self.state = new
+            self.state_transition_time = utcnow()
+            if new == "starting":
+                self.last_boot_time = self.state_transition_time
+                self.generation += 1
+
+    @property
+    def used_slots(self) -> int:
+        """Slots taken by the tasks running on this node."""
+        return sum(self.running.values())
+
+    @property
+    def schedulable(self) -> bool:
+        """Whether the scheduler may place tasks on this node now."""
+        return self.state in ("idle", "running")
+
+    def to_wire(self, base_url: str, pool: Pool) -> JSON:
+        out: JSON = {
+            "id": self.id,
+            "url": f"{base_url}/pools/{self.pool_id}/nodes/{self.id}",
+            "state": self.state,
+            "schedulingState": "enabled",
+            "stateTransitionTime": format_time(self.state_transition_time),
+        }
+        if self.last_boot_time is not None:
+            out["lastBootTime"] = format_time(self.last_boot_time)
+        out.update(
+            {
+                "allocationTime": format_time(self.allocation_time),
+                "ipAddress": self.ip_address,
+                "affinityId": f"TVM:{self.id}",
+                "vmSize": pool.spec.get("vmSize", ""),
+                "totalTasksRun": self.total_tasks_run,
+                "totalTasksSucceeded": self.total_tasks_succeeded,
+                "runningTasksCount": len(self.running),
+                "runningTaskSlotsCount": self.used_slots,
+                "isDedicated": self.is_dedicated,
+            }
+        )
+        if self.running:
+            out["recentTasks"] = [
+                {
+                    "taskUrl": f"{base_url}/jobs/{job_id}/tasks/{task_id}",
+                    "jobId": job_id,
+                    "taskId": task_id,
+                    "taskState": "running",
+                }
+                for job_id, task_id in self.running
+            ]
+        if "startTask" in pool.spec:
+            out["startTask"] = pool.wire_start_task()
+        if self.start_task_info is not None:
+            out["startTaskInfo"] = self.start_task_info.to_wire()
+        out["nodeAgentInfo"] = {
+            "version": "1.12.0.0",
+            "lastUpdateTime": format_time(self.allocation_time),
+        }
+        vmc = pool.spec.get("virtualMachineConfiguration", {})
+        image = dict(vmc.get("imageReference", {}))
+        if image:
+            image.setdefault("version", "latest")
+            image.setdefault("exactVersion", image["version"])
+            out["virtualMachineInfo"] = {"imageReference": image}
+        return out
+
+
+@dataclass
+class Pool(_Stamped):
+    """A pool: what was asked for (``spec``), its nodes and its allocation state."""
+
+    spec: JSON = field(default_factory=dict)
+    allocation_state: str = "steady"
+    allocation_state_transition_time: _dt.datetime = field(default_factory=utcnow)
+    nodes: dict[str, Node] = field(default_factory=dict)
+    node_counter: int = 0
+
+    def move(self, new: str) -> None:
+        """Change the pool state if Batch allows it."""
+        _move("pool", POOL_TRANSITIONS, self.state, new, self.id)
+        self._set_state(new)
+
+    def move_allocation(self, new: str) -> None:
+        """Change the allocation state if Batch allows it."""
+        _move("pool allocation", ALLOCATION_TRANSITIONS, self.allocation_state, new, self.id)
+        if new != self.allocation_state:
+            self.allocation_state = new
+            self.allocation_state_transition_time = utcnow()
+
+    @property
+    def slots_per_node(self) -> int:
+        """``taskSlotsPerNode``, 1 when not given."""
+        return int(self.spec.get("taskSlotsPerNode", 1) or 1)
+
+    @property
+    def target_dedicated(self) -> int:
+        """``targetDedicatedNodes``."""
+        return int(self.spec.get("targetDedicatedNodes", 0) or 0)
+
+    @property
+    def target_spot(self) -> int:
+        """``targetLowPriorityNodes``."""
+        return int(self.spec.get("targetLowPriorityNodes", 0) or 0)
+
+    def live_nodes(self, *, dedicated: bool) -> list[Node]:
+        """Nodes that count towards the current node count (not leaving the pool)."""
+        return [
+            n
+            for n in self.nodes.values()
+            if n.is_dedicated == dedicated and n.state != "leavingPool"
+        ]
+
+    def wire_start_task(self) -> JSON:
+        """The pool's start task with the defaults the service fills in."""
+        st: JSON = copy.deepcopy(self.spec["startTask"])
+        st.setdefault("userIdentity", {"autoUser": {"scope": "pool", "elevationLevel": "nonadmin"}})
+        st.setdefault("maxTaskRetryCount", 0)
+        st.setdefault("waitForSuccess", True)
+        return st
+
+    def to_wire(self, base_url: str) -> JSON:
+        s = self.spec
+        out: JSON = {
+            "id": self.id,
+            "url": f"{base_url}/pools/{self.id}",
+            "eTag": self.etag,
+            "lastModified": format_time(self.last_modified),
+            "creationTime": format_time(self.creation_time),
+            "state": self.state,
+            "stateTransitionTime": format_time(self.state_transition_time),
+            "allocationState": self.allocation_state,
+            "allocationStateTransitionTime": format_time(self.allocation_state_transition_time),
+            "vmSize": s.get("vmSize", ""),
+            "resizeTimeout": s.get("resizeTimeout", "PT15M"),
+            "currentDedicatedNodes": len(self.live_nodes(dedicated=True)),
+            "targetDedicatedNodes": self.target_dedicated,
+            "currentLowPriorityNodes": len(self.live_nodes(dedicated=False)),
+            "targetLowPriorityNodes": self.target_spot,
+            "enableAutoScale": bool(s.get("enableAutoScale", False)),
+            "enableInterNodeCommunication": bool(s.get("enableInterNodeCommunication", False)),
+            "taskSlotsPerNode": self.slots_per_node,
+            "taskSchedulingPolicy": {
+                "nodeFillType": _title(
+                    s.get("taskSchedulingPolicy", {}).get("nodeFillType", "spread")
+                ),
+                "jobDefaultOrder": s.get("taskSchedulingPolicy", {}).get("jobDefaultOrder", "none"),
+            },
+        }
+        if "displayName" in s:
+            out["displayName"] = s["displayName"]
+        vmc = copy.deepcopy(s.get("virtualMachineConfiguration"))
+        if vmc is not None:
+            if "imageReference" in vmc:
+                vmc["imageReference"].setdefault("version", "latest")
+            out["virtualMachineConfiguration"] = vmc
+        for key in (
+            "networkConfiguration",
+            "applicationPackageReferences",
+            "userAccounts",
+            "metadata",
+            "mountConfiguration",
+            "upgradePolicy",
+            "autoScaleFormula",
+            "autoScaleEvaluationInterval",
+        ):
+            if key in s:
+                out[key] = copy.deepcopy(s[key])
+        if "startTask" in s:
+            out["startTask"] = self.wire_start_task()
+        return out
+
+
+def _title(value: str) -> str:
+    return value[:1].upper() + value[1:]
+
+
+@dataclass
+class Job(_Stamped):
+    """A job: its spec, the tasks in submission order, and how it ended."""
+
+    spec: JSON = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    end_time: _dt.datetime | None = None
+    terminate_reason: str | None = None
+
+    def move(self, new: str) -> None:
+        """Change the job state if Batch allows it."""
+        _move("job", JOB_TRANSITIONS, self.state, new, self.id)
+        self._set_state(new)
+
+    @property
+    def pool_id(self) -> str | None:
+        """The pool the job's tasks run on."""
+        pid = self.spec.get("poolInfo", {}).get("poolId")
+        return str(pid) if pid else None
+
+    @property
+    def priority(self) -> int:
+        """Job priority; higher runs first."""
+        return int(self.spec.get("priority", 0) or 0)
+
+    @property
+    def max_task_retry_count(self) -> int:
+        """The job's default ``maxTaskRetryCount`` for its tasks."""
+        return int(self.spec.get("constraints", {}).get("maxTaskRetryCount", 0) or 0)
+
+    def to_wire(self, base_url: str) -> JSON:
+        s = self.spec
+        constraints = {
+            "maxWallClockTime": s.get("constraints", {}).get("maxWallClockTime", UNLIMITED),
+            "maxTaskRetryCount": self.max_task_retry_count,
+        }
+        out: JSON = {
+            "id": self.id,
+            "url": f"{base_url}/jobs/{self.id}",
+            "eTag": self.etag,
+            "lastModified": format_time(self.last_modified),
+            "creationTime": format_time(self.creation_time),
+            "state": self.state,
+            "stateTransitionTime": format_time(self.state_transition_time),
+        }
+        if self.previous_state is not None and self.previous_state_transition_time:
+            out["previousState"] = self.previous_state
+            out["previousStateTransitionTime"] = format_time(self.previous_state_transition_time)
+        if "displayName" in s:
+            out["displayName"] = s["displayName"]
+        out.update(
+            {
+                "priority": self.priority,
+                "maxParallelTasks": int(s.get("maxParallelTasks", -1)),
+                "usesTaskDependencies": bool(s.get("usesTaskDependencies", False)),
+                "allowTaskPreemption": bool(s.get("allowTaskPreemption", False)),
+                "constraints": constraints,
+            }
+        )
+        for key in (
+            "jobManagerTask",
+            "jobPreparationTask",
+            "jobReleaseTask",
+            "commonEnvironmentSettings",
+            "poolInfo",
+            "networkConfiguration",
+            "metadata",
+        ):
+            if key in s:
+                out[key] = copy.deepcopy(s[key])
+        execution: JSON = {"startTime": format_time(self.creation_time)}
+        if self.end_time is not None:
+            execution["endTime"] = format_time(self.end_time)
+        if self.pool_id:
+            execution["poolId"] = self.pool_id
+        if self.terminate_reason is not None:
+            execution["terminateReason"] = self.terminate_reason
+        out["executionInfo"] = execution
+        out["onAllTasksComplete"] = _lower_first(s.get("onAllTasksComplete", "noaction"))
+        out["onTaskFailure"] = _lower_first(s.get("onTaskFailure", "noaction"))
+        return out
+
+
+def _lower_first(value: str) -> str:
+    return value.lower()
+
+
+@dataclass
+class Task(_Stamped):
+    """A task: its spec, where and how often it ran, and how its last run ended."""
+
+    job_id: str = ""
+    spec: JSON = field(default_factory=dict)
+    retry_count: int = 0
+    requeue_count: int = 0
+    last_retry_time: _dt.datetime | None = None
+    last_requeue_time: _dt.datetime | None = None
+    start_time: _dt.datetime | None = None
+    end_time: _dt.datetime | None = None
+    exit_code: int | None = None
+    failure: JSON | None = None
+    node_id: str | None = None
+    pool_id: str | None = None
+    task_dir: Path | None = None
+    default_retries: int = 0
+    #: Bumped on every (re)dispatch so that a stale run cannot finish a newer one.
+    attempt: int = 0
+
+    def move(self, new: str) -> None:
+        """Change the task state if Batch allows it."""
+        _move("task", TASK_TRANSITIONS, self.state, new, f"{self.job_id}/{self.id}")
+        self._set_state(new)
+        self.touch()
+
+    @property
+    def required_slots(self) -> int:
+        """``requiredSlots``, 1 when not given."""
+        return int(self.spec.get("requiredSlots", 1) or 1)
+
+    @property
+    def max_task_retry_count(self) -> int:
+        """The task's own ``maxTaskRetryCount``, else the job's; -1 means unlimited."""
+        c = self.spec.get("constraints", {})
+        if "maxTaskRetryCount" in c and c["maxTaskRetryCount"] is not None:
+            return int(c["maxTaskRetryCount"])
+        return self.default_retries
+
+    @property
+    def max_wall_clock(self) -> _dt.timedelta | None:
+        """``maxWallClockTime`` as a timedelta; None when unlimited."""
+        text = self.spec.get("constraints", {}).get("maxWallClockTime")
+        return parse_duration(text) if text else None
+
+    @property
+    def result(self) -> str | None:
+        """``success`` or ``failure`` once completed."""
+        if self.state != "completed" or (self.exit_code is None and self.failure is None):
+            return None
+        return "failure" if self.failure is not None else "success"
+
+    def to_wire(self, base_url: str) -> JSON:
+        s = self.spec
+        url = f"{base_url}/jobs/{self.job_id}/tasks/{self.id}"
+        out: JSON = {
+            "id": self.id,
+            "url": url,
+            "eTag": self.etag,
+            "creationTime": format_time(self.creation_time),
+            "lastModified": format_time(self.last_modified),
+            "state": self.state,
+            "stateTransitionTime": format_time(self.state_transition_time),
+        }
+        if self.previous_state is not None and self.previous_state_transition_time:
+            out["previousState"] = self.previous_state
+            out["previousStateTransitionTime"] = format_time(self.previous_state_transition_time)
+        if "displayName" in s:
+            out["displayName"] = s["displayName"]
+        out["commandLine"] = s.get("commandLine", "")
+        for key in (
+            "exitConditions",
+            "containerSettings",
+            "resourceFiles",
+            "outputFiles",
+            "environmentSettings",
+            "affinityInfo",
+            "multiInstanceSettings",
+            "dependsOn",
+            "applicationPackageReferences",
+            "authenticationTokenSettings",
+        ):
+            if key in s:
+                out[key] = copy.deepcopy(s[key])
+        c = s.get("constraints", {})
+        wall = c.get("maxWallClockTime")
+        out["constraints"] = {
+            "maxWallClockTime": format_duration(parse_duration(wall)) if wall else UNLIMITED,
+            "retentionTime": c.get("retentionTime", "P7D"),
+            "maxTaskRetryCount": self.max_task_retry_count,
+        }
+        out["requiredSlots"] = self.required_slots
+        out["userIdentity"] = copy.deepcopy(
+            s.get("userIdentity", {"autoUser": {"scope": "pool", "elevationLevel": "nonadmin"}})
+        )
+        ex: JSON = {}
+        if self.start_time is not None:
+            ex["startTime"] = format_time(self.start_time)
+        if self.end_time is not None and self.state == "completed":
+            ex["endTime"] = format_time(self.end_time)
+        if self.exit_code is not None and self.state == "completed":
+            ex["exitCode"] = self.exit_code
+        if self.failure is not None and self.state == "completed":
+            ex["failureInfo"] = copy.deepcopy(self.failure)
+        ex["retryCount"] = self.retry_count
+        if self.last_retry_time is not None:
+            ex["lastRetryTime"] = format_time(self.last_retry_time)
+        ex["requeueCount"] = self.requeue_count
+        if self.last_requeue_time is not None:
+            ex["lastRequeueTime"] = format_time(self.last_requeue_time)
+        if self.result is not None:
+            ex["result"] = self.result
+        out["executionInfo"] = ex
+        if self.node_id is not None and self.pool_id is not None:
+            node_url = f"{base_url}/pools/{self.pool_id}/nodes/{self.node_id}"
+            rel = f"workitems/{self.job_id}/job-1/{self.id}"
+            out["nodeInfo"] = {
+                "affinityId": f"TVM:{self.node_id}",
+                "nodeUrl": node_url,
+                "poolId": self.pool_id,
+                "nodeId": self.node_id,
+                "taskRootDirectory": rel,
+                "taskRootDirectoryUrl": f"{node_url}/files/{rel}",
+            }
+        return out
+
+
+class Account:
+    """Everything the emulated Batch account holds, behind one lock."""
+
+    def __init__(self, *, name: str, root: Path) -> None:
+        self.name = name
+        self.root = root
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.pools: dict[str, Pool] = {}
+        self.jobs: dict[str, Job] = {}
+
+    def notify(self) -> None:
+        """Wake the executor: something it may act on changed. Call with the lock held."""
+        self.changed.notify_all()
+
+    def pool(self, pool_id: str) -> Pool:
+        """The pool, or 404 ``PoolNotFound``."""
+        try:
+            return self.pools[pool_id]
+        except KeyError:
+            raise batch_error("PoolNotFound") from None
+
+    def job(self, job_id: str) -> Job:
+        """The job, or 404 ``JobNotFound``."""
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise batch_error("JobNotFound") from None
+
+    def task(self, job_id: str, task_id: str) -> Task:
+        """The task, or 404 ``TaskNotFound`` (``JobNotFound`` if the job is missing)."""
+        job = self.job(job_id)
+        try:
+            return job.tasks[task_id]
+        except KeyError:
+            raise batch_error("TaskNotFound") from None
+
+    def node(self, pool_id: str, node_id: str) -> Node:
+        """The node, or 404 ``NodeNotFound``."""
+        pool = self.pool(pool_id)
+        try:
+            return pool.nodes[node_id]
+        except KeyError:
+            raise batch_error("NodeNotFound") from None
+
+    def new_node(self, pool: Pool, *, dedicated: bool, state: str) -> Node:
+        """Add a node to ``pool`` with a Batch-like id and its directory tree."""
+        pool.node_counter += 1
+        digest = hashlib.sha256(f"{pool.id}/{pool.node_counter}".encode()).hexdigest()
+        node_id = f"tvmps_{digest}_{'d' if dedicated else 'p'}"
+        root = self.root / pool.id / node_id
+        for sub in ("shared", "startup", "workitems", "applications", "fsmounts", "volatile"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        node = Node(
+            id=node_id,
+            pool_id=pool.id,
+            is_dedicated=dedicated,
+            state=state,
+            root=root,
+            ip_address=f"10.0.{pool.node_counter // 250}.{pool.node_counter % 250 + 4}",
+        )
+        pool.nodes[node_id] = node
+        return node
+
+    def all_tasks(self) -> Iterator[Task]:
+        """Every task of every job (lock held by the caller)."""
+        for job in self.jobs.values():
+            yield from job.tasks.values()

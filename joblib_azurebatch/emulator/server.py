@@ -1,0 +1,409 @@
+"""The HTTP side of the emulator: routing, authentication, faults, and the server thread.
+
+:class:`BatchEmulator` owns one emulated account (:mod:`.models`), the executor that runs it
+(:mod:`.execution`) and a uvicorn server on 127.0.0.1 in a background thread, so tests and
+:class:`~joblib_azurebatch.emulator.LocalBatch` start and stop it in-process. Each request is
+matched to its operationId from the specification, counted, checked for injected faults,
+authenticated with Shared Key, validated against the specification, then handed to the
+operation's handler with the account lock held.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import math
+import re
+import secrets
+import socket
+import tempfile
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from .auth import SharedKeyVerifier
+from .errors import BatchServiceError, batch_error
+from .execution import Executor
+from .faults import FaultPlan, RequestLog, RequestRecord
+from .handlers import HANDLERS, Context, Reply
+from .models import Account, Node, Pool
+
+__all__ = ["BatchEmulator"]
+
+_JSON_TYPE = "application/json; odata=minimalmetadata"
+
+try:
+    from . import schema as _schema
+except ImportError:  # the [local] extra without jsonschema: no request validation
+    _schema = None  # type: ignore[assignment]
+
+
+def _operation_for(method: str, raw_path: str) -> tuple[str, dict[str, str]] | None:
+    if _schema is None:
+        return None
+    op = _schema.find_operation(method, raw_path)
+    if op is None:
+        return None
+    names = re.findall(r"\{([^}]+)\}", op.path)
+    regex = re.sub(r"\\\{[^}]+\\\}", "([^/]+)", re.escape(op.path))
+    m = re.match(f"^{regex}/?$", raw_path)
+    params = {n: unquote(v) for n, v in zip(names, m.groups() if m else (), strict=False)}
+    return op.operation_id, params
+
+
+class BatchEmulator:
+    """An emulated Azure Batch account served over HTTP on 127.0.0.1.
+
+    Use it as a context manager or call :meth:`start` / :meth:`stop`. Fault injection
+    (:meth:`throttle`, :meth:`fail_after_commit`, :meth:`preempt_node`, :meth:`kill_node`)
+    and observation (:attr:`counters`, :meth:`requests`) are plain Python calls.
+    """
+
+    def __init__(
+        self,
+        *,
+        account: str = "localbatch",
+        key: str | None = None,
+        port: int = 0,
+        root: str | Path | None = None,
+        images: Mapping[str, str] | None = None,
+        default_python: str | None = None,
+        max_processes: int | None = None,
+        allocation_delay: float = 0.0,
+        max_clock_skew: float = 900.0,
+        validate_requests: bool = True,
+    ) -> None:
+        self.account_name = account
+        self.key = key or base64.b64encode(secrets.token_bytes(64)).decode()
+        self._verifier = SharedKeyVerifier(
+            account=account, key=self.key, max_clock_skew=max_clock_skew
+        )
+        self._requested_port = port
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if root is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="batch-emulator-")
+            root = self._tmp.name
+        self.root = Path(root)
+        self.account = Account(name=account, root=self.root)
+        self._port: int | None = None
+        self.executor = Executor(
+            self.account,
+            base_url=lambda: self.url,
+            images=images,
+            default_python=default_python,
+            max_processes=max_processes,
+            allocation_delay=allocation_delay,
+        )
+        self.faults = FaultPlan()
+        self.log = RequestLog()
+        self._validate = validate_requests and _schema is not None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The account endpoint, ``http://127.0.0.1:{port}``."""
+        if self._port is None:
+            raise RuntimeError(
+                "the emulator is not running: call start() or use it in a with block"
+            )
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on."""
+        if self._port is None:
+            raise RuntimeError("the emulator is not running")
+        return self._port
+
+    def start(self) -> BatchEmulator:
+        """Bind a port, start the server thread and the executor."""
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self._requested_port))
+        sock.listen(128)
+        self._port = sock.getsockname()[1]
+        app = Starlette(
+            routes=[
+                Route(
+                    "/{rest:path}",
+                    self._endpoint,
+                    methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+                )
+            ]
+        )
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            server_header=False,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+        )
+        self._server = uvicorn.Server(config)
+        started = threading.Event()
+
+        def serve() -> None:
+            try:
+                self._server.run(sockets=[sock])
+            finally:
+                started.set()
+                sock.close()
+
+        self._thread = threading.Thread(target=serve, name="batch-emulator-http", daemon=True)
+        self._thread.start()
+        while not started.wait(0.01):
+            if self._server.started:
+                break
+        if not self._server.started:
+            raise RuntimeError("the Batch emulator's HTTP server did not start")
+        self.executor.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, kill every task process, and remove the node directories."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        self.executor.stop()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None
+        self._server = None
+
+    def __enter__(self) -> BatchEmulator:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- observation ------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> Counter[str]:
+        """Requests per operationId (``counters["Tasks_CreateTaskCollection"]``)."""
+        return self.log.counters
+
+    def requests(self, operation_id: str | None = None) -> list[RequestRecord]:
+        """The request log, optionally for one operationId."""
+        return self.log.records(operation_id)
+
+    def process_ids(self) -> list[int]:
+        """Process ids of the task processes running now."""
+        return self.executor.process_ids()
+
+    # -- faults -----------------------------------------------------------------------------
+
+    def throttle(
+        self,
+        operation_id: str = "*",
+        *,
+        times: int = 1,
+        status: int = 429,
+        retry_after: float | None = 1.0,
+    ) -> None:
+        """Answer the next ``times`` requests of ``operation_id`` with ``status`` (429 or 503)."""
+        self.faults.add(
+            operation_id, times=times, status=status, retry_after=retry_after, after_commit=False
+        )
+
+    def fail_after_commit(
+        self, operation_id: str = "Tasks_CreateTaskCollection", *, times: int = 1, status: int = 500
+    ) -> None:
+        """Carry out the next ``times`` requests of ``operation_id``, then answer an error.
+
+        The effect is a timeout seen by the client: the change happened, the client does not
+        know it, and its retry meets the result (``TaskExists`` for a task collection).
+        """
+        self.faults.add(
+            operation_id, times=times, status=status, retry_after=None, after_commit=True
+        )
+
+    def _pick(
+        self, pool_id: str, node_id: str | None, *, dedicated: bool | None
+    ) -> tuple[Pool, Node]:
+        pool = self.account.pool(pool_id)
+        if node_id is not None:
+            return pool, self.account.node(pool_id, node_id)
+        candidates = [
+            n
+            for n in pool.nodes.values()
+            if n.schedulable and (dedicated is None or n.is_dedicated == dedicated)
+        ]
+        candidates.sort(key=lambda n: -n.used_slots)
+        if not candidates:
+            raise LookupError(f"pool {pool_id!r} has no usable node to act on")
+        return pool, candidates[0]
+
+    def preempt_node(
+        self, pool_id: str, node_id: str | None = None, *, recover_after: float | None = 0.5
+    ) -> str:
+        """Preempt a spot node (the busiest one if ``node_id`` is None); returns its id.
+
+        Its running tasks go back to ``active`` and run again elsewhere or after recovery,
+        without a retry charged. The node comes back after ``recover_after`` seconds
+        (``None``: it stays preempted).
+        """
+        with self.account.lock:
+            pool, node = self._pick(pool_id, node_id, dedicated=False if node_id is None else None)
+            if node.is_dedicated:
+                raise ValueError(f"node {node.id} is dedicated; only spot nodes are preempted")
+            self.executor.preempt(pool, node, recover_after=recover_after)
+            return node.id
+
+    def kill_node(
+        self, pool_id: str, node_id: str | None = None, *, recover_after: float | None = None
+    ) -> str:
+        """Make a node unusable (the busiest if ``node_id`` is None); its tasks are requeued."""
+        with self.account.lock:
+            pool, node = self._pick(pool_id, node_id, dedicated=None)
+            self.executor.make_unusable(pool, node, recover_after=recover_after)
+            return node.id
+
+    # -- requests ---------------------------------------------------------------------------
+
+    async def _endpoint(self, request: Any) -> Any:
+        body = await request.body()
+        raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+        raw_path = raw_path.split("?", 1)[0]
+        query_string = request.scope.get("query_string", b"").decode("latin-1")
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        status, out_headers, payload = self.handle(
+            method=request.method,
+            raw_path=raw_path,
+            query_string=query_string,
+            headers=headers,
+            body=body,
+        )
+        from starlette.responses import Response
+
+        if request.method == "HEAD":
+            length = out_headers.pop("Content-Length", None)
+            response = Response(content=b"", status_code=status, headers=out_headers)
+            if length is not None:
+                response.headers["content-length"] = length
+            return response
+        return Response(content=payload, status_code=status, headers=out_headers)
+
+    def handle(
+        self,
+        *,
+        method: str,
+        raw_path: str,
+        query_string: str,
+        headers: Mapping[str, str],
+        body: bytes,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Answer one request: returns (status, headers, body bytes)."""
+        request_id = str(uuid.uuid4())
+        found = _operation_for(method, raw_path)
+        operation_id = found[0] if found else f"{method} {raw_path}"
+        params = found[1] if found else {}
+        fault: str | None = None
+        query = {k: v[0] for k, v in parse_qs(query_string, keep_blank_values=True).items()}
+        try:
+            rule = self.faults.take(operation_id, after_commit=False)
+            if rule is not None:
+                fault = f"injected {rule.status}"
+                raise self._fault_error(rule.status, rule.retry_after)
+            self._verifier.verify(
+                method=method, headers=headers, raw_path=raw_path, query_string=query_string
+            )
+            if "api-version" not in query:
+                raise batch_error("MissingRequiredQueryParameter", QueryParameterName="api-version")
+            if found is None or operation_id not in HANDLERS:
+                raise batch_error(
+                    "UnsupportedOperation",
+                    f"{method} {raw_path} is not an operation the emulator implements",
+                    status=400 if found else 404,
+                )
+            parsed: Any = None
+            if body:
+                try:
+                    parsed = json.loads(body)
+                except ValueError:
+                    raise batch_error(
+                        "InvalidRequestBody", "The request body is not valid JSON."
+                    ) from None
+            ctx = Context(
+                operation_id=operation_id,
+                method=method,
+                path=raw_path,
+                params=params,
+                query=query,
+                headers=headers,
+                body=parsed,
+                raw_body=body,
+                base_url=self.url,
+                account=self.account,
+                executor=self.executor,
+                request_errors=_schema.request_errors if self._validate and _schema else None,
+            )
+            with self.account.lock:
+                reply = HANDLERS[operation_id](ctx)
+            after = self.faults.take(operation_id, after_commit=True)
+            if after is not None:
+                fault = f"injected {after.status} after commit"
+                raise self._fault_error(after.status, None)
+            status, out_headers, payload = self._render(reply)
+        except BatchServiceError as e:
+            status = e.status
+            out_headers = {"Content-Type": _JSON_TYPE, **e.headers}
+            payload = b""
+            if status != 304:
+                payload = json.dumps(e.body(request_id=request_id, base_url=self.url)).encode()
+        out_headers["request-id"] = request_id
+        out_headers["DataServiceVersion"] = "3.0"
+        out_headers["X-Content-Type-Options"] = "nosniff"
+        client_request_id = headers.get("client-request-id")
+        if client_request_id and headers.get("return-client-request-id", "").lower() == "true":
+            out_headers["client-request-id"] = client_request_id
+        self.log.record(
+            method=method,
+            path=raw_path,
+            operation_id=operation_id,
+            status=status,
+            client_request_id=client_request_id,
+            fault=fault,
+        )
+        return status, out_headers, payload
+
+    @staticmethod
+    def _fault_error(status: int, retry_after: float | None) -> BatchServiceError:
+        code = {429: "TooManyRequests", 503: "ServerBusy"}.get(status, "InternalError")
+        headers: dict[str, str] = {}
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(0, math.ceil(retry_after)))
+            headers["retry-after-ms"] = str(int(retry_after * 1000))
+        return BatchServiceError(code, status=status, headers=headers)
+
+    @staticmethod
+    def _render(reply: Reply) -> tuple[int, dict[str, str], bytes]:
+        headers = dict(reply.headers)
+        if reply.json is not None:
+            headers["Content-Type"] = _JSON_TYPE
+            return reply.status, headers, json.dumps(reply.json).encode()
+        if reply.content is not None:
+            headers["Content-Type"] = reply.content_type or "application/octet-stream"
+            return reply.status, headers, reply.content
+        return reply.status, headers, b""

@@ -1,0 +1,213 @@
+"""Moving a task's files in and out: ``resourceFiles`` before it runs, ``outputFiles`` after.
+
+A node reaches storage only through the URLs in the task (SAS URLs, as on Azure), never
+through the emulator's own credentials, so a task that works here with its SAS URLs works
+on a real pool. Failures are returned as a Batch ``failureInfo`` (category and code) for the
+executor to record on the task, the way the node agent reports them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+__all__ = ["StagingError", "download_resource_files", "upload_output_files"]
+
+
+class StagingError(Exception):
+    """A file could not be staged; carries the ``failureInfo`` the task ends with."""
+
+    def __init__(self, category: str, code: str, message: str) -> None:
+        super().__init__(message)
+        self.failure_info: dict[str, Any] = {
+            "category": category,
+            "code": code,
+            "message": message,
+            "details": [{"name": "Message", "value": message}],
+        }
+
+
+def _inside(base: Path, rel: str) -> Path:
+    target = (base / rel.replace("\\", "/")).resolve()
+    if base.resolve() not in (target, *target.parents):
+        raise StagingError(
+            "userError", "InvalidFilePath", f"filePath {rel!r} points outside the task directory"
+        )
+    return target
+
+
+def _http_get(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            data: bytes = resp.read()
+            return data
+    except urllib.error.HTTPError as e:
+        category = "userError" if 400 <= e.code < 500 else "serverError"
+        code = "BlobAccessDenied" if e.code == 403 else "BlobDownloadMiscError"
+        if e.code == 404:
+            code = "BlobNotFound"
+        raise StagingError(
+            category, code, f"Downloading {_redact(url)} failed with HTTP {e.code}"
+        ) from e
+    except (urllib.error.URLError, OSError) as e:
+        raise StagingError(
+            "serverError", "BlobDownloadMiscError", f"Downloading {_redact(url)} failed: {e}"
+        ) from e
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _container_blobs(container_url: str, prefix: str | None) -> list[tuple[str, bytes]]:
+    from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
+    from azure.storage.blob import ContainerClient
+
+    try:
+        container = ContainerClient.from_container_url(container_url)
+        out = []
+        for props in container.list_blobs(name_starts_with=prefix or None):
+            out.append((props.name, container.download_blob(props.name).readall()))
+        return out
+    except ClientAuthenticationError as e:
+        raise StagingError(
+            "userError", "ResourceContainerAccessDenied", f"Listing {_redact(container_url)}: {e}"
+        ) from e
+    except HttpResponseError as e:
+        status = e.status_code or 500
+        raise StagingError(
+            "userError" if 400 <= status < 500 else "serverError",
+            "ResourceContainerListMiscError",
+            f"Listing {_redact(container_url)} failed with HTTP {status}",
+        ) from e
+    except AzureError as e:
+        raise StagingError(
+            "serverError", "ResourceContainerListMiscError", f"{_redact(container_url)}: {e}"
+        ) from e
+
+
+def download_resource_files(files: Sequence[Mapping[str, Any]], workdir: Path) -> None:
+    """Fetch each resource file into ``workdir`` as the node agent does before the task runs."""
+    for spec in files:
+        file_path = spec.get("filePath")
+        if spec.get("httpUrl"):
+            url = str(spec["httpUrl"])
+            rel = file_path or os.path.basename(urlsplit(url).path)
+            target = _inside(workdir, str(rel))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_http_get(url))
+            _chmod(target, spec.get("fileMode"))
+        elif spec.get("storageContainerUrl"):
+            base = _inside(workdir, str(file_path)) if file_path else workdir
+            for name, data in _container_blobs(
+                str(spec["storageContainerUrl"]), spec.get("blobPrefix")
+            ):
+                target = _inside(base, name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                _chmod(target, spec.get("fileMode"))
+        else:
+            raise StagingError(
+                "userError",
+                "ResourceFileSourceNotSupported",
+                "A resource file needs httpUrl or storageContainerUrl in the emulator "
+                "(autoStorageContainerName needs a linked storage account).",
+            )
+
+
+def _chmod(path: Path, mode: Any) -> None:
+    if mode:
+        path.chmod(int(str(mode), 8))
+
+
+def _wanted(condition: str, exit_code: int) -> bool:
+    cond = condition.lower()
+    if cond == "tasksuccess":
+        return exit_code == 0
+    if cond == "taskfailure":
+        return exit_code != 0
+    return True
+
+
+def _blob_names(pattern: str, workdir: Path, path: str | None) -> list[tuple[Path, str]]:
+    """Match ``pattern`` and name each blob as Batch does: a single file goes to ``path``;
+    with wildcards, ``path`` is a virtual directory and each file keeps its name relative
+    to the pattern's fixed leading directories."""
+    pattern = pattern.replace("\\", "/")
+    full = pattern if os.path.isabs(pattern) else str(workdir / pattern)
+    matches = sorted(Path(p) for p in glob.glob(full, recursive=True) if os.path.isfile(p))
+    parts = pattern.split("/")
+    fixed: list[str] = []
+    for part in parts[:-1]:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    has_wildcard = any(ch in pattern for ch in "*?[")
+    anchor = Path(os.path.normpath(os.path.join(str(workdir), *fixed))) if fixed else workdir
+    if os.path.isabs(pattern):
+        anchor = Path(os.path.normpath("/" + "/".join(fixed)))
+    out: list[tuple[Path, str]] = []
+    for match in matches:
+        if not has_wildcard:
+            name = path or match.name
+        else:
+            rel = os.path.relpath(os.path.normpath(match), anchor).replace(os.sep, "/")
+            name = f"{path.rstrip('/')}/{rel}" if path else rel
+        out.append((match, name))
+    return out
+
+
+def _put(container_url: str, name: str, data: bytes, headers: Sequence[Mapping[str, str]]) -> None:
+    parts = urlsplit(container_url)
+    blob_path = parts.path.rstrip("/") + "/" + quote(name)
+    url = urlunsplit((parts.scheme, parts.netloc, blob_path, parts.query, ""))
+    req = urllib.request.Request(url, data=data, method="PUT")
+    req.add_header("x-ms-blob-type", "BlockBlob")
+    req.add_header("x-ms-version", "2021-08-06")
+    for h in headers:
+        req.add_header(str(h.get("name")), str(h.get("value", "")))
+    try:
+        with urllib.request.urlopen(req, timeout=60):
+            pass
+    except urllib.error.HTTPError as e:
+        code = {
+            403: "FileUploadAuthenticationError",
+            404: "FileUploadContainerNotFound",
+        }.get(e.code, "FileUploadMiscError")
+        raise StagingError(
+            "userError" if 400 <= e.code < 500 else "serverError",
+            code,
+            f"Uploading {name!r} to {_redact(container_url)} failed with HTTP {e.code}",
+        ) from e
+    except (urllib.error.URLError, OSError) as e:
+        raise StagingError(
+            "serverError", "FileUploadMiscError", f"Uploading {name!r} failed: {e}"
+        ) from e
+
+
+def upload_output_files(files: Sequence[Mapping[str, Any]], workdir: Path, exit_code: int) -> None:
+    """Upload the output files whose ``uploadCondition`` holds for ``exit_code``."""
+    for spec in files:
+        condition = str(spec.get("uploadOptions", {}).get("uploadCondition", "taskCompletion"))
+        if not _wanted(condition, exit_code):
+            continue
+        container = spec.get("destination", {}).get("container")
+        if not container:
+            raise StagingError(
+                "userError", "FileUploadMiscError", "outputFiles needs destination.container"
+            )
+        pattern = str(spec.get("filePattern", ""))
+        for local, name in _blob_names(pattern, workdir, container.get("path")):
+            _put(
+                str(container["containerUrl"]),
+                name,
+                local.read_bytes(),
+                container.get("uploadHeaders", []),
+            )
