@@ -410,13 +410,12 @@ def _blob_client(url: str) -> BlobClient:
 def download_url(url: str) -> bytes:
     """Read a blob through its SAS URL; no account credential involved."""
     where = redact_url(url)
-    with _translated("Downloading", where=where, sas=True):
-        stream = _blob_client(url).download_blob(max_concurrency=_MAX_CONCURRENCY)
-        return stream.readall()
+    with _translated("Downloading", where=where, sas=True), _blob_client(url) as client:
+        return client.download_blob(max_concurrency=_MAX_CONCURRENCY).readall()
 
 
 def upload_url(url: str, data: bytes) -> None:
     """Write a blob through its SAS URL, replacing it (a retried task rewrites its result)."""
     where = redact_url(url)
-    with _translated("Uploading", where=where, sas=True):
-        _blob_client(url).upload_blob(data, overwrite=True, max_concurrency=_MAX_CONCURRENCY)
+    with _translated("Uploading", where=where, sas=True), _blob_client(url) as client:
+        client.upload_blob(data, overwrite=True, max_concurrency=_MAX_CONCURRENCY)
