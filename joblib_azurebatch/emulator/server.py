@@ -393,8 +393,11 @@ class BatchEmulator:
         code = {429: "TooManyRequests", 503: "ServerBusy"}.get(status, "InternalError")
         headers: dict[str, str] = {}
         if retry_after is not None:
-            headers["Retry-After"] = str(max(0, math.ceil(retry_after)))
-            headers["retry-after-ms"] = str(int(retry_after * 1000))
+            # Whole seconds go in Retry-After, as the service sends them; a fraction (to keep
+            # tests fast) only in retry-after-ms, which azure-core reads when Retry-After is absent.
+            if float(retry_after).is_integer():
+                headers["Retry-After"] = str(int(retry_after))
+            headers["retry-after-ms"] = str(math.ceil(retry_after * 1000))
         return BatchServiceError(code, status=status, headers=headers)
 
     @staticmethod
