@@ -149,7 +149,8 @@ def test_terminate_job_kills_running_and_leaves_active_unrun(
     states = {t.id: t for t in batch_client.list_tasks(job_id)}
     ran = [t for t in states.values() if t.state == m.BatchTaskState.COMPLETED]
     waiting = [t for t in states.values() if t.state == m.BatchTaskState.ACTIVE]
-    assert len(ran) == 4 and len(waiting) == 1
+    assert len(ran) == 4
+    assert len(waiting) == 1
     assert all(t.execution_info.failure_info.code == "TaskEnded" for t in ran)
     time.sleep(0.3)  # the active task must never start
     assert batch_client.get_task(job_id, waiting[0].id).state == m.BatchTaskState.ACTIVE
