@@ -89,7 +89,8 @@ class BatchSizer:
     It never takes calls away from idle slots: with the number of calls left known, a batch
     holds at most ``remaining / n_jobs`` of them, and joblib keeps ``pre_dispatch`` (two
     per slot by default) batches in flight. It grows at most ``max_growth`` times per
-    decision, so one fast first call cannot put the whole input into a handful of tasks.
+    decision, so one fast first call cannot put the whole input into a handful of tasks,
+    and never past ``max_size`` calls (joblib holds ``size x n_jobs`` calls in memory).
     """
 
     def __init__(
@@ -100,9 +101,11 @@ class BatchSizer:
         max_duration: float,
         overhead_ratio: float = 5.0,
         max_growth: int = 8,
+        max_size: int = 4096,
         smoothing: float = 0.3,
     ) -> None:
         self.n_jobs = max(1, n_jobs)
+        self.max_size = max(1, max_size)
         self.min_duration = min_duration
         self.max_duration = max(max_duration, min_duration)
         self.overhead_ratio = overhead_ratio
@@ -153,7 +156,7 @@ class BatchSizer:
             if self.samples == 0 or self.per_call is None:
                 return self.size
             ideal = self.target_duration() / max(self.per_call, 1e-6)
-            size = max(1, min(int(ideal), self.size * self.max_growth))
+            size = max(1, min(int(ideal), self.size * self.max_growth, self.max_size))
             if remaining is not None and remaining > 0:
                 size = min(size, max(1, math.ceil(remaining / self.n_jobs)))
             self.size = size
@@ -637,7 +640,7 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
     ) -> None:
         super().__init__(nesting_level=nesting_level, inner_max_num_threads=inner_max_num_threads)
         if config is not None and not isinstance(config, BatchConfig):
-            raise ConfigError(
+            raise TypeError(
                 f"config= must be a joblib_azurebatch.BatchConfig, not {type(config).__name__}"
             )
         self._config = config
@@ -708,7 +711,7 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
         """
         if config is not None:
             if not isinstance(config, BatchConfig):
-                raise ConfigError(
+                raise TypeError(
                     f"config= must be a joblib_azurebatch.BatchConfig, not {type(config).__name__}"
                 )
             self._config = config
