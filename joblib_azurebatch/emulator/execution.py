@@ -36,19 +36,19 @@ __all__ = ["Executor"]
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _TERMINATED = {
-    "category": "userError",
+    "category": "usererror",
     "code": "TaskEnded",
     "message": "Task Was Ended by User Request",
     "details": [{"name": "Message", "value": "Task Was Ended by User Request"}],
 }
 _WALL_CLOCK = {
-    "category": "userError",
+    "category": "usererror",
     "code": "MaxWallClockTimeExpiry",
     "message": "The task exceeded its maximum wall clock time and was terminated",
     "details": [{"name": "Message", "value": "The task exceeded its maximum wall clock time"}],
 }
 _EXIT_CODE = {
-    "category": "userError",
+    "category": "usererror",
     "code": "FailureExitCode",
     "message": "The task process exited with an unexpected exit code",
     "details": [
@@ -193,7 +193,7 @@ class Executor:
     def _maybe_steady(self, pool: Pool) -> None:
         if pool.allocation_state == "steady":
             return
-        settling = {"creating", "starting", "waitingForStartTask"}
+        settling = {"creating", "starting", "waitingforstarttask"}
         if not any(n.state in settling for n in pool.nodes.values()):
             pool.move_allocation("steady")
             pool.touch()
@@ -204,7 +204,7 @@ class Executor:
         generation = node.generation
 
         def to_starting() -> None:
-            if node.state in ("creating", "preempted", "unusable", "startTaskFailed", "rebooting"):
+            if node.state in ("creating", "preempted", "unusable", "starttaskfailed", "rebooting"):
                 node.move("starting")
                 self.later(delay / 2, to_ready)
 
@@ -214,7 +214,7 @@ class Executor:
             if "startTask" in pool.spec:
                 start = pool.wire_start_task()
                 if start.get("waitForSuccess", True):
-                    node.move("waitingForStartTask")
+                    node.move("waitingforstarttask")
                 else:
                     node.move("idle")
                 self._run_start_task(pool, node, start)
@@ -234,7 +234,7 @@ class Executor:
         self._evict(node, requeue=requeue, charge=False)
         if node.id in self._start_runs:
             self._kill(self._start_runs[node.id], "requeue")
-        node.move("leavingPool")
+        node.move("leavingpool")
         pool.nodes.pop(node.id, None)
 
     def preempt(self, pool: Pool, node: Node, *, recover_after: float | None) -> None:
@@ -365,8 +365,8 @@ class Executor:
                 if failure is None and code != 0:
                     failure = dict(_EXIT_CODE)
                 info.failure = failure
-                if node.state == "waitingForStartTask":
-                    node.move("idle" if failure is None else "startTaskFailed")
+                if node.state == "waitingforstarttask":
+                    node.move("idle" if failure is None else "starttaskfailed")
                 self._maybe_steady(pool)
                 self.account.notify()
         finally:
@@ -690,7 +690,7 @@ class Executor:
                 except OSError as e:
                     msg = f"The task process could not start: {e}"
                     return 1, {
-                        "category": "userError",
+                        "category": "usererror",
                         "code": "CommandProgramNotFound",
                         "message": msg,
                         "details": [{"name": "Message", "value": msg}],

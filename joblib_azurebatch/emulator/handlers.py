@@ -320,26 +320,29 @@ def _settle(ctx: Context, pool: Pool) -> None:
     if pool.allocation_state == "resizing":
         ctx.executor.reconcile(pool)
         if pool.allocation_state == "resizing" and not any(
-            n.state in ("creating", "starting", "waitingForStartTask") for n in pool.nodes.values()
+            n.state in ("creating", "starting", "waitingforstarttask") for n in pool.nodes.values()
         ):
             pool.move_allocation("steady")
 
 
 @handles("Pools_ListPoolNodeCounts")
 def list_pool_node_counts(ctx: Context) -> Reply:
-    states = [
+    # Property names of BatchNodeCounts are camelCase; node states on the wire are lower case.
+    keys = [
         "creating", "deallocated", "deallocating", "idle", "leavingPool", "offline",
         "preempted", "rebooting", "reimaging", "running", "starting", "startTaskFailed",
         "unusable", "unknown", "upgradingOS", "waitingForStartTask",
     ]  # fmt: skip
+    by_state = {k.lower(): k for k in keys}
     items = []
     for pool in ctx.account.pools.values():
         entry: JSON = {"poolId": pool.id}
         for label, dedicated in (("dedicated", True), ("lowPriority", False)):
-            counts = dict.fromkeys(states, 0)
+            counts = dict.fromkeys(keys, 0)
             for node in pool.nodes.values():
                 if node.is_dedicated == dedicated:
-                    counts[node.state] = counts.get(node.state, 0) + 1
+                    key = by_state.get(node.state, "unknown")
+                    counts[key] += 1
             counts["total"] = sum(counts.values())
             entry[label] = counts
         items.append(entry)
@@ -662,7 +665,7 @@ def create_task_collection(ctx: Context) -> Reply:
             err = per_task[index]
             results.append(
                 {
-                    "status": "clientError",
+                    "status": "clienterror",
                     "taskId": task_id,
                     "error": _error_json(err.code, dict(err.values)),
                 }
@@ -670,7 +673,7 @@ def create_task_collection(ctx: Context) -> Reply:
             continue
         if _task_exists(job, task_id):
             results.append(
-                {"status": "clientError", "taskId": task_id, "error": _error_json("TaskExists")}
+                {"status": "clienterror", "taskId": task_id, "error": _error_json("TaskExists")}
             )
             continue
         task = _new_task(job, spec)

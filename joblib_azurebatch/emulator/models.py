@@ -51,18 +51,18 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
     "deleting": frozenset(),
 }
 NODE_TRANSITIONS: dict[str, frozenset[str]] = {
-    "creating": frozenset({"starting", "leavingPool", "preempted", "unusable"}),
-    "starting": frozenset({"waitingForStartTask", "idle", "leavingPool", "preempted", "unusable"}),
-    "waitingForStartTask": frozenset(
-        {"idle", "startTaskFailed", "leavingPool", "preempted", "unusable"}
+    "creating": frozenset({"starting", "leavingpool", "preempted", "unusable"}),
+    "starting": frozenset({"waitingforstarttask", "idle", "leavingpool", "preempted", "unusable"}),
+    "waitingforstarttask": frozenset(
+        {"idle", "starttaskfailed", "leavingpool", "preempted", "unusable"}
     ),
-    "startTaskFailed": frozenset({"leavingPool", "starting", "preempted", "unusable"}),
-    "idle": frozenset({"running", "leavingPool", "preempted", "unusable", "rebooting"}),
-    "running": frozenset({"idle", "leavingPool", "preempted", "unusable", "rebooting"}),
-    "rebooting": frozenset({"starting", "leavingPool", "unusable"}),
-    "preempted": frozenset({"starting", "leavingPool"}),
-    "unusable": frozenset({"starting", "leavingPool"}),
-    "leavingPool": frozenset(),
+    "starttaskfailed": frozenset({"leavingpool", "starting", "preempted", "unusable"}),
+    "idle": frozenset({"running", "leavingpool", "preempted", "unusable", "rebooting"}),
+    "running": frozenset({"idle", "leavingpool", "preempted", "unusable", "rebooting"}),
+    "rebooting": frozenset({"starting", "leavingpool", "unusable"}),
+    "preempted": frozenset({"starting", "leavingpool"}),
+    "unusable": frozenset({"starting", "leavingpool"}),
+    "leavingpool": frozenset(),
 }
 POOL_TRANSITIONS: dict[str, frozenset[str]] = {
     "active": frozenset({"deleting"}),
@@ -268,7 +268,7 @@ class Pool(_Stamped):
         return [
             n
             for n in self.nodes.values()
-            if n.is_dedicated == dedicated and n.state != "leavingPool"
+            if n.is_dedicated == dedicated and n.state != "leavingpool"
         ]
 
     def wire_start_task(self) -> JSON:

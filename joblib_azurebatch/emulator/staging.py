@@ -37,7 +37,7 @@ def _inside(base: Path, rel: str) -> Path:
     target = (base / rel.replace("\\", "/")).resolve()
     if base.resolve() not in (target, *target.parents):
         raise StagingError(
-            "userError", "InvalidFilePath", f"filePath {rel!r} points outside the task directory"
+            "usererror", "InvalidFilePath", f"filePath {rel!r} points outside the task directory"
         )
     return target
 
@@ -48,7 +48,7 @@ def _http_get(url: str) -> bytes:
             data: bytes = resp.read()
             return data
     except urllib.error.HTTPError as e:
-        category = "userError" if 400 <= e.code < 500 else "serverError"
+        category = "usererror" if 400 <= e.code < 500 else "servererror"
         code = "BlobAccessDenied" if e.code == 403 else "BlobDownloadMiscError"
         if e.code == 404:
             code = "BlobNotFound"
@@ -57,7 +57,7 @@ def _http_get(url: str) -> bytes:
         ) from e
     except (urllib.error.URLError, OSError) as e:
         raise StagingError(
-            "serverError", "BlobDownloadMiscError", f"Downloading {_redact(url)} failed: {e}"
+            "servererror", "BlobDownloadMiscError", f"Downloading {_redact(url)} failed: {e}"
         ) from e
 
 
@@ -78,18 +78,18 @@ def _container_blobs(container_url: str, prefix: str | None) -> list[tuple[str, 
         return out
     except ClientAuthenticationError as e:
         raise StagingError(
-            "userError", "ResourceContainerAccessDenied", f"Listing {_redact(container_url)}: {e}"
+            "usererror", "ResourceContainerAccessDenied", f"Listing {_redact(container_url)}: {e}"
         ) from e
     except HttpResponseError as e:
         status = e.status_code or 500
         raise StagingError(
-            "userError" if 400 <= status < 500 else "serverError",
+            "usererror" if 400 <= status < 500 else "servererror",
             "ResourceContainerListMiscError",
             f"Listing {_redact(container_url)} failed with HTTP {status}",
         ) from e
     except AzureError as e:
         raise StagingError(
-            "serverError", "ResourceContainerListMiscError", f"{_redact(container_url)}: {e}"
+            "servererror", "ResourceContainerListMiscError", f"{_redact(container_url)}: {e}"
         ) from e
 
 
@@ -115,7 +115,7 @@ def download_resource_files(files: Sequence[Mapping[str, Any]], workdir: Path) -
                 _chmod(target, spec.get("fileMode"))
         else:
             raise StagingError(
-                "userError",
+                "usererror",
                 "ResourceFileSourceNotSupported",
                 "A resource file needs httpUrl or storageContainerUrl in the emulator "
                 "(autoStorageContainerName needs a linked storage account).",
@@ -182,13 +182,13 @@ def _put(container_url: str, name: str, data: bytes, headers: Sequence[Mapping[s
             404: "FileUploadContainerNotFound",
         }.get(e.code, "FileUploadMiscError")
         raise StagingError(
-            "userError" if 400 <= e.code < 500 else "serverError",
+            "usererror" if 400 <= e.code < 500 else "servererror",
             code,
             f"Uploading {name!r} to {_redact(container_url)} failed with HTTP {e.code}",
         ) from e
     except (urllib.error.URLError, OSError) as e:
         raise StagingError(
-            "serverError", "FileUploadMiscError", f"Uploading {name!r} failed: {e}"
+            "servererror", "FileUploadMiscError", f"Uploading {name!r} failed: {e}"
         ) from e
 
 
@@ -201,7 +201,7 @@ def upload_output_files(files: Sequence[Mapping[str, Any]], workdir: Path, exit_
         container = spec.get("destination", {}).get("container")
         if not container:
             raise StagingError(
-                "userError", "FileUploadMiscError", "outputFiles needs destination.container"
+                "usererror", "FileUploadMiscError", "outputFiles needs destination.container"
             )
         pattern = str(spec.get("filePattern", ""))
         for local, name in _blob_names(pattern, workdir, container.get("path")):

@@ -74,8 +74,7 @@ def test_failing_task_is_retried_until_retries_run_out(batch_client: BatchClient
     assert info.exit_code == 3
     assert info.retry_count == 2
     assert info.result == m.BatchTaskExecutionResult.FAILURE
-    # The service writes its own casing ("userError"), as the recordings show.
-    assert info.failure_info.category.lower() == "usererror"
+    assert info.failure_info.category == m.BatchErrorSourceCategory.USER_ERROR
     assert info.last_retry_time is not None
     node = task.node_info.node_id
     runs = b"".join(
@@ -186,7 +185,7 @@ def test_lost_task_collection_response_is_seen_as_task_exists(
     statuses = emu.requests("Tasks_CreateTaskCollection")[-2:]
     assert [r.status for r in statuses] == [500, 200]
     assert {r.task_id for r in result.result_values} == {"c0", "c1", "c2"}
-    assert all(r.status.lower() == "clienterror" for r in result.result_values)
+    assert all(r.status == m.BatchTaskAddStatus.CLIENT_ERROR for r in result.result_values)
     assert all(r.error.code == "TaskExists" for r in result.result_values)
     assert len(list(batch_client.list_tasks(job))) == 3
 
