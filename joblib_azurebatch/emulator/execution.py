@@ -89,8 +89,12 @@ class Executor:
         default_python: str | None = None,
         max_processes: int | None = None,
         allocation_delay: float = 0.0,
+        deletion_delay: float = 0.2,
     ) -> None:
         self.account = account
+        #: Seconds a deleted pool or job stays in ``deleting`` before it is gone, as on Azure
+        #: (where it takes seconds), so that clients see and poll the transition.
+        self.deletion_delay = deletion_delay
         self._base_url = base_url
         self.images = dict(images or {})
         self.default_python = default_python or sys.executable
@@ -295,7 +299,7 @@ class Executor:
                 del self.account.pools[pool.id]
                 shutil.rmtree(self.account.root / pool.id, ignore_errors=True)
 
-        self.later(max(0.05, self.allocation_delay / 2), gone)
+        self.later(max(self.deletion_delay, self.allocation_delay / 2), gone)
 
     # -- start task -------------------------------------------------------------------------
 
@@ -563,6 +567,7 @@ class Executor:
                     job.move("completed")
                     job.end_time = utcnow()
                     job.touch()
+                    self.job_finished(job)
             elif job.state == "active":
                 mode = str(job.spec.get("onAllTasksComplete", "noaction")).lower()
                 if mode == "terminatejob" and all(
@@ -573,11 +578,21 @@ class Executor:
                     job.move("completed")
                     job.end_time = utcnow()
                     job.touch()
+                    self.job_finished(job)
                 elif str(job.spec.get("onTaskFailure", "noaction")).lower() == (
                     "performexitoptionsjobaction"
                 ) and any(t.state == "completed" and t.failure for t in job.tasks.values()):
                     job.terminate_reason = "TaskFailed"
                     self.terminate_job(job, reason="TaskFailed")
+
+    def job_finished(self, job: Job) -> None:
+        """Delete the job's auto pool when its lifetime is the job's (and not kept alive)."""
+        auto = job.spec.get("poolInfo", {}).get("autoPoolSpecification") or {}
+        pool = self.account.pools.get(job.auto_pool_id or "")
+        if pool is None or auto.get("keepAlive"):
+            return
+        if str(auto.get("poolLifetimeOption", "job")).lower() == "job" and pool.state == "active":
+            self.delete_pool(pool)
 
     def terminate_job(self, job: Job, *, reason: str) -> None:
         """Terminate ``job``: running tasks are killed and completed, active ones never run."""

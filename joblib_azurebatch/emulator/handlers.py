@@ -14,6 +14,7 @@ import copy
 import datetime as _dt
 import mimetypes
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,17 +418,31 @@ def create_job(ctx: Context) -> Reply:
         raise batch_error(
             "JobBeingDeleted" if acc.jobs[job_id].state == "deleting" else "JobExists"
         )
-    if "poolId" not in spec.get("poolInfo", {}):
+    pool_info = spec.get("poolInfo", {})
+    auto = pool_info.get("autoPoolSpecification")
+    if "poolId" not in pool_info and not auto:
         raise batch_error(
-            "InvalidPropertyValue",
-            "The emulator runs jobs on existing pools only: give poolInfo.poolId "
-            "(autoPoolSpecification is not emulated).",
-            PropertyName="poolInfo",
+            "MissingRequiredProperty", PropertyName="poolInfo.poolId or autoPoolSpecification"
         )
     job = Job(id=job_id, state="active", spec=spec)
+    if auto and "poolId" not in pool_info:
+        job.auto_pool_id = _create_auto_pool(ctx, auto)
     acc.jobs[job_id] = job
     acc.notify()
     return _created(ctx, f"{ctx.base_url}/jobs/{job_id}", job.etag, job.last_modified)
+
+
+def _create_auto_pool(ctx: Context, auto: JSON) -> str:
+    """Create the pool an ``autoPoolSpecification`` asks for; its id is prefix + a GUID."""
+    prefix = auto.get("autoPoolIdPrefix")
+    guid = str(uuid.uuid4()).upper()
+    pool_id = f"{prefix}_{guid}" if prefix else guid
+    pool_spec = copy.deepcopy(auto.get("pool", {}))
+    pool_spec["id"] = pool_id
+    pool = Pool(id=pool_id, state="active", spec=pool_spec)
+    ctx.account.pools[pool_id] = pool
+    ctx.executor.reconcile(pool)
+    return pool_id
 
 
 @handles("Jobs_GetJob")
@@ -496,12 +511,13 @@ def delete_job(ctx: Context) -> Reply:
         ctx.executor.forget_task(task)
     job.move("deleting")
     job.touch()
+    ctx.executor.job_finished(job)
 
     def gone() -> None:
         if acc.jobs.get(job.id) is job:
             del acc.jobs[job.id]
 
-    ctx.executor.later(0.05, gone)
+    ctx.executor.later(ctx.executor.deletion_delay, gone)
     acc.notify()
     return Reply(202)
 

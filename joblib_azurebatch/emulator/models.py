@@ -199,6 +199,7 @@ class Node:
                 "isDedicated": self.is_dedicated,
             }
         )
+        out["endpointConfiguration"] = {"inboundEndpoints": pool.inbound_endpoints(self)}
         if self.running:
             out["recentTasks"] = [
                 {
@@ -269,6 +270,31 @@ class Pool(_Stamped):
             n
             for n in self.nodes.values()
             if n.is_dedicated == dedicated and n.state != "leavingpool"
+        ]
+
+    def inbound_endpoints(self, node: Node) -> list[JSON]:
+        """The node's public endpoints: the pool's inbound NAT pools, else the default SSH rule."""
+        index = sorted(self.nodes).index(node.id) if node.id in self.nodes else 0
+        nat = (
+            self.spec.get("networkConfiguration", {})
+            .get("endpointConfiguration", {})
+            .get("inboundNATPools", [])
+        )
+        rules = [
+            (str(p.get("name", "rule")), str(p.get("protocol", "tcp")).lower(),
+             int(p.get("frontendPortRangeStart", 50000)), int(p.get("backendPort", 22)))
+            for p in nat
+        ] or [("SSHRule", "tcp", 50000, 22)]  # fmt: skip
+        return [
+            {
+                "name": f"{name}.{index}",
+                "protocol": protocol,
+                "publicIPAddress": "127.0.0.1",
+                "publicFQDN": "localhost",
+                "frontendPort": start + index,
+                "backendPort": backend,
+            }
+            for name, protocol, start, backend in rules
         ]
 
     def wire_start_task(self) -> JSON:
@@ -343,6 +369,8 @@ class Job(_Stamped):
     tasks: dict[str, Task] = field(default_factory=dict)
     end_time: _dt.datetime | None = None
     terminate_reason: str | None = None
+    #: The id of the pool made from ``poolInfo.autoPoolSpecification``, if any.
+    auto_pool_id: str | None = None
 
     def move(self, new: str) -> None:
         """Change the job state if Batch allows it."""
@@ -352,7 +380,7 @@ class Job(_Stamped):
     @property
     def pool_id(self) -> str | None:
         """The pool the job's tasks run on."""
-        pid = self.spec.get("poolInfo", {}).get("poolId")
+        pid = self.spec.get("poolInfo", {}).get("poolId") or self.auto_pool_id
         return str(pid) if pid else None
 
     @property
