@@ -58,6 +58,9 @@ EXIT_OBJECT_FAILED = 5
 EXIT_UPLOAD_FAILED = 6
 
 _PREFIX = "[joblib-azurebatch worker]"
+# Cached objects unused for a week go; so do temporary files of downloads that died.
+_CACHE_MAX_AGE = 7 * 86400.0
+_TEMPORARY_MAX_AGE = 3600.0
 
 
 class _InfrastructureError(Exception):
@@ -114,12 +117,38 @@ class ObjectCache:
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
+    def prune(self, *, max_age: float = _CACHE_MAX_AGE) -> int:
+        """Delete objects no task used for ``max_age`` seconds; returns how many.
+
+        A long-lived pool serves many jobs, and without this their objects would fill the
+        node's disk. Best effort: a file that another task removes first is skipped.
+        """
+        removed = 0
+        now = time.time()
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                if not entry.is_file() or entry.name.endswith(".lock"):
+                    continue
+                limit = _TEMPORARY_MAX_AGE if entry.name.startswith(".") else max_age
+                if now - entry.stat().st_mtime > limit:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
     def _read_verified(self, path: Path, sha: str) -> bytes | None:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
         if hashlib.sha256(data).hexdigest() == sha:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # last use, for prune()
             return data
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -268,6 +297,9 @@ def main(
             f"{elapsed:.3f} s, signature verified",
         )
         cache = ObjectCache.for_node(environ)
+        pruned = cache.prune()
+        if pruned:
+            _log(out, f"removed {pruned} objects unused for a week from the node cache")
         value, error, timings = _run(envelope, cache, out)
         timings["download"] = timings.get("download", 0.0) + elapsed
         result = encode_result(

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -288,3 +289,25 @@ def test_runs_as_a_module(store: BlobStore, tmp_path: Path) -> None:
     )
     assert done.returncode == worker.EXIT_BAD_ENVIRONMENT
     assert "JOBLIB_AZUREBATCH_PAYLOAD_URL" in done.stderr
+
+
+def test_prune_removes_what_no_task_used_for_a_week(tmp_path: Path) -> None:
+    week = 7 * 86400
+    old, fresh = tmp_path / ("a" * 64), tmp_path / ("b" * 64)
+    stale_temp, live_temp = tmp_path / ".x.1.tmp", tmp_path / ".y.2.tmp"
+    data = b"used object"
+    used = tmp_path / hashlib.sha256(data).hexdigest()
+    for path in (old, fresh, stale_temp, live_temp):
+        path.write_bytes(b"-")
+    used.write_bytes(data)
+    long_ago = time.time() - week - 60
+    for path in (old, used):
+        os.utime(path, (long_ago, long_ago))
+    os.utime(stale_temp, (time.time() - 7200, time.time() - 7200))
+    cache = worker.ObjectCache(tmp_path)
+    # A task reading `used` from the cache marks it as used now: it survives the prune.
+    assert cache.get(used.name, "http://127.0.0.1:9/unused") == data
+    assert cache.prune() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (fresh, used, live_temp)
+    )
