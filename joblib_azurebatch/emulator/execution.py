@@ -29,7 +29,7 @@ from typing import Any
 
 from .models import Account, Job, Node, Pool, StartTaskInfo, Task
 from .staging import StagingError, download_resource_files, upload_output_files
-from .wire import utcnow
+from .wire import parse_duration, utcnow
 
 __all__ = ["Executor"]
 
@@ -399,7 +399,7 @@ class Executor:
             limit = int(job.spec.get("maxParallelTasks", -1))
             running = sum(1 for t in job.tasks.values() if t.state in ("running", "preparing"))
             for task in job.tasks.values():
-                if task.state != "active":
+                if task.state != "active" or not self._dependencies_met(job, task):
                     continue
                 if len(self._runs) >= self.max_processes:
                     return
@@ -407,9 +407,24 @@ class Executor:
                     break
                 node = self._pick_node(pool, task.required_slots, spread=spread)
                 if node is None:
-                    break
+                    continue  # a smaller task further on may still fit
                 self._dispatch(job, pool, node, task)
                 running += 1
+
+    @staticmethod
+    def _dependencies_met(job: Job, task: Task) -> bool:
+        """A task with ``dependsOn`` waits until each task it names has succeeded."""
+        deps = task.spec.get("dependsOn")
+        if not deps:
+            return True
+        ids = [str(i) for i in deps.get("taskIds", [])]
+        for rng in deps.get("taskIdRanges", []):
+            ids.extend(str(i) for i in range(int(rng["start"]), int(rng["end"]) + 1))
+        for dep_id in ids:
+            dep = job.tasks.get(dep_id)
+            if dep is None or dep.state != "completed" or dep.failure is not None:
+                return False
+        return True
 
     def _pick_node(self, pool: Pool, slots: int, *, spread: bool) -> Node | None:
         free = [
@@ -561,7 +576,12 @@ class Executor:
                 self._kill(run, "wallclock")
 
     def _complete_jobs(self) -> None:
+        now = utcnow()
         for job in list(self.account.jobs.values()):
+            wall = job.spec.get("constraints", {}).get("maxWallClockTime")
+            limit = parse_duration(wall) if wall else None
+            if job.state == "active" and limit is not None and now - job.creation_time > limit:
+                self.terminate_job(job, reason="MaxWallClockTimeExpiry")
             if job.state == "terminating":
                 if not any(t.state in ("running", "preparing") for t in job.tasks.values()):
                     job.move("completed")
@@ -682,8 +702,6 @@ class Executor:
         if python is not None:
             env = dict(env)
             env["PATH"] = os.path.dirname(python) + os.pathsep + _SYSTEM_PATH
-            if container and container.get("workingDirectory") == "containerImageDefault":
-                pass
         try:
             download_resource_files(resource_files, workdir)
         except StagingError as e:

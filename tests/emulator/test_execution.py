@@ -371,3 +371,30 @@ def test_start_task_runs_once_per_node_before_tasks() -> None:
         assert all(n.start_task_info.exit_code == 0 for n in nodes)
         assert all(n.start_task_info.state == m.BatchStartTaskState.COMPLETED for n in nodes)
         assert client.get_pool("st").allocation_state == m.AllocationState.STEADY
+
+
+def test_dependent_task_waits_for_its_dependencies(batch_client: BatchClient, pool: str) -> None:
+    job_id = f"deps-{uuid.uuid4().hex[:8]}"
+    batch_client.create_job(
+        m.BatchJobCreateOptions(
+            id=job_id, pool_info=m.BatchPoolInfo(pool_id=pool), uses_task_dependencies=True
+        )
+    )
+    tasks = [
+        m.BatchTaskCreateOptions(id="1", command_line="sleep 0.4"),
+        m.BatchTaskCreateOptions(id="2", command_line="sleep 0.6"),
+        m.BatchTaskCreateOptions(
+            id="after",
+            command_line="true",
+            depends_on=m.BatchTaskDependencies(task_id_ranges=[m.BatchTaskIdRange(start=1, end=2)]),
+        ),
+    ]
+    batch_client.create_task_collection(job_id, m.BatchTaskGroup(task_values=tasks))
+    time.sleep(0.2)
+    assert batch_client.get_task(job_id, "after").state == m.BatchTaskState.ACTIVE
+    after = wait_completed(batch_client, job_id, "after")
+    assert after.execution_info.exit_code == 0
+    for dep in ("1", "2"):
+        done = wait_completed(batch_client, job_id, dep)
+        assert after.execution_info.start_time >= done.execution_info.end_time
+    batch_client.begin_delete_job(job_id, polling_interval=0.05).result()
