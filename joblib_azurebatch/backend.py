@@ -48,11 +48,13 @@ from joblib.parallel import (
 )
 
 from .batch import BatchService, PoolInfo, PoolSpec, TaskSpec, pool_differences
+from .bundle import Bundle
 from .config import BatchConfig
-from .errors import AzureBatchError, ConfigError
+from .errors import AzureBatchError, ConfigError, TaskFailedError
 from .payload import (
     PayloadWriter,
     PreparedTask,
+    RemoteTraceback,
     job_prefix,
     new_signing_key,
     read_result,
@@ -277,11 +279,23 @@ class _Account:
 
 
 @dataclass
-class _Pending:
+class _Part:
+    """One joblib batch handed to ``submit``: its future and joblib's callback."""
+
     future: Future[Any]
     callback: Callable[[Any], Any] | None
     size: int
-    submitted: float
+    calls: Any = None
+
+
+@dataclass
+class _Task:
+    """One Batch task: one part, or a :class:`Bundle` of several tail parts."""
+
+    task_id: str
+    parts: list[_Part]
+    bundled: bool
+    prepared: PreparedTask | None = None
 
 
 _current = threading.local()
@@ -294,6 +308,24 @@ _MAX_FLUSH = 500
 _PREPARE_WORKERS = 8
 
 
+def _split(parts: list[_Part], groups: int) -> list[list[_Part]]:
+    """Consecutive groups of parts with about the same number of calls each."""
+    groups = max(1, min(groups, len(parts)))
+    total = sum(p.size for p in parts)
+    out: list[list[_Part]] = []
+    current: list[_Part] = []
+    done = 0
+    for part in parts:
+        current.append(part)
+        done += part.size
+        if len(out) < groups - 1 and done >= total * (len(out) + 1) / groups:
+            out.append(current)
+            current = []
+    if current:
+        out.append(current)
+    return out
+
+
 class JobRun:
     """One ``Parallel`` call: one Batch job, its submitter and its tracker."""
 
@@ -304,6 +336,7 @@ class JobRun:
         n_jobs: int,
         sizer: BatchSizer,
         scheduling_latency: float,
+        parallel: Any = None,
     ) -> None:
         self.account = account
         self.cfg = account.cfg
@@ -311,6 +344,7 @@ class JobRun:
         self.n_jobs = n_jobs
         self.sizer = sizer
         self._scheduling_latency = scheduling_latency
+        self._parallel_ref = weakref.ref(parallel) if parallel is not None else None
         self._key = new_signing_key()
         self._writer = PayloadWriter(
             account.store,
@@ -321,8 +355,9 @@ class JobRun:
         )
         self._lock = threading.RLock()
         self._ids = itertools.count()
-        self._pending: dict[str, _Pending] = {}
-        self._queue: queue.Queue[tuple[str, Any] | None] = queue.Queue()
+        self._tasks: dict[str, _Task] = {}
+        self._queue: queue.Queue[list[_Task] | list[_Part] | None] = queue.Queue()
+        self._pulled: list[_Part] | None = None
         self._state = "new"  # new -> started -> (aborted) -> closed
         self._lease: Any = None
         self._job_created = False
@@ -332,6 +367,7 @@ class JobRun:
         #: Counters for tests and benchmarks.
         self.tasks_submitted = 0
         self.calls_submitted = 0
+        self.bundles_submitted = 0
         _LIVE_RUNS.add(self)
 
     # ---------------------------------------------------------------- state
@@ -344,9 +380,16 @@ class JobRun:
     def closed(self) -> bool:
         return self._state == "closed"
 
+    @property
+    def parallel(self) -> Any:
+        return self._parallel_ref() if self._parallel_ref is not None else None
+
+    def _new_task_id(self) -> str:
+        return f"task-{next(self._ids):06d}"
+
     # ---------------------------------------------------------------- starting
 
-    def _start(self, first_id: str, first_calls: Any) -> PreparedTask:
+    def _start(self, first: _Task, calls: Any) -> None:
         """Everything Azure needs before the first task, in an order that creates nothing
         in Batch when something is wrong: a read of the pool checks the Batch key, the
         container checks the storage credential, the first batch is pickled (an unpicklable
@@ -355,7 +398,7 @@ class JobRun:
         spec = PoolSpec.from_config(cfg)
         svc.get_pool(spec.pool_id)
         store.ensure_container()
-        first = self._writer.prepare(first_id, first_calls)
+        first.prepared = self._writer.prepare(first.task_id, calls)
         self._lease = _POOLS.acquire(svc, spec, cfg)
         with _capacity_progress(spec.pool_id) as progress:
             svc.wait_for_capacity(
@@ -378,38 +421,37 @@ class JobRun:
             target=self._submit_loop, name=f"azurebatch-submit-{self.job_id}", daemon=True
         )
         self._submitter.start()
-        return first
 
     # ---------------------------------------------------------------- submitting
 
     def submit(self, calls: Any, callback: Callable[[Any], Any] | None) -> Future[Any]:
-        """Queue one batch of calls as a task; returns at once (after the first batch).
+        """Queue one batch of calls; returns at once (after the first batch).
 
         The first batch is pickled here, before anything exists in Azure, so that an
         unpicklable function fails the call with nothing created.
         """
-        task_id = f"task-{next(self._ids):06d}"
-        item: Any = calls
+        future: Future[Any] = Future()
+        size = len(calls) if hasattr(calls, "__len__") else 1
+        part = _Part(future, callback, size, calls)
         with self._lock:
             if self._state == "new":
                 self._state = "started"
+                first = _Task(self._new_task_id(), [part], bundled=False)
                 try:
-                    item = self._start(task_id, calls)
+                    self._start(first, calls)
                 except BaseException:
                     self._state = "aborted"
                     raise
+                part.calls = None
+                self._queue.put([first])
             elif self._state != "started":
-                future: Future[Any] = Future()
                 future.cancel()
                 return future
-            size = len(calls) if hasattr(calls, "__len__") else 1
-            future = Future()
-            self._pending[task_id] = _Pending(future, callback, size, time.monotonic())
-            assert self._tracker is not None
-            self._tracker.watch(task_id, self._on_done)
-            self.tasks_submitted += 1
+            elif self._pulled is not None:
+                self._pulled.append(part)
+            else:
+                self._queue.put([part])
             self.calls_submitted += size
-        self._queue.put((task_id, item))
         return future
 
     def _submit_loop(self) -> None:
@@ -431,31 +473,53 @@ class JobRun:
                 items.append(nxt)
             if self._state != "started":
                 return
+            tasks: list[_Task] = []
+            for group in items:
+                if group and isinstance(group[0], _Task):
+                    tasks.extend(t for t in group if isinstance(t, _Task))
+                    continue
+                parts = [p for p in group if isinstance(p, _Part)]
+                if len(parts) == 1:
+                    tasks.append(_Task(self._new_task_id(), parts, bundled=False))
+                else:
+                    for chunk in _split(parts, self.n_jobs):
+                        tasks.append(_Task(self._new_task_id(), chunk, bundled=len(chunk) > 1))
             try:
-                self._flush(items)
+                self._flush(tasks)
             except BaseException as e:  # never let the thread die with tasks unresolved
-                for task_id, _ in items:
-                    self._fail(task_id, e)
+                for task in tasks:
+                    self._fail(task.task_id, e)
 
-    def _prepare(self, item: tuple[str, Any]) -> PreparedTask | BaseException:
-        if isinstance(item[1], PreparedTask):
-            return item[1]
+    def _prepare(self, task: _Task) -> PreparedTask | BaseException:
+        if task.prepared is not None:
+            return task.prepared
+        calls: Any = task.parts[0].calls
+        if task.bundled:
+            calls = Bundle([p.calls for p in task.parts])
         try:
-            return self._writer.prepare(item[0], item[1])
+            return self._writer.prepare(task.task_id, calls)
         except BaseException as e:
             return e
+        finally:
+            for part in task.parts:
+                part.calls = None
 
-    def _flush(self, items: list[tuple[str, Any]]) -> None:
+    def _flush(self, tasks: list[_Task]) -> None:
         assert self._prepare_pool is not None
-        prepared = list(self._prepare_pool.map(self._prepare, items))
+        assert self._tracker is not None
+        with self._lock:
+            for task in tasks:
+                self._tasks[task.task_id] = task
+                self._tracker.watch(task.task_id, self._on_done)
+        prepared = list(self._prepare_pool.map(self._prepare, tasks))
         specs: list[TaskSpec] = []
-        for (task_id, _), result in zip(items, prepared, strict=True):
+        for task, result in zip(tasks, prepared, strict=True):
             if isinstance(result, BaseException):
-                self._fail(task_id, result)
+                self._fail(task.task_id, result)
                 continue
             specs.append(
                 TaskSpec(
-                    task_id=task_id,
+                    task_id=task.task_id,
                     command_line=WORKER_COMMAND,
                     image=self.cfg.image,
                     environment=result.environment,
@@ -463,6 +527,8 @@ class JobRun:
                     max_wall_clock=self.cfg.task_timeout,
                 )
             )
+            self.tasks_submitted += 1
+            self.bundles_submitted += int(task.bundled)
         if not specs or self._state != "started":
             return
         try:
@@ -478,41 +544,86 @@ class JobRun:
     # ---------------------------------------------------------------- results
 
     def _on_done(self, done: TaskDone) -> None:
-        """Resolve a task's future and run joblib's callback (in the tracker's thread)."""
+        """Resolve a task's parts and run joblib's callbacks (in the tracker's thread)."""
         with self._lock:
-            pending = self._pending.pop(done.task_id, None)
-        if pending is None:
+            task = self._tasks.pop(done.task_id, None)
+        if task is None:
             return
+        outcomes: list[tuple[bool, Any]] = []
         error = done.error
-        value: Any = None
         if error is None:
             try:
                 envelope = read_result(done.data or b"", self._key)
-                self._learn(pending, envelope.timings, done)
+                self._learn(sum(p.size for p in task.parts), envelope.timings, done)
                 value = envelope.result()
+                outcomes = [_part_outcome(o) for o in value] if task.bundled else [(True, value)]
             except BaseException as e:
                 error = e
-        if error is not None:
-            pending.future.set_exception(error)
-        else:
-            pending.future.set_result(value)
-        if pending.callback is not None:
-            _current.run = self
-            try:
-                pending.callback(pending.future)
-            finally:
-                _current.run = None
+        if error is not None or len(outcomes) != len(task.parts):
+            if error is None:
+                error = TaskFailedError(
+                    f"the Batch task {task.task_id} of the job {self.job_id} returned "
+                    f"{len(outcomes)} results for {len(task.parts)} batches",
+                    self.job_id,
+                    task.task_id,
+                )
+            outcomes = [(False, error)] * len(task.parts)
+        _current.run = self
+        try:
+            for part, (ok, value) in zip(task.parts, outcomes, strict=True):
+                if ok:
+                    part.future.set_result(value)
+                else:
+                    part.future.set_exception(value)
+                if part.callback is not None:
+                    part.callback(part.future)
+            self._pull_tail()
+        finally:
+            _current.run = None
 
-    def _learn(self, pending: _Pending, timings: dict[str, float], done: TaskDone) -> None:
+    def _learn(self, calls: int, timings: dict[str, float], done: TaskDone) -> None:
         run = float(timings.get("run", 0.0))
         outcome = done.outcome
-        on_node = 0.0
         if outcome is not None and outcome.start_time and outcome.end_time:
             on_node = (outcome.end_time - outcome.start_time).total_seconds()
         else:
             on_node = run + sum(float(timings.get(k, 0.0)) for k in ("download", "upload"))
         overhead = max(on_node - run, 0.0) + self._scheduling_latency + self.cfg.poll_interval / 2
-        self.sizer.record(batch_size=pending.size, run_seconds=run, overhead_seconds=overhead)
+        self.sizer.record(batch_size=calls, run_seconds=run, overhead_seconds=overhead)
+
+    def _pull_tail(self) -> None:
+        """Take joblib's waiting tail batches now and send them as a few bundles.
+
+        joblib cuts the end of its input into ``10 x n_jobs`` small batches and releases
+        them one per completion. When the batches waiting in its queue are much smaller
+        than the sizer's size, that is the tail: pull them all (through joblib's own
+        ``dispatch_next``, so its bookkeeping stays right) and bundle them, one task per
+        slot. Only this thread dispatches at that point, so the queue cannot empty under us.
+        """
+        parallel = self.parallel
+        ready = getattr(parallel, "_ready_batches", None)
+        lock = getattr(parallel, "_lock", None)
+        if ready is None or lock is None or not hasattr(parallel, "dispatch_next"):
+            return
+        with lock:
+            if getattr(parallel, "_aborting", False) or self._state != "started":
+                return
+            waiting = list(getattr(ready, "queue", ()))
+            if len(waiting) < 2:
+                return
+            largest = max(len(b) if hasattr(b, "__len__") else 1 for b in waiting)
+            if largest * 2 > self.sizer.size:
+                return
+            with self._lock:
+                self._pulled = []
+            try:
+                for _ in waiting:
+                    parallel.dispatch_next()
+            finally:
+                with self._lock:
+                    pulled, self._pulled = self._pulled or [], None
+        if pulled:
+            self._queue.put(pulled)
 
     # ---------------------------------------------------------------- ending
 
@@ -522,7 +633,6 @@ class JobRun:
             if self._state != "started":
                 return
             self._state = "aborted"
-            self._aborted = True
         self._drain_queue()
         if self._job_created:
             try:
@@ -561,10 +671,10 @@ class JobRun:
         if self._prepare_pool is not None:
             self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            leftovers = list(self._pending.values())
-            self._pending.clear()
-        for pending in leftovers:
-            pending.future.cancel()
+            leftovers = [p for t in self._tasks.values() for p in t.parts]
+            self._tasks.clear()
+        for part in leftovers:
+            part.future.cancel()
         if self._job_created:
             try:
                 if (leftovers or cfg.keep_job) and was != "aborted":
@@ -584,6 +694,15 @@ class JobRun:
                 _POOLS.release(lease)
             except AzureBatchError as e:
                 _warn_cleanup(f"could not delete the pool {cfg.pool_id}: {e}")
+
+
+def _part_outcome(outcome: Any) -> tuple[bool, Any]:
+    ok, value, text = outcome
+    if ok:
+        return True, value
+    if isinstance(value, BaseException) and text:
+        value.__cause__ = RemoteTraceback(text)
+    return False, value
 
 
 def _warn_cleanup(message: str) -> None:
@@ -775,6 +894,7 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
                 n_jobs=sizer.n_jobs,
                 sizer=sizer,
                 scheduling_latency=self.SCHEDULING_LATENCY,
+                parallel=parallel,
             )
             ref = weakref.ref(parallel) if parallel is not None else None
             self._runs[key] = (ref, run)
