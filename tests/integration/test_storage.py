@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import signal
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
+from azure.core.credentials import AccessToken
 from azure.storage.blob import ContainerClient
 
 from joblib_azurebatch.config import BatchConfig
-from joblib_azurebatch.emulator.azurite import Azurite
-from joblib_azurebatch.errors import CredentialError
+from joblib_azurebatch.emulator.azurite import AZURITE_ACCOUNT_NAME, Azurite, find_azurite
+from joblib_azurebatch.errors import ConfigError, CredentialError
 from joblib_azurebatch.storage import BlobStore, download_url, redact_url, upload_url
 
 HOUR = timedelta(hours=1)
@@ -177,3 +186,136 @@ def test_bytes_uploaded_is_read_safely_while_writing(store: BlobStore) -> None:
         watcher.join()
     assert seen == sorted(seen)
     assert store.bytes_uploaded >= 100
+
+
+# ---------------------------------------------------------------------- Entra ID (token) path
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1: token credentials are only sent over https."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def azurite_oauth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """Azurite on https with OAuth: it accepts bearer tokens and user delegation keys."""
+    folder = tmp_path_factory.mktemp("azurite-oauth")
+    cert, key = _self_signed_certificate(folder)
+    command = [find_azurite(), "--blobHost", "127.0.0.1", "--blobPort", "0"]
+    command += ["--location", str(folder / "data"), "--skipApiVersionCheck", "--loose"]
+    command += ["--oauth", "basic", "--cert", str(cert), "--key", str(key)]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = None
+        deadline = time.monotonic() + 30
+        while url is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            match = re.search(r"successfully listens on (https://\S+)", line)
+            if match:
+                url = match.group(1).rstrip("/")
+        assert url is not None, "Azurite with --oauth did not start"
+        threading.Thread(target=process.stdout.read, daemon=True).start()  # keep draining
+        yield f"{url}/{AZURITE_ACCOUNT_NAME}", cert
+    finally:
+        # Its data is a temporary folder: nothing to shut down gracefully.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+class _EntraToken:
+    """A token credential as azure-identity gives one; Azurite checks its claims only."""
+
+    def __init__(self) -> None:
+        self.scopes: list[str] = []
+
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        self.scopes.extend(scopes)
+        now = int(time.time())
+        tenant = "ab1f708d-50f6-404c-a006-d71b2ac7a606"
+
+        def part(data: dict[str, object]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+        claims = {
+            "aud": "https://storage.azure.com",
+            "iss": f"https://sts.windows.net/{tenant}/",
+            "iat": now - 60,
+            "nbf": now - 60,
+            "exp": now + 3600,
+            "oid": "00000000-0000-0000-0000-0000000000a1",
+            "tid": tenant,
+        }
+        return AccessToken(
+            f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2ln", now + 3600
+        )
+
+
+def test_token_credential_signs_user_delegation_sas(
+    azurite_oauth: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, cert = azurite_oauth
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))  # trust the test certificate
+    token = _EntraToken()
+    cfg = BatchConfig(
+        storage_account=AZURITE_ACCOUNT_NAME,
+        storage_url=url,
+        storage_credential=token,
+        container="entra",
+    )
+    with BlobStore.from_config(cfg) as store:
+        store.ensure_container()
+        store.upload("jobs/j/payload", b"signed by a delegation key")
+        assert "https://storage.azure.com/.default" in token.scopes
+        read = store.sas_url("jobs/j/payload", read=True, expiry=HOUR)
+        write = store.sas_url("jobs/j/result", write=True, expiry=HOUR)
+        assert "skoid=" in read  # a user delegation SAS, not an account-key one
+        assert download_url(read) == b"signed by a delegation key"
+        upload_url(write, b"result")
+        assert store.download("jobs/j/result") == b"result"
+        with pytest.raises(CredentialError):
+            upload_url(read, b"read-only")
+        with pytest.raises(ConfigError, match="at most 7 days"):
+            store.sas_url("x", read=True, expiry=timedelta(days=8))
