@@ -361,6 +361,7 @@ class JobRun:
         self._state = "new"  # new -> started -> (aborted) -> closed
         self._lease: Any = None
         self._job_created = False
+        self._may_have_blobs = False
         self._tracker: Tracker | None = None
         self._submitter: threading.Thread | None = None
         self._prepare_pool: ThreadPoolExecutor | None = None
@@ -398,6 +399,7 @@ class JobRun:
         spec = PoolSpec.from_config(cfg)
         svc.get_pool(spec.pool_id)
         store.ensure_container()
+        self._may_have_blobs = True
         first.prepared = self._writer.prepare(first.task_id, calls)
         self._lease = _POOLS.acquire(svc, spec, cfg)
         with _capacity_progress(spec.pool_id) as progress:
@@ -683,7 +685,7 @@ class JobRun:
                     svc.delete_job(self.job_id)
             except AzureBatchError as e:
                 _warn_cleanup(f"could not end the job {self.job_id}: {e}")
-        if not cfg.keep_blobs:
+        if self._may_have_blobs and not cfg.keep_blobs:
             try:
                 self.account.store.delete_prefix(job_prefix(self.job_id))
             except (AzureBatchError, OSError) as e:
