@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pickle
+import sys
 import threading
+import types
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -417,4 +419,36 @@ def test_version_mismatch_result_raises_on_the_client() -> None:
     except VersionMismatchError as e:
         data = encode_result(task_id="t", key=KEY, error=e)
     with pytest.raises(VersionMismatchError, match=r"PYTHON_VERSION=2\.7"):
+        read_result(data, KEY).result()
+
+
+def _class_in_a_module_the_client_lacks(name: str) -> dict[str, Any]:
+    """Classes importable while pickling, gone by the time the client unpickles."""
+    module = types.ModuleType(name)
+    exec("class Gone(Exception):\n    pass\nclass Value:\n    pass\n", module.__dict__)
+    sys.modules[name] = module
+    return module.__dict__
+
+
+def test_exception_whose_class_the_client_lacks_becomes_remote_error() -> None:
+    namespace = _class_in_a_module_the_client_lacks("only_on_the_node")
+    try:
+        data = encode_result(task_id="t", key=KEY, error=namespace["Gone"]("from the node"))
+    finally:
+        del sys.modules["only_on_the_node"]
+    result = read_result(data, KEY)
+    assert result.exception_bytes is not None  # it did pickle on the node
+    with pytest.raises(RemoteError) as info:
+        result.result()
+    assert info.value.type_name == "only_on_the_node.Gone"
+    assert info.value.message == "from the node"
+
+
+def test_value_whose_class_the_client_lacks_is_a_clear_payload_error() -> None:
+    namespace = _class_in_a_module_the_client_lacks("only_on_the_node_too")
+    try:
+        data = encode_result(task_id="t9", key=KEY, value=[namespace["Value"]()])
+    finally:
+        del sys.modules["only_on_the_node_too"]
+    with pytest.raises(PayloadError, match="result of task t9 cannot be unpickled here"):
         read_result(data, KEY).result()
