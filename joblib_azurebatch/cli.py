@@ -96,6 +96,11 @@ class _Progress:
         self._lock = threading.Lock()
         self._last = ""
 
+    @property
+    def live(self) -> bool:
+        """Whether the line can be rewritten in place (a log file gets no ticking)."""
+        return self._tty
+
     def update(self, text: str) -> None:
         with self._lock:
             if text == self._last:
@@ -126,12 +131,14 @@ def _ticking(progress: _Progress, label: str, *, interval: float = 0.5) -> Itera
 
     thread = threading.Thread(target=tick, name="demo-progress", daemon=True)
     progress.update(f"{label} ...")
-    thread.start()
+    if progress.live:
+        thread.start()
     try:
         yield
     finally:
         stop.set()
-        thread.join()
+        if thread.is_alive():
+            thread.join()
 
 
 def _cross_validate(
@@ -410,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--pool-id", default=None, help="pool to use or create")
     demo.add_argument("--folds", type=int, default=10, help="number of folds (default 10)")
-    demo.add_argument("--trees", type=int, default=100, help="trees in the forest (default 100)")
+    demo.add_argument("--trees", type=int, default=50, help="trees in the forest (default 50)")
     demo.add_argument("--nodes", type=int, default=2, help="local account: nodes (default 2)")
     demo.add_argument("--slots", type=int, default=2, help="local account: slots per node (2)")
     demo.set_defaults(func=cmd_demo)
