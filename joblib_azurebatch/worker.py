@@ -257,7 +257,7 @@ def _run(
     start = time.perf_counter()
     try:
         value = calls()
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in the function is its result too
         timings["run"] = time.perf_counter() - start
         _log(out, f"the function raised {type(e).__name__} after {timings['run']:.3f} s")
         return None, e, timings

@@ -311,3 +311,16 @@ def test_prune_removes_what_no_task_used_for_a_week(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         p.name for p in (fresh, used, live_temp)
     )
+
+
+def exits(code: int) -> None:
+    sys.exit(code)
+
+
+def test_sys_exit_in_the_function_is_its_result(store: BlobStore, tmp_path: Path) -> None:
+    task = _writer(store).prepare("t", _batch((exits, (3,), {})))
+    code, _, err = _run(_node_env(task, tmp_path))
+    assert (code, err) == (0, "")  # a deterministic exit is not retried by Batch
+    with pytest.raises(SystemExit) as info:
+        read_result(store.download(task.result_blob), KEY).result()
+    assert info.value.code == 3
