@@ -737,10 +737,10 @@ def test_wrong_key_is_refused_and_changes_nothing(local: Any) -> None:
 
 @pytest.fixture(scope="module")
 def slow_client() -> Iterator[BatchClient]:
-    """A Batch emulator of its own (no storage needed) whose nodes take 0.8 s to come up."""
+    """A Batch emulator of its own (no storage needed) whose nodes take 1.6 s to come up."""
     from joblib_azurebatch.emulator.server import BatchEmulator
 
-    with BatchEmulator(allocation_delay=0.8) as emulator:
+    with BatchEmulator(allocation_delay=1.6) as emulator:
         credential = AzureNamedKeyCredential(emulator.account_name, emulator.key)
         yield BatchClient(emulator.url, credential)
 
