@@ -261,8 +261,7 @@ def run_scenario(client: BatchClient) -> None:
     client.begin_resize_pool(
         pool_id, bm.BatchPoolResizeOptions(target_dedicated_nodes=2), polling_interval=FAST
     ).result()
-    nodes = wait_for("two idle nodes", lambda: len(list(client.list_nodes(pool_id))) == 2)
-    assert nodes
+    wait_for("two nodes", lambda: len(list(client.list_nodes(pool_id))) == 2)
     for node in client.list_nodes(pool_id):
         client.get_node(pool_id, node.id)
 

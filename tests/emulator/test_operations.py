@@ -22,6 +22,7 @@ from azure.batch import models as bm
 from azure.batch.models._models import BatchJobTerminateOptions  # not re-exported by 15.1
 from azure.core.credentials import AzureNamedKeyCredential
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.core.rest import HttpRequest
 
 T = TypeVar("T")
 
@@ -714,6 +715,20 @@ def test_invalid_job_and_task_are_refused(batch_client: BatchClient, idle_job: s
     )
     assert error.error.code == "InvalidPropertyValue"
     assert list(batch_client.list_tasks(idle_job)) == []
+
+
+def test_unreadable_body_is_refused(batch_client: BatchClient) -> None:
+    request = HttpRequest(
+        "POST",
+        "{endpoint}/pools?api-version=2025-06-01",
+        headers={"Content-Type": "application/json; odata=minimalmetadata"},
+        content='{"id": "half-a-pool", "vmSize": ',
+    )
+    with pytest.raises(HttpResponseError) as refused:  # azure-batch raises even from send_request
+        batch_client.send_request(request)
+    assert refused.value.status_code == 400
+    assert refused.value.error.code == "InvalidRequestBody"
+    assert "half-a-pool" not in {p.id for p in batch_client.list_pools()}
 
 
 def test_wrong_key_is_refused_and_changes_nothing(local: Any) -> None:
