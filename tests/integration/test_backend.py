@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -27,6 +28,13 @@ def square(x):
 
 
 def slow_square(x, delay=0.3):
+    time.sleep(delay)
+    return x * x
+
+
+def logged_square(x, folder, delay):
+    with open(os.path.join(folder, str(x)), "a") as log:
+        log.write("ran\n")
     time.sleep(delay)
     return x * x
 
@@ -179,3 +187,52 @@ def test_batch_requests_per_task(local, cfg, batch_client):
     print(f"\nBatch requests: {total} for {n_tasks} tasks = {total / n_tasks:.1f} per task")
     print({k: v for k, v in sorted(used.items()) if v > 0})
     assert total / n_tasks < 15
+
+
+def test_throttling_and_lost_responses_neither_drop_nor_duplicate(local, cfg, batch_client):
+    cfg = cfg.replace(keep_job=True)
+    local.emulator.throttle("Jobs_GetJobTaskCounts", times=3, status=429, retry_after=0.2)
+    local.emulator.throttle("Tasks_ListTasks", times=1, status=503, retry_after=0.2)
+    # The first submission is carried out but its answer is lost: the retry meets TaskExists.
+    local.emulator.fail_after_commit("Tasks_CreateTaskCollection", times=1)
+    with joblib.parallel_config(backend="azurebatch", config=cfg):
+        out = Parallel(n_jobs=-1, batch_size=1)(delayed(square)(x) for x in range(10))
+    assert out == [x * x for x in range(10)]
+    (job,) = our_jobs(batch_client, cfg.job_id)
+    try:
+        tasks = list(batch_client.list_tasks(job.id))
+        assert len(tasks) == len({t.id for t in tasks}) == 10
+    finally:
+        batch_client.begin_delete_job(job.id, polling_interval=1).result()
+
+
+def test_preempted_spot_node_loses_no_result(local, cfg, batch_client, tmp_path):
+    cfg = cfg.replace(dedicated_nodes=0, spot_nodes=2, keep_job=True)
+    preempted: list[str] = []
+
+    def preempt_when_running() -> None:
+        # As soon as a call is inside the user's function, take its node away.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(tmp_path.iterdir()):
+                preempted.append(local.emulator.preempt_node(cfg.pool_id, recover_after=0.3))
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=preempt_when_running, daemon=True)
+    watcher.start()
+    with joblib.parallel_config(backend="azurebatch", config=cfg):
+        out = Parallel(n_jobs=-1, batch_size=1)(
+            delayed(logged_square)(x, str(tmp_path), 1.0) for x in range(8)
+        )
+    watcher.join(5)
+    assert out == [x * x for x in range(8)]
+    assert preempted
+    runs = {x: (tmp_path / str(x)).read_text().count("ran") for x in range(8)}
+    assert max(runs.values()) >= 2  # a call was cut off by the preemption and ran again
+    (job,) = our_jobs(batch_client, cfg.job_id)
+    try:
+        tasks = list(batch_client.list_tasks(job.id))
+        assert len(tasks) == 8
+    finally:
+        batch_client.begin_delete_job(job.id, polling_interval=1).result()
