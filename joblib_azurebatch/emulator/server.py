@@ -250,15 +250,28 @@ class BatchEmulator:
             for n in pool.nodes.values()
             if n.schedulable and (dedicated is None or n.is_dedicated == dedicated)
         ]
-        candidates.sort(key=lambda n: -n.used_slots)
+        candidates.sort(key=lambda n: self._busy_since(n))
         if not candidates:
             raise LookupError(f"pool {pool_id!r} has no usable node to act on")
         return pool, candidates[0]
 
+    def _busy_since(self, node: Node) -> tuple[int, float]:
+        """Sort key: nodes whose running work started earliest first, idle nodes last."""
+        starts = []
+        for job_id, task_id in node.running:
+            job = self.account.jobs.get(job_id)
+            task = job.tasks.get(task_id) if job else None
+            if task is not None and task.start_time is not None:
+                starts.append(task.start_time.timestamp())
+        return (0, min(starts)) if starts else (1, 0.0)
+
     def preempt_node(
         self, pool_id: str, node_id: str | None = None, *, recover_after: float | None = 0.5
     ) -> str:
-        """Preempt a spot node (the busiest one if ``node_id`` is None); returns its id.
+        """Preempt a spot node; returns its id.
+
+        Without ``node_id`` the node picked is the one whose running work started first, so
+        that a test preempts work in progress rather than an idle node.
 
         Its running tasks go back to ``active`` and run again elsewhere or after recovery,
         without a retry charged. The node comes back after ``recover_after`` seconds
@@ -274,7 +287,7 @@ class BatchEmulator:
     def kill_node(
         self, pool_id: str, node_id: str | None = None, *, recover_after: float | None = None
     ) -> str:
-        """Make a node unusable (the busiest if ``node_id`` is None); its tasks are requeued."""
+        """Make a node unusable (picked as in :meth:`preempt_node`); its tasks are requeued."""
         with self.account.lock:
             pool, node = self._pick(pool_id, node_id, dedicated=None)
             self.executor.make_unusable(pool, node, recover_after=recover_after)
