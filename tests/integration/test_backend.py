@@ -34,7 +34,7 @@ def slow_square(x, delay=0.3):
 
 def logged_square(x, folder, delay):
     with open(os.path.join(folder, str(x)), "a") as log:
-        log.write("ran\n")
+        log.write(f"ran on {os.environ.get('AZ_BATCH_NODE_ID', '')}\n")
     time.sleep(delay)
     return x * x
 
@@ -64,19 +64,19 @@ def our_jobs(batch_client, prefix: str) -> list:
 
 def test_list_input(cfg):
     with joblib.parallel_config(backend="azurebatch", config=cfg):
-        out = Parallel(n_jobs=-1)(delayed(square)(x) for x in list(range(100)))
-    assert out == [x * x for x in range(100)]
+        out = Parallel(n_jobs=-1)([delayed(square)(x) for x in range(60)])
+    assert out == [x * x for x in range(60)]
 
 
 def test_generator_input_runs_in_batch_tasks(cfg):
     with joblib.parallel_config(backend="azurebatch", config=cfg):
-        out = Parallel(n_jobs=-1, batch_size=5)(delayed(where_am_i)(x) for x in iter(range(20)))
-    assert [x for x, _, _ in out] == list(range(20))
+        out = Parallel(n_jobs=-1, batch_size=3)(delayed(where_am_i)(x) for x in iter(range(12)))
+    assert [x for x, _, _ in out] == list(range(12))
     task_ids = {t for _, t, _ in out}
     job_ids = {j for _, _, j in out}
     # Really remote: every call ran inside a Batch task of one job made for this call.
     assert "" not in task_ids
-    assert len(task_ids) <= 20
+    assert len(task_ids) <= 12
     assert len(job_ids) == 1
     assert job_ids.pop().startswith(cfg.job_id + "-")
 
@@ -133,14 +133,14 @@ def test_nested_parallel_calls_keep_their_own_jobs(cfg):
     outer one is still yielding: the outer run must survive it."""
     with joblib.parallel_config(backend="azurebatch", config=cfg):
         outer = Parallel(n_jobs=-1, return_as="generator")(
-            delayed(slow_square)(x, 0.2) for x in range(3)
+            delayed(slow_square)(x, 0.2) for x in range(2)
         )
         results = []
         for value in outer:
             inner = Parallel(n_jobs=-1)(delayed(square)(y) for y in range(value % 3 + 1))
             results.append((value, sum(inner)))
-    assert [v for v, _ in results] == [x * x for x in range(3)]
-    assert [s for _, s in results] == [sum(y * y for y in range(x * x % 3 + 1)) for x in range(3)]
+    assert [v for v, _ in results] == [x * x for x in range(2)]
+    assert [s for _, s in results] == [sum(y * y for y in range(x * x % 3 + 1)) for x in range(2)]
 
 
 def test_parallel_inside_a_task_uses_a_local_backend(cfg):
@@ -152,13 +152,14 @@ def test_parallel_inside_a_task_uses_a_local_backend(cfg):
 def test_many_small_calls_are_packed_into_few_tasks(local, cfg, batch_client):
     cfg = cfg.replace(keep_job=True)
     with joblib.parallel_config(backend="azurebatch", config=cfg):
-        out = Parallel(n_jobs=-1)(delayed(square)(x) for x in range(300))
-    assert out == [x * x for x in range(300)]
+        out = Parallel(n_jobs=-1)(delayed(square)(x) for x in range(150))
+    assert out == [x * x for x in range(150)]
     (job,) = our_jobs(batch_client, cfg.job_id)
     try:
         tasks = list(batch_client.list_tasks(job.id))
-        # 300 calls in far fewer tasks, yet at least one task per slot.
-        assert 4 <= len(tasks) <= 40
+        # 150 calls from a generator in far fewer tasks, yet at least one task per slot
+        # (joblib alone would cut the tail into 40 one-call batches).
+        assert 4 <= len(tasks) <= 30
         assert all(str(t.state).lower().endswith("completed") for t in tasks)
     finally:
         batch_client.begin_delete_job(job.id, polling_interval=1).result()
@@ -214,25 +215,30 @@ def test_preempted_spot_node_loses_no_result(local, cfg, batch_client, tmp_path)
         # As soon as a call is inside the user's function, take its node away.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if any(tmp_path.iterdir()):
-                preempted.append(local.emulator.preempt_node(cfg.pool_id, recover_after=0.3))
-                return
+            for log in tmp_path.iterdir():
+                text = log.read_text()
+                if text.endswith("\n") and len(text.split()) >= 3:
+                    node = text.split()[-1]
+                    preempted.append(
+                        local.emulator.preempt_node(cfg.pool_id, node, recover_after=0.3)
+                    )
+                    return
             time.sleep(0.05)
 
     watcher = threading.Thread(target=preempt_when_running, daemon=True)
     watcher.start()
     with joblib.parallel_config(backend="azurebatch", config=cfg):
         out = Parallel(n_jobs=-1, batch_size=1)(
-            delayed(logged_square)(x, str(tmp_path), 1.0) for x in range(8)
+            delayed(logged_square)(x, str(tmp_path), 1.0) for x in range(6)
         )
     watcher.join(5)
-    assert out == [x * x for x in range(8)]
+    assert out == [x * x for x in range(6)]
     assert preempted
-    runs = {x: (tmp_path / str(x)).read_text().count("ran") for x in range(8)}
+    runs = {x: (tmp_path / str(x)).read_text().count("ran") for x in range(6)}
     assert max(runs.values()) >= 2  # a call was cut off by the preemption and ran again
     (job,) = our_jobs(batch_client, cfg.job_id)
     try:
         tasks = list(batch_client.list_tasks(job.id))
-        assert len(tasks) == 8
+        assert len(tasks) == 6
     finally:
         batch_client.begin_delete_job(job.id, polling_interval=1).result()
