@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 import joblib
@@ -84,7 +84,7 @@ def touch_marker(path: str) -> str:
     return path
 
 
-class FitsOnlyIn(LogisticRegression):
+class FitsOnlyIn(LogisticRegression):  # type: ignore[misc]
     """A LogisticRegression whose ``fit`` refuses to run outside ``expected_prefix``.
 
     With ``error_score="raise"``, a cross-validation of it passes only if every fold was
@@ -197,7 +197,8 @@ def other_cloudpickle_python(venv_python: Path) -> Path:  # noqa: F811
 @pytest.fixture(scope="module")
 def bare_python() -> Path:
     """A venv of the same Python with nothing installed: an image that lacks the worker."""
-    python = _cached_venv(f"bare-{sys.version_info.major}{sys.version_info.minor}", lambda v: None)
+    name = hashlib.sha256(f"{sys.version}|{sys.base_prefix}".encode()).hexdigest()[:16]
+    python = _cached_venv(f"bare-{name}", lambda venv: None)
     probe = subprocess.run(
         [str(python), "-c", "import importlib.util as u; print(u.find_spec('joblib_azurebatch'))"],
         cwd=python.parent,
@@ -279,7 +280,8 @@ def without_pytest_warning_filters() -> Iterator[None]:
     (see the test of that below).
     """
     with warnings.catch_warnings():
-        warnings.filters[:] = [f for f in warnings.filters if f[2].__module__ == "builtins"]
+        filters = cast(list[Any], warnings.filters)
+        filters[:] = [f for f in filters if f[2].__module__ == "builtins"]
         yield
 
 
