@@ -175,3 +175,42 @@ def test_nested_backend_is_local_and_carries_no_secret() -> None:
 def test_backend_refuses_to_be_pickled() -> None:
     with pytest.raises(TypeError, match="never pickled"):
         pickle.dumps(AzureBatchBackend(config=config()))
+
+
+# ---------------------------------------------------------------------- bundles
+
+
+class _Unpicklable(Exception):
+    def __init__(self, *, reason: str) -> None:  # keyword-only: does not unpickle
+        super().__init__(reason)
+
+
+def _ok() -> list[int]:
+    return [1, 2]
+
+
+def _bad() -> list[int]:
+    raise KeyError("missing column")
+
+
+def _worse() -> list[int]:
+    raise _Unpicklable(reason="locked")
+
+
+def test_bundle_runs_every_part_and_keeps_each_outcome() -> None:
+    from joblib_azurebatch.bundle import Bundle
+    from joblib_azurebatch.errors import RemoteError
+
+    bundle = Bundle([_ok, _bad, _worse, _ok])
+    outcomes = pickle.loads(pickle.dumps(bundle()))
+    assert [ok for ok, _, _ in outcomes] == [True, False, False, True]
+    assert outcomes[0][1] == [1, 2]
+    assert outcomes[3][1] == [1, 2]
+    assert isinstance(outcomes[1][1], KeyError)
+    assert "missing column" in outcomes[1][2]
+    assert "_bad" in outcomes[1][2]
+    substitute = outcomes[2][1]
+    assert isinstance(substitute, RemoteError)
+    assert substitute.type_name.endswith("_Unpicklable")
+    assert "locked" in substitute.message
+    assert "_worse" in substitute.remote_traceback
