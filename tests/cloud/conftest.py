@@ -56,10 +56,14 @@ def missing_settings(environ: Mapping[str, str]) -> list[str]:
         missing.append("BATCH_ACCOUNT_NAME")
     if not entra and not _is_set(environ, "BATCH_ACCOUNT_KEY", "AZURE_BATCH_ACCESS_KEY"):
         missing.append(f"BATCH_ACCOUNT_KEY (or {ENTRA}=1 to sign in with Entra ID)")
-    if not _is_set(environ, "AZURE_STORAGE_CONNECTION_STRING"):
+    if entra:
+        # A connection string carries a key, which Entra ID mode ignores: name the account.
+        if not _is_set(environ, "STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT"):
+            missing.append("STORAGE_ACCOUNT_NAME")
+    elif not _is_set(environ, "AZURE_STORAGE_CONNECTION_STRING"):
         if not _is_set(environ, "STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT"):
             missing.append("STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_CONNECTION_STRING)")
-        if not entra and not _is_set(environ, "STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY"):
+        if not _is_set(environ, "STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY"):
             missing.append("STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING)")
     if not _is_set(environ, "DOCKER_CONTAINER"):
         python = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -112,7 +116,8 @@ def base_config() -> BatchConfig:
     if os.environ.get(ENTRA, "").strip() == "1":
         # Ignore keys that happen to be set: the run signs in with DefaultAzureCredential.
         cfg = BatchConfig.from_env(**overrides)
-        return cfg.replace(batch_key=None, storage_key=None, storage_connection_string=None)
+        cfg = cfg.replace(batch_key=None, storage_key=None, storage_connection_string=None)
+        return cfg.validate()
     return BatchConfig.from_env(**overrides).validate()
 
 
