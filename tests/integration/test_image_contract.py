@@ -43,6 +43,7 @@ from joblib import Parallel, delayed
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, cross_val_score
+from sklearn.utils import parallel as sklearn_parallel
 
 # The clean venv's builder; see that module (a shared tests/helpers module would be better).
 from test_worker_venv import venv_python  # noqa: F401  (a fixture)
@@ -300,8 +301,8 @@ def test_parallel_runs_in_the_clean_image_and_matches_n_jobs_1(
 ) -> None:
     cfg = config_for(account, CLEAN, "contract-parallel")
     with joblib.parallel_config(backend="azurebatch", config=cfg):
-        remote = Parallel(n_jobs=-1)(delayed(where_am_i)(x) for x in range(8))
-    local = Parallel(n_jobs=1)(delayed(where_am_i)(x) for x in range(8))
+        remote = Parallel(n_jobs=-1)(delayed(where_am_i)(x) for x in range(4))
+    local = Parallel(n_jobs=1)(delayed(where_am_i)(x) for x in range(4))
 
     assert [r["value"] for r in remote] == [r["value"] for r in local]
     clean = _venv_root(venv_python)
@@ -322,7 +323,7 @@ def test_cross_val_score_fits_in_the_clean_image_and_matches_n_jobs_1(
     blob_service: BlobServiceClient,
 ) -> None:
     X, y = load_iris(return_X_y=True)
-    cv = KFold(4, shuffle=True, random_state=0)
+    cv = KFold(3, shuffle=True, random_state=0)
     expected = cross_val_score(FitsOnlyIn(max_iter=500), X, y, cv=cv, n_jobs=1)
     in_clean_image = FitsOnlyIn(expected_prefix=str(_venv_root(venv_python)), max_iter=500)
     # The check can fail: this interpreter is not the clean image.
@@ -343,20 +344,29 @@ def test_a_warning_filter_the_image_cannot_import_names_the_missing_module(
     batch_client: BatchClient,
     blob_service: BlobServiceClient,
 ) -> None:
-    """scikit-learn ships the caller's warning filters with each call: a filter on a
-    category from a module the image lacks (here pytest's, set by this suite's
-    configuration) stops the task before the user's code, with the module named."""
-    assert any(f[2].__module__.startswith("pytest") for f in warnings.filters)
-    X, y = load_iris(return_X_y=True)
+    """scikit-learn's Parallel (cross_val_score, GridSearchCV, ...) ships the caller's
+    warning filters with each call: a filter on a category from a module the image lacks
+    (here pytest's, as a test suite's configuration sets) stops the task before the user's
+    code, with the module named and the fix."""
     cfg = config_for(account, CLEAN, "contract-filters")
     with (
+        warnings.catch_warnings(),
         joblib.parallel_config(backend="azurebatch", config=cfg),
         pytest.raises(ModuleNotFoundError, match="No module named 'pytest'") as info,
     ):
-        cross_val_score(LogisticRegression(max_iter=500), X, y, cv=2, n_jobs=-1)
+        warnings.filterwarnings("ignore", category=pytest.PytestCollectionWarning)
+        sklearn_parallel.Parallel(n_jobs=2)(
+            sklearn_parallel.delayed(where_am_i)(x) for x in range(2)
+        )
     assert "The worker image lacks a module" in "\n".join(getattr(info.value, "__notes__", []))
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert_nothing_left(batch_client, blob_service, cfg)
+    # Without that filter the same calls run in the image.
+    with without_pytest_warning_filters(), joblib.parallel_config(backend="azurebatch", config=cfg):
+        out = sklearn_parallel.Parallel(n_jobs=2)(
+            sklearn_parallel.delayed(where_am_i)(x) for x in range(2)
+        )
+    assert [r["value"] for r in out] == [1, 2]
 
 
 def test_other_cloudpickle_in_the_image_is_a_clear_version_mismatch(
