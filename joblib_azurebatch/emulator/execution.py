@@ -182,7 +182,7 @@ class Executor:
             live = pool.live_nodes(dedicated=dedicated)
             for _ in range(target - len(live)):
                 node = self.account.new_node(pool, dedicated=dedicated, state="creating")
-                self._boot(pool, node, first=True)
+                self._boot(pool, node)
                 changed = True
             excess = len(live) - target
             if excess > 0:
@@ -202,7 +202,7 @@ class Executor:
             pool.move_allocation("steady")
             pool.touch()
 
-    def _boot(self, pool: Pool, node: Node, *, first: bool) -> None:
+    def _boot(self, pool: Pool, node: Node) -> None:
         """Take ``node`` through creating/starting to idle (or its start task)."""
         delay = self.allocation_delay
         generation = node.generation
@@ -227,7 +227,7 @@ class Executor:
             self._maybe_steady(pool)
             self.account.notify()
 
-        if first and delay <= 0:
+        if delay <= 0:
             to_starting()
             self._fire_timers()
         else:
@@ -258,16 +258,11 @@ class Executor:
         self.account.notify()
 
     def _recover(self, pool: Pool, node: Node, from_state: str) -> None:
+        """Bring a preempted or unusable node back, as a fresh VM: start task again."""
         if pool.nodes.get(node.id) is node and node.state == from_state:
-            generation = node.generation
-            node.move("starting")
-
-            def ready() -> None:
-                if node.state == "starting" and node.generation == generation + 1:
-                    node.move("idle")
-                    self.account.notify()
-
-            self.later(self.allocation_delay / 2, ready)
+            node.start_task_info = None
+            self._boot(pool, node)
+            self.account.notify()
 
     def _evict(self, node: Node, *, requeue: bool, charge: bool) -> None:
         for job_id, task_id in list(node.running):

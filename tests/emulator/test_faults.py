@@ -252,8 +252,14 @@ def test_preempted_spot_node_requeues_its_tasks_without_charging_retries() -> No
             ),
         )
         wait_for(lambda: client.get_job_task_counts("j").task_counts.running == 2)
-        wait_for(lambda: len(emu.process_ids()) == 2)
-        node_id = emu.preempt_node("spot", recover_after=0.3)
+        (node_id,) = [n.id for n in client.list_nodes("spot")]
+
+        def both_started() -> bool:
+            files = {f.name for f in client.list_node_files("spot", node_id, recursive=True)}
+            return {"shared/p0", "shared/p1"} <= files
+
+        wait_for(both_started)
+        assert emu.preempt_node("spot", recover_after=0.3) == node_id
         node = client.get_node("spot", node_id)
         assert node.state == m.BatchNodeState.PREEMPTED
         assert node.is_dedicated is False
