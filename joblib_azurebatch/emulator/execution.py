@@ -735,11 +735,6 @@ class Executor:
             return code, e.failure_info
         return code, None
 
-    def running_runs(self) -> int:
-        """How many task processes are running or being staged."""
-        with self.account.lock:
-            return len(self._runs)
-
 
 def _killpg(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):

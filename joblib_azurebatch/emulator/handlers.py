@@ -14,9 +14,11 @@ import copy
 import datetime as _dt
 import mimetypes
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlencode
@@ -129,8 +131,6 @@ def _check_conditions(ctx: Context, etag: str, last_modified: _dt.datetime) -> N
         if ctx.method in ("GET", "HEAD"):
             raise BatchServiceError("ConditionNotMet", status=304)
         raise batch_error("ConditionNotMet")
-    from email.utils import parsedate_to_datetime
-
     since = h.get("if-modified-since")
     if since and last_modified.replace(microsecond=0) <= parsedate_to_datetime(since):
         if ctx.method in ("GET", "HEAD"):
@@ -889,8 +889,6 @@ def _delete_file(path: Path, recursive: bool) -> None:
     if path.is_dir():
         if not recursive:
             raise batch_error("InvalidPropertyValue", "Deleting a directory needs recursive=true.")
-        import shutil
-
         shutil.rmtree(path)
     else:
         os.remove(path)

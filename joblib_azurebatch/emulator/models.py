@@ -441,13 +441,9 @@ class Job(_Stamped):
         if self.terminate_reason is not None:
             execution["terminateReason"] = self.terminate_reason
         out["executionInfo"] = execution
-        out["onAllTasksComplete"] = _lower_first(s.get("onAllTasksComplete", "noaction"))
-        out["onTaskFailure"] = _lower_first(s.get("onTaskFailure", "noaction"))
+        out["onAllTasksComplete"] = str(s.get("onAllTasksComplete", "noaction")).lower()
+        out["onTaskFailure"] = str(s.get("onTaskFailure", "noaction")).lower()
         return out
-
-
-def _lower_first(value: str) -> str:
-    return value.lower()
 
 
 @dataclass

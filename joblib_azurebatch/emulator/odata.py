@@ -94,8 +94,9 @@ class _Parser:
 
     def parse(self) -> Predicate:
         pred = self.or_expr()
-        if self.peek() is not None:
-            raise _bad(self.text, f"unexpected {self.peek().text!r}")  # type: ignore[union-attr]
+        extra = self.peek()
+        if extra is not None:
+            raise _bad(self.text, f"unexpected {extra.text!r}")
         return pred
 
     def or_expr(self) -> Predicate:
