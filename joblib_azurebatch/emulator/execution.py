@@ -332,7 +332,7 @@ class Executor:
     ) -> None:
         retries = int(start.get("maxTaskRetryCount", 0) or 0)
         attempt = 0
-        code: int = 0
+        code: int | None = 0
         failure: dict[str, Any] | None = None
         try:
             while True:
@@ -499,7 +499,9 @@ class Executor:
                 self.account.notify()
             run.done.set()
 
-    def _finish(self, task: Task, run: _Run, code: int, failure: dict[str, Any] | None) -> None:
+    def _finish(
+        self, task: Task, run: _Run, code: int | None, failure: dict[str, Any] | None
+    ) -> None:
         """Record how an attempt ended, unless the emulator already moved the task on."""
         if task.attempt != run.attempt or task.state != "running":
             return
@@ -687,8 +689,12 @@ class Executor:
         resource_files: list[Mapping[str, Any]],
         output_files: list[Mapping[str, Any]],
         container: Mapping[str, Any] | None,
-    ) -> tuple[int, dict[str, Any] | None]:
-        """Stage, run and unstage one attempt; returns (exit code, failureInfo or None)."""
+    ) -> tuple[int | None, dict[str, Any] | None]:
+        """Stage, run and unstage one attempt; returns (exit code, failureInfo or None).
+
+        The exit code is None when the command never ran (a resource file failed to
+        download or the program could not start), as the service reports it.
+        """
         workdir = base / "wd"
         if workdir.exists() and run.key[0] != "$start":
             shutil.rmtree(workdir, ignore_errors=True)
@@ -700,7 +706,7 @@ class Executor:
         try:
             download_resource_files(resource_files, workdir)
         except StagingError as e:
-            return 1, e.failure_info
+            return None, e.failure_info
         with open(base / "stdout.txt", "wb") as out, open(base / "stderr.txt", "wb") as err:
             with self.account.lock:
                 if run.stop_reason is not None:
@@ -717,7 +723,7 @@ class Executor:
                     )
                 except OSError as e:
                     msg = f"The task process could not start: {e}"
-                    return 1, {
+                    return None, {
                         "category": "usererror",
                         "code": "CommandProgramNotFound",
                         "message": msg,

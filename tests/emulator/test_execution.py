@@ -282,6 +282,7 @@ def test_missing_resource_file_fails_before_the_command(
     info = wait_completed(batch_client, job, "no-input").execution_info
     assert info.result == m.BatchTaskExecutionResult.FAILURE
     assert info.failure_info.code == "BlobNotFound"
+    assert info.exit_code is None  # the command never ran
     names = {f.name for f in batch_client.list_task_files(job, "no-input", recursive=True)}
     assert "wd/ran.txt" not in names
 
