@@ -14,12 +14,18 @@ copied into every task: a cloudpickle `Pickler` replaces each one at or above
 stores it once per job under ``jobs/{job_id}/objects/{sha256}``, and hands the task a
 read-only SAS URL for it. The sha256 travels inside the signed payload, so the worker
 verifies every object it downloads (or finds in its node cache) before unpickling it.
+
+Warning classes that cloudpickle would send by reference travel as ``(module, qualname,
+builtin base)`` instead: scikit-learn ships the caller's ``warnings.filters`` with every call,
+and a filter on a class from a module the image lacks (pytest's, a notebook extension's)
+would otherwise stop every task with ``ModuleNotFoundError`` before the user's code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import io
 import pickle
 import secrets
@@ -237,8 +243,52 @@ def _large_size(obj: Any, threshold: int) -> int | None:
     return size if size >= threshold else None
 
 
+def _builtin_warning_base(category: type[Warning]) -> type[Warning]:
+    """The first builtin class in ``category``'s MRO that is a warning (``Warning`` at worst)."""
+    for base in category.__mro__:
+        if base.__module__ == "builtins" and issubclass(base, Warning):
+            return base
+    return Warning  # pragma: no cover - every Warning subclass has Warning in its MRO
+
+
+_STAND_INS: dict[tuple[str, str], type[Warning]] = {}
+_STAND_INS_LOCK = threading.Lock()
+
+
+def _warning_category(module: str, qualname: str, base: type[Warning]) -> type[Warning]:
+    """The warning class ``module.qualname`` on this side, or a stand-in subclass of ``base``.
+
+    The stand-in is safe: code from a module this interpreter cannot import cannot raise
+    that module's warnings here, so a filter on it only has to load, not to match. One
+    stand-in per name, so that every task the process runs sees the same class.
+    """
+    try:
+        found: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except Exception:
+        found = None
+    if isinstance(found, type) and issubclass(found, Warning):
+        return found
+    with _STAND_INS_LOCK:
+        stand_in = _STAND_INS.get((module, qualname))
+        if stand_in is None:
+            stand_in = type(
+                qualname.rpartition(".")[2],
+                (base,),
+                {
+                    "__module__": module,
+                    "__qualname__": qualname,
+                    "__doc__": f"Stands in for {module}.{qualname}, which is not installed here.",
+                },
+            )
+            _STAND_INS[(module, qualname)] = stand_in
+    return stand_in
+
+
 class _ObjectPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, with large arguments swapped for persistent ids."""
+    """cloudpickle, with large arguments swapped for persistent ids and warning classes
+    sent by name (see `_warning_category`)."""
 
     def __init__(self, file: io.BytesIO, writer: PayloadWriter) -> None:
         super().__init__(file)
@@ -251,6 +301,20 @@ class _ObjectPickler(cloudpickle.Pickler):  # type: ignore[misc]
         sha = self._writer._digest(obj)
         self.referenced[sha] = None
         return (OBJECT_TAG, sha)
+
+    def reducer_override(self, obj: Any) -> Any:
+        reduced = super().reducer_override(obj)
+        if (
+            reduced is NotImplemented  # cloudpickle sends it by reference: the node imports it
+            and isinstance(obj, type)
+            and issubclass(obj, Warning)
+            and obj.__module__ != "builtins"
+        ):
+            return (
+                _warning_category,
+                (obj.__module__, obj.__qualname__, _builtin_warning_base(obj)),
+            )
+        return reduced
 
 
 class PayloadWriter:

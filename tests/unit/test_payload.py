@@ -8,15 +8,18 @@ import pickle
 import sys
 import threading
 import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import cloudpickle
 import numpy as np
 import pandas as pd
 import pytest
 from joblib._parallel_backends import SequentialBackend
 from joblib.parallel import BatchedCalls
+from sklearn.utils import parallel as sklearn_parallel
 
 from joblib_azurebatch import payload
 from joblib_azurebatch.errors import PayloadError, RemoteError, VersionMismatchError
@@ -452,3 +455,109 @@ def test_value_whose_class_the_client_lacks_is_a_clear_payload_error() -> None:
         del sys.modules["only_on_the_node_too"]
     with pytest.raises(PayloadError, match="result of task t9 cannot be unpickled here"):
         read_result(data, KEY).result()
+
+
+# ---------------------------------------------------------------------- warning filters
+
+
+def _warnings_in_a_module_the_node_lacks(name: str) -> dict[str, Any]:
+    """Warning classes importable while the client pickles, gone when the "node" unpickles."""
+    module = types.ModuleType(name)
+    exec(
+        "class PluginWarning(DeprecationWarning):\n    class Nested(UserWarning):\n        pass\n",
+        module.__dict__,
+    )
+    sys.modules[name] = module
+    return module.__dict__
+
+
+def filter_categories() -> list[tuple[str, type[Warning]]]:
+    """The (action, category) of every warning filter active inside the call."""
+    return [(f[0], f[2]) for f in warnings.filters]
+
+
+def warn_with(category: type[Warning]) -> str:
+    warnings.warn("from the call", category, stacklevel=1)
+    return "no error"
+
+
+def sklearn_call(func: Any, *args: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """A call as scikit-learn's Parallel ships it: with the caller's warning filters."""
+    wrapped = sklearn_parallel.delayed(func)(*args)[0]
+    wrapped.with_config_and_warning_filters({"assume_finite": False}, list(warnings.filters))
+    return (wrapped, args, {})
+
+
+def test_warning_filter_on_a_class_the_node_lacks_loads_as_a_stand_in() -> None:
+    namespace = _warnings_in_a_module_the_node_lacks("plugin_only_on_the_client")
+    plugin, nested = namespace["PluginWarning"], namespace["PluginWarning"].Nested
+    store = MemoryStore()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", plugin)
+            warnings.simplefilter("ignore", nested)
+            first = writer(store).prepare("t1", batch(sklearn_call(filter_categories)))
+            second = writer(store).prepare(
+                "t2",
+                batch(sklearn_call(filter_categories), sklearn_call(warn_with, DeprecationWarning)),
+            )
+            plain = cloudpickle.dumps(plugin)
+    finally:
+        del sys.modules["plugin_only_on_the_client"]
+    # Plain cloudpickle sends the class by reference, which the node cannot import.
+    with pytest.raises(ModuleNotFoundError, match="plugin_only_on_the_client"):
+        pickle.loads(plain)
+
+    [categories] = run_on_worker(store, first).result()
+    with pytest.warns(DeprecationWarning, match="from the call"):
+        [again, warned] = run_on_worker(store, second).result()
+    # simplefilter puts each new filter first.
+    (ignore, nested_stand_in), (error, stand_in) = categories[:2]
+    assert (ignore, error) == ("ignore", "error")
+    assert stand_in is not plugin
+    assert (stand_in.__module__, stand_in.__qualname__, stand_in.__name__) == (
+        "plugin_only_on_the_client",
+        "PluginWarning",
+        "PluginWarning",
+    )
+    assert stand_in.__bases__ == (DeprecationWarning,)
+    assert (nested_stand_in.__qualname__, nested_stand_in.__name__) == (
+        "PluginWarning.Nested",
+        "Nested",
+    )
+    assert nested_stand_in.__bases__ == (UserWarning,)
+    # One class per name in a process, whichever task brought it.
+    assert again[:2] == categories[:2]
+    # The stand-in's filter does not catch its builtin base: the call's warning is no error.
+    assert warned == "no error"
+
+
+def test_warning_classes_the_node_has_arrive_as_themselves() -> None:
+    store = MemoryStore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pytest.PytestCollectionWarning)
+        categories = writer(store).prepare("t", batch(sklearn_call(filter_categories)))
+        raises = writer(store).prepare(
+            "u", batch(sklearn_call(warn_with, pytest.PytestCollectionWarning))
+        )
+    [[(action, category), *_]] = run_on_worker(store, categories).result()
+    assert action == "error"
+    assert category is pytest.PytestCollectionWarning
+    with pytest.raises(pytest.PytestCollectionWarning, match="from the call"):
+        run_on_worker(store, raises).result()
+
+
+def test_warning_classes_cloudpickle_sends_by_value_keep_their_body() -> None:
+    class LocalWarning(RuntimeWarning):
+        marker = 7
+
+    store = MemoryStore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LocalWarning)
+        task = writer(store).prepare("t", batch(sklearn_call(filter_categories)))
+    [categories] = run_on_worker(store, task).result()
+    action, category = categories[0]
+    assert action == "error"
+    assert category.__qualname__.endswith("LocalWarning")
+    assert category.marker == 7
+    assert issubclass(category, RuntimeWarning)
