@@ -29,7 +29,9 @@ class LocalBatch:
     :meth:`config` proposes to the backend; the emulator runs whatever pools clients create.
     ``images`` maps container image names to local Python interpreters (default: the one
     running this process), ``max_processes`` caps the task processes running at once, and
-    ``allocation_delay`` makes new nodes take that many seconds to become idle.
+    ``allocation_delay`` makes new nodes take that many seconds to become idle. With
+    ``tls=True`` the Batch endpoint is https (trust :attr:`batch_ca_cert`, e.g. through
+    ``REQUESTS_CA_BUNDLE``) and accepts the tokens of :meth:`token_credential` besides the key.
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class LocalBatch:
         max_processes: int | None = None,
         batch_account: str = "localbatch",
         azurite_executable: str | None = None,
+        tls: bool = False,
     ) -> None:
         if nodes < 0 or spot_nodes < 0 or nodes + spot_nodes < 1:
             raise ValueError("LocalBatch needs at least one node: nodes + spot_nodes >= 1")
@@ -57,6 +60,7 @@ class LocalBatch:
             images=images,
             max_processes=max_processes,
             allocation_delay=allocation_delay,
+            tls=tls,
         )
         self._running = False
 
@@ -76,6 +80,16 @@ class LocalBatch:
     def batch_key(self) -> str:
         """The Batch account's shared key (base64)."""
         return self.emulator.key
+
+    @property
+    def batch_ca_cert(self) -> str | None:
+        """With ``tls=True``, the certificate file a client must trust; otherwise None."""
+        cert = self.emulator.ca_cert
+        return str(cert) if cert is not None else None
+
+    def token_credential(self) -> Any:
+        """A ``TokenCredential`` whose tokens the Batch emulator accepts (needs ``tls=True``)."""
+        return self.emulator.token_credential()
 
     @property
     def blob_url(self) -> str:

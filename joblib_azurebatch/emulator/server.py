@@ -33,6 +33,7 @@ from .execution import Executor
 from .faults import FaultPlan, RequestLog, RequestRecord
 from .handlers import HANDLERS, Context, Reply
 from .models import Account, Node, Pool
+from .tls import LocalTokenCredential, TokenRegistry, self_signed_certificate
 
 __all__ = ["BatchEmulator"]
 
@@ -78,6 +79,7 @@ class BatchEmulator:
         allocation_delay: float = 0.0,
         max_clock_skew: float = 900.0,
         validate_requests: bool = True,
+        tls: bool = False,
     ) -> None:
         self.account_name = account
         self.key = key or base64.b64encode(secrets.token_bytes(64)).decode()
@@ -105,6 +107,11 @@ class BatchEmulator:
         self._validate = validate_requests and _schema is not None
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self.tls = tls
+        self.tokens = TokenRegistry()
+        self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
+        #: The certificate to trust (``connection_verify=``) when ``tls`` is on.
+        self.ca_cert: Path | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -115,7 +122,7 @@ class BatchEmulator:
             raise RuntimeError(
                 "the emulator is not running: call start() or use it in a with block"
             )
-        return f"http://127.0.0.1:{self._port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port}"
 
     @property
     def port(self) -> int:
@@ -141,6 +148,12 @@ class BatchEmulator:
         )
         # uvicorn binds the port itself (port 0: a free one, read back once it listens);
         # a pre-bound socket handed to uvicorn answers ~40 ms slower per request.
+        ssl: dict[str, str] = {}
+        if self.tls:
+            self._tls_dir = tempfile.TemporaryDirectory(prefix="batch-emulator-tls-")
+            cert, key = self_signed_certificate(Path(self._tls_dir.name))
+            self.ca_cert = cert
+            ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -149,7 +162,8 @@ class BatchEmulator:
             lifespan="off",
             server_header=False,
             access_log=False,
-            timeout_graceful_shutdown=2,
+            timeout_graceful_shutdown=0.5,
+            **ssl,  # type: ignore[arg-type]
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
@@ -176,10 +190,11 @@ class BatchEmulator:
             self._thread.join(10)
             self._thread = None
         self.executor.stop()
-        if self._tmp is not None:
-            with contextlib.suppress(OSError):
-                self._tmp.cleanup()
-            self._tmp = None
+        for folder in (self._tmp, self._tls_dir):
+            if folder is not None:
+                with contextlib.suppress(OSError):
+                    folder.cleanup()
+        self._tmp = self._tls_dir = None
         self._server = None
 
     def __enter__(self) -> BatchEmulator:
@@ -192,6 +207,11 @@ class BatchEmulator:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+    def token_credential(self, *, lifetime: float = 3600.0) -> LocalTokenCredential:
+        """A ``TokenCredential`` standing in for Entra ID; needs ``tls=True`` (azure-core
+        sends tokens over https only) and the client trusting :attr:`ca_cert`."""
+        return LocalTokenCredential(self.tokens, lifetime=lifetime)
 
     # -- observation ------------------------------------------------------------------------
 
@@ -335,9 +355,7 @@ class BatchEmulator:
             if rule is not None:
                 fault = f"injected {rule.status}"
                 raise self._fault_error(rule.status, rule.retry_after)
-            self._verifier.verify(
-                method=method, headers=headers, raw_path=raw_path, query_string=query_string
-            )
+            self._authenticate(method, raw_path, query_string, headers)
             if "api-version" not in query:
                 raise batch_error("MissingRequiredQueryParameter", QueryParameterName="api-version")
             if found is None or operation_id not in HANDLERS:
@@ -396,6 +414,30 @@ class BatchEmulator:
             fault=fault,
         )
         return status, out_headers, payload
+
+    def _authenticate(
+        self, method: str, raw_path: str, query_string: str, headers: Mapping[str, str]
+    ) -> None:
+        """Shared Key, or a bearer token this emulator issued; anything else is refused."""
+        auth = headers.get("authorization", "")
+        if auth.startswith("Bearer "):
+            why = self.tokens.check(auth[len("Bearer ") :].strip())
+            if why is not None:
+                raise BatchServiceError(
+                    "AuthenticationFailed",
+                    status=401,
+                    values={"AuthenticationErrorDetail": why},
+                    headers={
+                        "WWW-Authenticate": (
+                            'Bearer authorization_uri="https://login.microsoftonline.com/'
+                            'common/oauth2/authorize", error="invalid_token"'
+                        )
+                    },
+                )
+            return
+        self._verifier.verify(
+            method=method, headers=headers, raw_path=raw_path, query_string=query_string
+        )
 
     @staticmethod
     def _fault_error(status: int, retry_after: float | None) -> BatchServiceError:
