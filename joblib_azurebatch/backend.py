@@ -845,7 +845,9 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
         return n
 
     def start_call(self) -> None:
-        if self.parallel is not None:
+        # ``configure`` recorded the Parallel in a thread-local; ``self.parallel`` may have
+        # been overwritten meanwhile by a Parallel configured in another thread.
+        if getattr(_current, "parallel", None) is None and self.parallel is not None:
             _current.parallel = self.parallel
 
     def _sizer(self) -> BatchSizer:
