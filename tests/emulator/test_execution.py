@@ -6,6 +6,9 @@ Azurite), the way the backend will.
 
 from __future__ import annotations
 
+import datetime as dt
+import stat
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -13,6 +16,10 @@ from collections.abc import Callable, Iterator
 import pytest
 from azure.batch import BatchClient
 from azure.batch import models as m
+from azure.core.credentials import AzureNamedKeyCredential
+from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+from joblib_azurebatch.emulator import BatchEmulator
 
 POOL = "exec-pool"
 
@@ -145,10 +152,6 @@ def test_required_slots_respected(batch_client: BatchClient, job: str) -> None:
 
 
 def _container_sas(local, blob_service, name: str, permission: str) -> str:
-    import datetime as dt
-
-    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
-
     sas = generate_container_sas(
         account_name=local.storage_account,
         container_name=name,
@@ -288,13 +291,6 @@ def test_missing_resource_file_fails_before_the_command(
 
 
 def test_container_image_maps_to_a_local_interpreter(tmp_path) -> None:
-    import stat
-    import sys
-
-    from azure.core.credentials import AzureNamedKeyCredential
-
-    from joblib_azurebatch.emulator import BatchEmulator
-
     # A stand-in "image": a bin dir whose python announces itself, then runs the real one.
     bindir = tmp_path / "worker-venv" / "bin"
     bindir.mkdir(parents=True)
@@ -341,10 +337,6 @@ def test_container_image_maps_to_a_local_interpreter(tmp_path) -> None:
 
 
 def test_start_task_runs_once_per_node_before_tasks() -> None:
-    from azure.core.credentials import AzureNamedKeyCredential
-
-    from joblib_azurebatch.emulator import BatchEmulator
-
     with BatchEmulator() as emu:
         client = BatchClient(emu.url, AzureNamedKeyCredential(emu.account_name, emu.key))
         client.create_pool(

@@ -4,7 +4,11 @@ lost responses and refused signatures, each observed through the real azure-batc
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -102,8 +106,6 @@ def test_retry_that_succeeds_ends_in_success(batch_client: BatchClient, job: str
 
 
 def test_wall_clock_limit_kills_the_task(batch_client: BatchClient, job: str) -> None:
-    import datetime as dt
-
     started = time.monotonic()
     batch_client.create_task(
         job,
@@ -191,8 +193,6 @@ def test_lost_task_collection_response_is_seen_as_task_exists(
 
 
 def test_wrong_key_is_refused_and_changes_nothing(local: LocalBatch) -> None:
-    import base64
-
     wrong = BatchClient(
         local.batch_url,
         AzureNamedKeyCredential(local.batch_account, base64.b64encode(b"x" * 64).decode()),
@@ -208,9 +208,6 @@ def test_wrong_key_is_refused_and_changes_nothing(local: LocalBatch) -> None:
 
 
 def test_missing_and_stale_signatures_are_refused(local: LocalBatch) -> None:
-    import urllib.error
-    import urllib.request
-
     url = f"{local.batch_url}/pools?api-version=2025-06-01"
     with pytest.raises(urllib.error.HTTPError) as unsigned:
         urllib.request.urlopen(url)
@@ -218,8 +215,6 @@ def test_missing_and_stale_signatures_are_refused(local: LocalBatch) -> None:
     stale = BatchClient(
         local.batch_url, AzureNamedKeyCredential(local.batch_account, local.batch_key)
     )
-    import datetime as dt
-
     with pytest.raises(HttpResponseError) as old:
         list(stale.list_pools(ocp_date=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)))
     assert old.value.status_code == 403
