@@ -16,10 +16,9 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -159,16 +158,3 @@ def cloud_config(
     return base_config.replace(
         pool_id=shared_pool, keep_pool=True, job_id=f"cloud-{name}-{secrets.token_hex(3)}"
     )
-
-
-@pytest.fixture(autouse=True)
-def image_importable_warning_filters() -> Iterator[None]:
-    """Only warning filters whose categories the worker image can import.
-
-    scikit-learn sends the caller's ``warnings.filters`` with every call, and this suite's
-    filter on a pytest warning class would need pytest in the image.
-    """
-    with warnings.catch_warnings():
-        filters = cast(list[Any], warnings.filters)
-        filters[:] = [f for f in filters if f[2].__module__ == "builtins"]
-        yield

@@ -5,18 +5,14 @@ docker/requirements.txt and this package without extras, run against Azurite wit
 environment a Batch task gets. It catches a worker that imports something the image lacks
 (the emulator's extras, test tools) and a requirements file that misses a dependency.
 
-The venv is cached in the temporary folder under a hash of what goes into it, so only the
-first run pays for installing the scientific stack.
+The venv is built and cached by tests/helpers/venvs.py, so only the first run pays for
+installing the scientific stack.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import subprocess
-import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,70 +29,14 @@ from joblib_azurebatch.emulator.azurite import Azurite
 from joblib_azurebatch.errors import VersionMismatchError
 from joblib_azurebatch.payload import PayloadWriter, PreparedTask, read_result
 from joblib_azurebatch.storage import BlobStore
+from tests.helpers import venvs
 
-ROOT = Path(__file__).resolve().parents[2]
-REQUIREMENTS = ROOT / "docker" / "requirements.txt"
+#: The clean image: a fixture, built and cached by tests/helpers/venvs.py.
+venv_python = venvs.venv_python
 KEY = os.urandom(32)
 JOB = "venv-job"
 
 pytestmark = pytest.mark.slow
-
-
-def _pip(python: Path, *args: str) -> None:
-    done = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"pip install {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-
-
-def _source_hash() -> str:
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes())
-    for path in sorted((ROOT / "joblib_azurebatch").rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def venv_python() -> Path:
-    """A venv with docker/requirements.txt (cached) and this package, freshly built."""
-    recipe = hashlib.sha256(
-        REQUIREMENTS.read_bytes() + sys.version.encode() + sys.base_prefix.encode()
-    ).hexdigest()[:16]
-    root = Path(tempfile.gettempdir()) / "joblib-azurebatch-test-venvs"
-    root.mkdir(exist_ok=True)
-    venv = root / recipe
-    python = venv / "bin" / "python"
-    with open(root / f"{recipe}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time
-        if not (venv / ".ready").exists():
-            subprocess.run(
-                [sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120
-            )
-            _pip(python, "-r", str(REQUIREMENTS))
-            (venv / ".ready").touch()
-        # The package itself, as the image installs it: no extras, no dependencies of its
-        # own beyond requirements.txt, which `pip check` proves to be enough.
-        source = _source_hash()
-        stamp = venv / ".source"
-        if not stamp.exists() or stamp.read_text() != source:
-            _pip(python, "--force-reinstall", "--no-deps", str(ROOT))
-            check = subprocess.run(
-                [str(python), "-m", "pip", "check"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            if check.returncode != 0:
-                pytest.fail(f"docker/requirements.txt misses a dependency:\n{check.stdout}")
-            stamp.write_text(source)
-    return python
 
 
 @pytest.fixture

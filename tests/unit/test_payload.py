@@ -11,7 +11,7 @@ import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 import numpy as np
@@ -473,7 +473,7 @@ def _warnings_in_a_module_the_node_lacks(name: str) -> dict[str, Any]:
 
 def filter_categories() -> list[tuple[str, type[Warning]]]:
     """The (action, category) of every warning filter active inside the call."""
-    return [(f[0], f[2]) for f in warnings.filters]
+    return [(f[0], f[2]) for f in cast(list[Any], warnings.filters)]
 
 
 def warn_with(category: type[Warning]) -> str:
