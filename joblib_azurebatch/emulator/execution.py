@@ -12,6 +12,7 @@ the emulator's own environment.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import heapq
 import itertools
@@ -114,6 +115,14 @@ class Executor:
     def start(self) -> None:
         """Start the executor thread."""
         self._thread.start()
+        # Task processes run in sessions of their own, so they would outlive an interpreter
+        # that exits without stop() (an uncaught error at exit, a forgotten emulator).
+        atexit.register(self._kill_all)
+
+    def _kill_all(self) -> None:
+        for run in [*self._runs.values(), *self._start_runs.values()]:
+            if run.process is not None and run.process.poll() is None:
+                _killpg(run.process)
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """Kill every process the emulator started and stop the thread."""
@@ -124,6 +133,7 @@ class Executor:
                 self._kill(run, "shutdown")
             self.account.notify()
         self._thread.join(timeout)
+        atexit.unregister(self._kill_all)
         deadline = time.monotonic() + timeout
         for run in runs:
             run.done.wait(max(0.0, deadline - time.monotonic()))

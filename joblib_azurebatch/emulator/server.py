@@ -162,7 +162,7 @@ class BatchEmulator:
             lifespan="off",
             server_header=False,
             access_log=False,
-            timeout_graceful_shutdown=0.5,
+            timeout_graceful_shutdown=1,
             **ssl,  # type: ignore[arg-type]
         )
         self._server = uvicorn.Server(config)
