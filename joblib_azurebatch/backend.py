@@ -647,11 +647,16 @@ class JobRun:
             self._tracker.stop(wait=0)
 
     def _drain_queue(self) -> None:
+        """Drop what was not submitted yet (its futures are cancelled) and stop the submitter."""
         while True:
             try:
-                self._queue.get_nowait()
+                group = self._queue.get_nowait()
             except queue.Empty:
                 break
+            for item in group or ():
+                parts = item.parts if isinstance(item, _Task) else [item]
+                for part in parts:
+                    part.future.cancel()
         self._queue.put(None)
 
     def close(self) -> None:
