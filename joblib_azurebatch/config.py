@@ -2,10 +2,16 @@
 
 `BatchConfig` is a frozen dataclass so that one value can be shared by several `Parallel`
 calls and threads without anyone changing it under their feet; `replace` gives a changed
-copy. Values come from keyword arguments first, then from the environment variables that
-SuperBatch and the Azure tools use, then from the defaults here (`BatchConfig.from_env`).
-The plain constructor reads no environment: what you pass is what you get, which keeps
-tests and library code predictable.
+copy. Values come from keyword arguments first, then from the environment, then from the
+defaults here (`BatchConfig.from_env`). The plain constructor reads no environment: what
+you pass is what you get, which keeps tests and library code predictable.
+
+The account credentials are read from the variables SuperBatch and the Azure tools use
+(``BATCH_ACCOUNT_KEY``, ``AZURE_STORAGE_CONNECTION_STRING``, ...); every other field only
+from ``JOBLIB_AZUREBATCH_<FIELD>``. Generic names such as ``POOL_ID`` or
+``CONTAINER_NAME`` are set by other tools on many machines and would change a run
+silently. SuperBatch took those names as keyword arguments, never from the environment,
+and `from_env` accepts them as such, so a SuperBatch configuration carries over.
 
 Secrets (account keys, the connection string, the registry password) never appear in
 `repr`, `str`, log lines or error messages, and a config refuses to be pickled: the backend
@@ -24,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
+from types import MappingProxyType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -32,6 +39,7 @@ from joblib_azurebatch.errors import ConfigError, CredentialError
 __all__ = [
     "DEFAULT_IMAGE",
     "DEFAULT_IMAGE_REPOSITORY",
+    "ENV_PREFIX",
     "BatchConfig",
     "TokenCredentialLike",
     "default_image",
@@ -60,9 +68,10 @@ def default_image(python: str | None = None) -> str:
     return f"{DEFAULT_IMAGE_REPOSITORY}:{_package_version()}-py{python}"
 
 
-#: The image every task runs in unless ``BatchConfig(image=...)`` or ``DOCKER_CONTAINER``
-#: says otherwise: ``ghcr.io/joblib-azurebatch/worker:{version}-py{X.Y}`` for the running
-#: interpreter, built from docker/Dockerfile with ``--build-arg PYTHON_VERSION=X.Y``.
+#: The image every task runs in unless ``BatchConfig(image=...)`` or
+#: ``JOBLIB_AZUREBATCH_IMAGE`` says otherwise:
+#: ``ghcr.io/joblib-azurebatch/worker:{version}-py{X.Y}`` for the running interpreter,
+#: built from docker/Dockerfile with ``--build-arg PYTHON_VERSION=X.Y``.
 DEFAULT_IMAGE = default_image()
 
 
@@ -84,6 +93,45 @@ _CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
 _TRUE = frozenset({"1", "true", "yes", "on", "y"})
 _FALSE = frozenset({"0", "false", "no", "off", "n"})
 
+#: Every field but the credentials is read from ``ENV_PREFIX + FIELD.upper()``.
+ENV_PREFIX = "JOBLIB_AZUREBATCH_"
+#: The credentials keep the names SuperBatch and the Azure SDKs read, first one set wins.
+_CREDENTIAL_ENV_VARS: Mapping[str, tuple[str, ...]] = {
+    "batch_url": ("BATCH_ACCOUNT_URL", "AZURE_BATCH_ENDPOINT"),
+    "batch_account": ("BATCH_ACCOUNT_NAME", "AZURE_BATCH_ACCOUNT"),
+    "batch_key": ("BATCH_ACCOUNT_KEY", "AZURE_BATCH_ACCESS_KEY"),
+    "storage_account": ("STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT"),
+    "storage_url": ("STORAGE_ACCOUNT_URL",),
+    "storage_key": ("STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY"),
+    "storage_connection_string": ("AZURE_STORAGE_CONNECTION_STRING",),
+}
+#: Objects, not strings: only a keyword argument can give them.
+_NOT_FROM_ENV = frozenset({"batch_credential", "storage_credential"})
+#: SuperBatch keyword argument -> field (``from_env`` accepts both).
+_SUPERBATCH_KEYWORDS: Mapping[str, str] = {
+    "BATCH_ACCOUNT_NAME": "batch_account",
+    "BATCH_ACCOUNT_KEY": "batch_key",
+    "BATCH_ACCOUNT_URL": "batch_url",
+    "STORAGE_ACCOUNT_NAME": "storage_account",
+    "STORAGE_ACCOUNT_KEY": "storage_key",
+    "POOL_ID": "pool_id",
+    "POOL_VM_SIZE": "vm_size",
+    "POOL_NODE_COUNT": "dedicated_nodes",
+    "POOL_LOW_PRIORITY_NODE_COUNT": "spot_nodes",
+    "DOCKER_CONTAINER": "image",
+    "CONTAINER_NAME": "container",
+    "JOB_ID": "job_id",
+    "DELETE_POOL_WHEN_DONE": "keep_pool",
+    "DELETE_JOB_WHEN_DONE": "keep_job",
+}
+#: SuperBatch keywords whose value is the negation of the field's.
+_INVERTED_KEYWORDS = frozenset({"DELETE_POOL_WHEN_DONE", "DELETE_JOB_WHEN_DONE"})
+
+
+def _env_name(name: str) -> str:
+    """The environment variable of a field that is not a credential."""
+    return ENV_PREFIX + name.upper()
+
 
 def _secret(default: str | None = None) -> Any:
     return field(default=default, repr=False, metadata={"secret": True})
@@ -93,8 +141,8 @@ def _secret(default: str | None = None) -> Any:
 class BatchConfig:
     """The Batch and Storage accounts, the pool, the job and the run's tunables.
 
-    See docs/internals.md for the meaning of every field and the environment variable it
-    is read from by `from_env`.
+    See docs/configuration.md for the meaning of every field and the environment variable
+    it is read from by `from_env` (`ENV_VARS`).
     """
 
     # Accounts
@@ -136,28 +184,10 @@ class BatchConfig:
     pool_timeout: float = 1800.0
     inline_threshold: int = 65536
 
-    #: field -> environment variables, first one set wins.
-    ENV_VARS: ClassVar[Mapping[str, tuple[str, ...]]] = {
-        "batch_url": ("BATCH_ACCOUNT_URL", "AZURE_BATCH_ENDPOINT"),
-        "batch_account": ("BATCH_ACCOUNT_NAME", "AZURE_BATCH_ACCOUNT"),
-        "batch_key": ("BATCH_ACCOUNT_KEY", "AZURE_BATCH_ACCESS_KEY"),
-        "storage_account": ("STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT"),
-        "storage_url": ("STORAGE_ACCOUNT_URL",),
-        "storage_key": ("STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY"),
-        "storage_connection_string": ("AZURE_STORAGE_CONNECTION_STRING",),
-        "pool_id": ("POOL_ID",),
-        "vm_size": ("POOL_VM_SIZE",),
-        "dedicated_nodes": ("POOL_NODE_COUNT",),
-        "spot_nodes": ("POOL_LOW_PRIORITY_NODE_COUNT",),
-        "image": ("DOCKER_CONTAINER",),
-        "container": ("CONTAINER_NAME",),
-        "job_id": ("JOB_ID",),
-    }
-    #: field -> environment variable whose boolean value is the field's negation.
-    INVERTED_ENV_VARS: ClassVar[Mapping[str, str]] = {
-        "keep_pool": "DELETE_POOL_WHEN_DONE",
-        "keep_job": "DELETE_JOB_WHEN_DONE",
-    }
+    #: field -> environment variables `from_env` reads for it, first one set wins.
+    ENV_VARS: ClassVar[Mapping[str, tuple[str, ...]]]
+    #: SuperBatch's keyword arguments -> the field each one sets (see `from_env`).
+    SUPERBATCH_KEYWORDS: ClassVar[Mapping[str, str]] = MappingProxyType(dict(_SUPERBATCH_KEYWORDS))
 
     def __post_init__(self) -> None:
         self._validate_static()
@@ -169,30 +199,32 @@ class BatchConfig:
         """Build a config from keyword arguments, then the environment, then the defaults.
 
         A keyword argument given as ``None`` counts as not given, so that callers can
-        forward their own optional arguments. ``environ`` replaces ``os.environ`` (tests).
+        forward their own optional arguments. SuperBatch's keyword names are accepted for
+        the fields they meant (``POOL_ID=...``, ``DELETE_POOL_WHEN_DONE=False``, ...; see
+        `SUPERBATCH_KEYWORDS`), but not together with the field's own name.
+        ``environ`` replaces ``os.environ`` (tests).
         """
         if environ is None:
             import os
 
             environ = os.environ
+        overrides = _translate_superbatch_keywords(overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(
                 f"BatchConfig has no option {', '.join(unknown)}; "
-                f"the options are: {', '.join(sorted(names))}"
+                f"the options are: {', '.join(sorted(names))} (and SuperBatch's names "
+                f"{', '.join(_SUPERBATCH_KEYWORDS)})"
             )
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
         values: dict[str, Any] = {}
         for name, variables in cls.ENV_VARS.items():
             for variable in variables:
                 raw = _env_value(environ, variable)
                 if raw is not None:
-                    values[name] = _parse_env(cls, name, variable, raw)
+                    values[name] = _parse_env(kinds[name], variable, raw)
                     break
-        for name, variable in cls.INVERTED_ENV_VARS.items():
-            raw = _env_value(environ, variable)
-            if raw is not None:
-                values[name] = not _parse_bool(variable, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -227,9 +259,9 @@ class BatchConfig:
     def new_job_id(self) -> str:
         """A Batch job id that no earlier call has used: ``{prefix}-{utc time}-{random}``.
 
-        ``job_id`` (``JOB_ID``) is the prefix when set, so that several `Parallel` calls
-        with one config still get one job each; the prefix is cut so the id stays within
-        Batch's 64 characters.
+        ``job_id`` (``JOBLIB_AZUREBATCH_JOB_ID``) is the prefix when set, so that several
+        `Parallel` calls with one config still get one job each; the prefix is cut so the id
+        stays within Batch's 64 characters.
         """
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         suffix = f"-{stamp}-{secrets.token_hex(4)}"
@@ -255,8 +287,8 @@ class BatchConfig:
         if self.dedicated_nodes == 0 and self.spot_nodes == 0:
             raise ConfigError(
                 "dedicated_nodes and spot_nodes are both 0, so the pool could never run a "
-                "task: set dedicated_nodes (POOL_NODE_COUNT) or spot_nodes "
-                "(POOL_LOW_PRIORITY_NODE_COUNT) to at least 1"
+                f"task: set dedicated_nodes ({_env_name('dedicated_nodes')}) or spot_nodes "
+                f"({_env_name('spot_nodes')}) to at least 1"
             )
         _check_int("max_task_retries", self.max_task_retries, minimum=-1)
         _check_int("inline_threshold", self.inline_threshold, minimum=0)
@@ -267,9 +299,9 @@ class BatchConfig:
         for name in ("keep_pool", "keep_job", "keep_blobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
-        _check_id("pool_id", self.pool_id, "POOL_ID")
+        _check_id("pool_id", self.pool_id)
         if self.job_id is not None:
-            _check_id("job_id", self.job_id, "JOB_ID")
+            _check_id("job_id", self.job_id)
         _check_container(self.container)
         for name in ("vm_size", "image", "node_image_publisher", "node_image_offer"):
             value = getattr(self, name)
@@ -352,7 +384,45 @@ class BatchConfig:
         return self
 
 
+BatchConfig.ENV_VARS = MappingProxyType(
+    {
+        f.name: _CREDENTIAL_ENV_VARS.get(f.name, (_env_name(f.name),))
+        for f in dataclasses.fields(BatchConfig)
+        if f.name not in _NOT_FROM_ENV
+    }
+)
+
+
 # ---------------------------------------------------------------------- helpers
+
+
+def _translate_superbatch_keywords(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` with SuperBatch's keyword names turned into the fields they set."""
+    if overrides.get("BATCH_DIRECTORY") is not None:
+        raise ConfigError(
+            "BATCH_DIRECTORY has no meaning here: there are no input or output files to "
+            "keep in a local folder, Parallel returns the results in memory. Remove it."
+        )
+    translated = {
+        k: v
+        for k, v in overrides.items()
+        if k not in _SUPERBATCH_KEYWORDS and k != "BATCH_DIRECTORY"
+    }
+    for keyword, name in _SUPERBATCH_KEYWORDS.items():
+        value = overrides.get(keyword)
+        if value is None:
+            continue
+        if translated.get(name) is not None:
+            raise ConfigError(
+                f"{keyword} and {name} set the same option (SuperBatch's name and this "
+                "library's): pass only one of them"
+            )
+        if keyword in _INVERTED_KEYWORDS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{keyword} must be True or False, not {value!r}")
+            value = not value
+        translated[name] = value
+    return translated
 
 
 def _env_value(environ: Mapping[str, str], variable: str) -> str | None:
@@ -366,13 +436,21 @@ def _env_value(environ: Mapping[str, str], variable: str) -> str | None:
     return raw or None
 
 
-def _parse_env(cls: type[BatchConfig], name: str, variable: str, raw: str) -> Any:
-    kind = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+def _parse_env(kind: str, variable: str, raw: str) -> Any:
+    """The value of an environment variable as the field's type (its annotation, a string)."""
+    kind = kind.removesuffix(" | None")
     if kind == "int":
         try:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{variable} must be a whole number, not {raw!r}") from None
+    if kind == "float":
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{variable} must be a number of seconds, not {raw!r}") from None
+    if kind == "bool":
+        return _parse_bool(variable, raw)
     return raw
 
 
@@ -397,10 +475,10 @@ def _check_positive(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
 
 
-def _check_id(name: str, value: Any, variable: str) -> None:
+def _check_id(name: str, value: Any) -> None:
     if not isinstance(value, str) or not _ID_RE.match(value):
         raise ConfigError(
-            f"{name} ({variable}) {value!r} is not a valid Batch id: use 1 to 64 letters, "
+            f"{name} ({_env_name(name)}) {value!r} is not a valid Batch id: use 1 to 64 letters, "
             "digits, '-' or '_'"
         )
 
@@ -408,9 +486,9 @@ def _check_id(name: str, value: Any, variable: str) -> None:
 def _check_container(value: Any) -> None:
     if not isinstance(value, str) or not _CONTAINER_RE.match(value):
         raise ConfigError(
-            f"container (CONTAINER_NAME) {value!r} is not a valid blob container name: use 3 "
-            "to 63 lowercase letters, digits and single '-' between them, starting and ending "
-            "with a letter or digit"
+            f"container ({_env_name('container')}) {value!r} is not a valid blob container "
+            "name: use 3 to 63 lowercase letters, digits and single '-' between them, starting "
+            "and ending with a letter or digit"
         )
 
 

@@ -7,7 +7,7 @@ the reason. docs/cloud-tests.md explains how to run them.
 
 A pool takes minutes to get its first node, so the tests share one for the session: their
 runs keep it (``keep_pool=True``) and the session deletes it at the end if the session
-created it, unless ``DELETE_POOL_WHEN_DONE=false`` asks to keep it for the next session.
+created it, unless ``JOBLIB_AZUREBATCH_KEEP_POOL=true`` asks to keep it for the next session.
 A pool that existed before the session is never deleted.
 """
 
@@ -29,14 +29,10 @@ from joblib_azurebatch.storage import BlobStore
 ENABLE = "JOBLIB_AZUREBATCH_CLOUD_TESTS"
 #: Authenticate with DefaultAzureCredential (Entra ID) instead of account keys.
 ENTRA = "JOBLIB_AZUREBATCH_CLOUD_ENTRA"
-#: The pool the tests share unless POOL_ID names another one.
+#: The pool the tests share unless JOBLIB_AZUREBATCH_POOL_ID names another one.
 DEFAULT_POOL_ID = "joblib-azurebatch-tests"
-#: Private registry of the worker image (BatchConfig.from_env does not read these).
-REGISTRY_VARIABLES = {
-    "registry_server": "DOCKER_REGISTRY_SERVER",
-    "registry_username": "DOCKER_REGISTRY_USERNAME",
-    "registry_password": "DOCKER_REGISTRY_PASSWORD",
-}
+#: The worker image; a private registry is JOBLIB_AZUREBATCH_REGISTRY_SERVER/_USERNAME/_PASSWORD.
+(IMAGE,) = BatchConfig.ENV_VARS["image"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -64,9 +60,9 @@ def missing_settings(environ: Mapping[str, str]) -> list[str]:
             missing.append("STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_CONNECTION_STRING)")
         if not _is_set(environ, "STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY"):
             missing.append("STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING)")
-    if not _is_set(environ, "DOCKER_CONTAINER"):
+    if not _is_set(environ, IMAGE):
         python = f"{sys.version_info.major}.{sys.version_info.minor}"
-        missing.append(f"DOCKER_CONTAINER (a worker image built from docker/ for Python {python})")
+        missing.append(f"{IMAGE} (a worker image built from docker/ for Python {python})")
     return missing
 
 
@@ -100,18 +96,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def base_config() -> BatchConfig:
     """The account from the environment (BatchConfig.from_env), shaped as a tiny pool.
 
-    POOL_ID, POOL_VM_SIZE, POOL_NODE_COUNT and POOL_LOW_PRIORITY_NODE_COUNT are honoured
-    when set; by default the pool is one spot node of two slots.
+    By default the pool is one spot node of two slots, ``joblib-azurebatch-tests``; every
+    ``JOBLIB_AZUREBATCH_*`` variable that is set (``POOL_ID``, ``VM_SIZE``,
+    ``DEDICATED_NODES``, ``SPOT_NODES``, ``TASK_SLOTS_PER_NODE``, ...) wins over that.
     """
-    overrides: dict[str, Any] = {"task_slots_per_node": 2}
-    if "POOL_ID" not in os.environ:
-        overrides["pool_id"] = DEFAULT_POOL_ID
-    if "POOL_NODE_COUNT" not in os.environ:
-        overrides["dedicated_nodes"] = 0
-    if "POOL_LOW_PRIORITY_NODE_COUNT" not in os.environ:
-        overrides["spot_nodes"] = 1
-    for name, variable in REGISTRY_VARIABLES.items():
-        overrides[name] = os.environ.get(variable) or None
+    shape: dict[str, Any] = {
+        "pool_id": DEFAULT_POOL_ID,
+        "dedicated_nodes": 0,
+        "spot_nodes": 1,
+        "task_slots_per_node": 2,
+    }
+    overrides = {
+        name: value
+        for name, value in shape.items()
+        if not _is_set(os.environ, *BatchConfig.ENV_VARS[name])
+    }
     if os.environ.get(ENTRA, "").strip() == "1":
         # Ignore keys that happen to be set: the run signs in with DefaultAzureCredential.
         cfg = BatchConfig.from_env(**overrides)

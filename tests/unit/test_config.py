@@ -1,12 +1,14 @@
-"""BatchConfig: precedence, validation, and secrets that never leak."""
+"""BatchConfig: where values come from, validation, and secrets that never leak."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import pickle
 import re
 import sys
+from typing import Any
 
 import pytest
 
@@ -23,19 +25,40 @@ FULL_ENV = {
     "BATCH_ACCOUNT_URL": "https://superbatch.westus2.batch.azure.com",
     "STORAGE_ACCOUNT_NAME": "superstore",
     "STORAGE_ACCOUNT_KEY": SKEY,
-    "POOL_ID": "env-pool",
-    "POOL_NODE_COUNT": "5",
-    "POOL_LOW_PRIORITY_NODE_COUNT": "7",
-    "POOL_VM_SIZE": "STANDARD_A1_v2",
-    "JOB_ID": "env_job",
-    "CONTAINER_NAME": "env-container",
-    "DOCKER_CONTAINER": "me/worker:1",
+    "JOBLIB_AZUREBATCH_POOL_ID": "env-pool",
+    "JOBLIB_AZUREBATCH_DEDICATED_NODES": "5",
+    "JOBLIB_AZUREBATCH_SPOT_NODES": "7",
+    "JOBLIB_AZUREBATCH_TASK_SLOTS_PER_NODE": "4",
+    "JOBLIB_AZUREBATCH_VM_SIZE": "STANDARD_A1_v2",
+    "JOBLIB_AZUREBATCH_JOB_ID": "env_job",
+    "JOBLIB_AZUREBATCH_CONTAINER": "env-container",
+    "JOBLIB_AZUREBATCH_IMAGE": "me/worker:1",
+    "JOBLIB_AZUREBATCH_REGISTRY_SERVER": "me.azurecr.io",
+    "JOBLIB_AZUREBATCH_REGISTRY_USERNAME": "me",
+    "JOBLIB_AZUREBATCH_REGISTRY_PASSWORD": "REGISTRYPASSWORD",
+    "JOBLIB_AZUREBATCH_KEEP_POOL": "true",
+    "JOBLIB_AZUREBATCH_KEEP_JOB": "0",
+    "JOBLIB_AZUREBATCH_TASK_TIMEOUT": "90.5",
+    "JOBLIB_AZUREBATCH_MAX_TASK_RETRIES": "-1",
+}
+
+#: SuperBatch's keyword names, which were never environment variables; other tools set
+#: some of them (this machine may have CONTAINER_NAME, for one).
+SUPERBATCH_NAMES = {
+    "POOL_ID": "generic-pool",
+    "POOL_NODE_COUNT": "9",
+    "POOL_LOW_PRIORITY_NODE_COUNT": "9",
+    "POOL_VM_SIZE": "generic_size",
+    "JOB_ID": "generic-job",
+    "CONTAINER_NAME": "generic-container",
+    "DOCKER_CONTAINER": "generic/image:1",
     "DELETE_POOL_WHEN_DONE": "false",
-    "DELETE_JOB_WHEN_DONE": "true",
+    "DELETE_JOB_WHEN_DONE": "false",
+    "BATCH_DIRECTORY": "/tmp/somewhere",
 }
 
 
-def test_superbatch_variables_are_read() -> None:
+def test_credentials_and_prefixed_variables_are_read() -> None:
     cfg = BatchConfig.from_env(environ=FULL_ENV)
     assert cfg.batch_account == "superbatch"
     assert cfg.batch_key == KEY
@@ -43,15 +66,112 @@ def test_superbatch_variables_are_read() -> None:
     assert cfg.storage_account == "superstore"
     assert cfg.storage_key == SKEY
     assert cfg.pool_id == "env-pool"
-    assert (cfg.dedicated_nodes, cfg.spot_nodes) == (5, 7)
+    assert (cfg.dedicated_nodes, cfg.spot_nodes, cfg.task_slots_per_node) == (5, 7, 4)
     assert cfg.vm_size == "STANDARD_A1_v2"
     assert cfg.job_id == "env_job"
     assert cfg.container == "env-container"
     assert cfg.image == "me/worker:1"
-    assert cfg.keep_pool is True  # DELETE_POOL_WHEN_DONE=false
-    assert cfg.keep_job is False
+    assert (cfg.registry_server, cfg.registry_username) == ("me.azurecr.io", "me")
+    assert cfg.registry_password == "REGISTRYPASSWORD"
+    assert (cfg.keep_pool, cfg.keep_job) == (True, False)
+    assert (cfg.task_timeout, cfg.max_task_retries) == (90.5, -1)
     assert cfg.blob_url == "https://superstore.blob.core.windows.net"
     assert cfg.validate() is cfg
+
+
+def test_every_field_but_the_credentials_has_a_prefixed_variable() -> None:
+    credentials = {
+        "batch_url",
+        "batch_account",
+        "batch_key",
+        "storage_account",
+        "storage_url",
+        "storage_key",
+        "storage_connection_string",
+    }
+    for name, variables in BatchConfig.ENV_VARS.items():
+        if name in credentials:
+            assert not any(v.startswith("JOBLIB_AZUREBATCH_") for v in variables), name
+        else:
+            assert variables == (f"JOBLIB_AZUREBATCH_{name.upper()}",)
+    fields = {f.name for f in dataclasses.fields(BatchConfig)}
+    assert set(BatchConfig.ENV_VARS) == fields - {"batch_credential", "storage_credential"}
+
+
+def test_generic_names_in_the_environment_change_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert BatchConfig.from_env(environ=SUPERBATCH_NAMES) == BatchConfig()
+    # The real environment: an unrelated CONTAINER_NAME (set by other tools) is not ours.
+    for variables in BatchConfig.ENV_VARS.values():
+        for variable in variables:
+            monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("CONTAINER_NAME", "someone-elses-container")
+    assert BatchConfig.from_env().container == "joblib-azurebatch"
+    monkeypatch.setenv("JOBLIB_AZUREBATCH_CONTAINER", "ours")
+    assert BatchConfig.from_env().container == "ours"
+
+
+def test_superbatch_keyword_names_carry_a_config_over() -> None:
+    cfg = BatchConfig.from_env(
+        environ={},
+        BATCH_ACCOUNT_NAME="superbatch",
+        BATCH_ACCOUNT_KEY=KEY,
+        BATCH_ACCOUNT_URL="https://superbatch.westus2.batch.azure.com",
+        STORAGE_ACCOUNT_NAME="superstore",
+        STORAGE_ACCOUNT_KEY=SKEY,
+        POOL_ID="my-compute-pool",
+        POOL_NODE_COUNT=0,
+        POOL_LOW_PRIORITY_NODE_COUNT=20,
+        POOL_VM_SIZE="STANDARD_A1_v2",
+        DELETE_POOL_WHEN_DONE=False,
+        JOB_ID="my-job",
+        DELETE_JOB_WHEN_DONE=True,
+        CONTAINER_NAME="my-blob-container",
+        DOCKER_CONTAINER="me/worker:2",
+    )
+    assert (cfg.batch_account, cfg.batch_key, cfg.storage_account, cfg.storage_key) == (
+        "superbatch",
+        KEY,
+        "superstore",
+        SKEY,
+    )
+    assert cfg.batch_url == "https://superbatch.westus2.batch.azure.com"
+    assert (cfg.pool_id, cfg.dedicated_nodes, cfg.spot_nodes) == ("my-compute-pool", 0, 20)
+    assert (cfg.vm_size, cfg.job_id, cfg.container) == (
+        "STANDARD_A1_v2",
+        "my-job",
+        "my-blob-container",
+    )
+    assert cfg.image == "me/worker:2"
+    assert (cfg.keep_pool, cfg.keep_job) == (True, False)  # the DELETE_* flags, inverted
+    assert cfg.validate() is cfg
+    # A keyword beats the environment whichever name it has; None is "not given".
+    env = {"JOBLIB_AZUREBATCH_POOL_ID": "from-env"}
+    assert BatchConfig.from_env(environ=env, POOL_ID="from-kw").pool_id == "from-kw"
+    assert BatchConfig.from_env(environ=env, POOL_ID=None).pool_id == "from-env"
+    assert BatchConfig.from_env(environ={}, POOL_ID="a", pool_id=None).pool_id == "a"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"POOL_ID": "a", "pool_id": "b"}, "POOL_ID and pool_id set the same option"),
+        ({"POOL_ID": "a", "pool_id": "a"}, "POOL_ID and pool_id set the same option"),
+        (
+            {"DELETE_POOL_WHEN_DONE": True, "keep_pool": True},
+            "DELETE_POOL_WHEN_DONE and keep_pool set the same option",
+        ),
+        ({"DELETE_JOB_WHEN_DONE": "no"}, "DELETE_JOB_WHEN_DONE must be True or False"),
+        ({"BATCH_DIRECTORY": "/data/batch"}, "BATCH_DIRECTORY has no meaning here.*in memory"),
+        ({"pool_size": 3}, "no option pool_size.*SuperBatch's names .*POOL_ID"),
+    ],
+)
+def test_superbatch_keyword_mistakes_are_refused(
+    overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BatchConfig.from_env(environ={}, **overrides)
 
 
 def test_azure_variables_are_read_and_superbatch_ones_win() -> None:
@@ -74,14 +194,12 @@ def test_azure_variables_are_read_and_superbatch_ones_win() -> None:
 
 
 def test_keyword_beats_environment_beats_default() -> None:
+    env = {"JOBLIB_AZUREBATCH_POOL_ID": "from-env"}
     assert BatchConfig.from_env(environ={}).pool_id == "joblib-azurebatch"
-    assert BatchConfig.from_env(environ={"POOL_ID": "from-env"}).pool_id == "from-env"
-    cfg = BatchConfig.from_env(environ={"POOL_ID": "from-env"}, pool_id="from-kw")
-    assert cfg.pool_id == "from-kw"
+    assert BatchConfig.from_env(environ=env).pool_id == "from-env"
+    assert BatchConfig.from_env(environ=env, pool_id="from-kw").pool_id == "from-kw"
     # None means "not given": the environment still applies.
-    assert BatchConfig.from_env(environ={"POOL_ID": "from-env"}, pool_id=None).pool_id == (
-        "from-env"
-    )
+    assert BatchConfig.from_env(environ=env, pool_id=None).pool_id == "from-env"
     # The plain constructor reads no environment.
     assert BatchConfig().pool_id == "joblib-azurebatch"
 
@@ -100,16 +218,29 @@ def test_unknown_option_is_refused() -> None:
 
 def test_keyword_only() -> None:
     with pytest.raises(TypeError):
-        BatchConfig("https://x.batch.azure.com")  # type: ignore[misc]
+        BatchConfig("https://x.batch.azure.com")  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"POOL_NODE_COUNT": "five"}, "POOL_NODE_COUNT must be a whole number"),
-        ({"DELETE_POOL_WHEN_DONE": "maybe"}, "DELETE_POOL_WHEN_DONE must be true or false"),
-        ({"POOL_ID": "bad pool!"}, "POOL_ID.*not a valid Batch id"),
-        ({"CONTAINER_NAME": "Has_Upper"}, "not a valid blob container name"),
+        (
+            {"JOBLIB_AZUREBATCH_DEDICATED_NODES": "five"},
+            "JOBLIB_AZUREBATCH_DEDICATED_NODES must be a whole number",
+        ),
+        (
+            {"JOBLIB_AZUREBATCH_KEEP_POOL": "maybe"},
+            "JOBLIB_AZUREBATCH_KEEP_POOL must be true or false",
+        ),
+        (
+            {"JOBLIB_AZUREBATCH_POLL_INTERVAL": "soon"},
+            "JOBLIB_AZUREBATCH_POLL_INTERVAL must be a number of seconds",
+        ),
+        ({"JOBLIB_AZUREBATCH_POOL_ID": "bad pool!"}, "JOBLIB_AZUREBATCH_POOL_ID.*not a valid"),
+        (
+            {"JOBLIB_AZUREBATCH_CONTAINER": "Has_Upper"},
+            r"container \(JOBLIB_AZUREBATCH_CONTAINER\).*not a valid blob container name",
+        ),
     ],
 )
 def test_bad_environment_values_name_the_variable(env: dict[str, str], message: str) -> None:
@@ -186,7 +317,7 @@ def test_valid_edge_values_are_accepted() -> None:
     ],
 )
 def test_missing_credentials_say_which_variable_to_set(
-    kwargs: dict[str, str], variable: str
+    kwargs: dict[str, Any], variable: str
 ) -> None:
     cfg = BatchConfig(**kwargs)  # constructing is fine: nothing needs the accounts yet
     with pytest.raises(CredentialError, match=variable):
