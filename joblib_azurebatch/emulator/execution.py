@@ -288,6 +288,9 @@ class Executor:
                 task.pool_id = None
                 if charge:
                     task.retry_count += 1
+                else:  # Batch reports a requeue that is not the task's fault as requeueCount
+                    task.requeue_count += 1
+                    task.last_requeue_time = utcnow()
             node.running.pop((job_id, task_id), None)
         if node.state == "running":
             node.move("idle")

@@ -263,6 +263,8 @@ def test_preempted_spot_node_requeues_its_tasks_without_charging_retries() -> No
             task = completed(client, "j", f"p{i}")
             assert task.execution_info.exit_code == 0
             assert task.execution_info.retry_count == 0
+            assert task.execution_info.requeue_count == 1
+            assert task.execution_info.last_requeue_time is not None
             assert b"".join(client.download_task_file("j", f"p{i}", "stdout.txt")) == b"second\n"
         assert client.get_node("spot", node_id).state == m.BatchNodeState.IDLE
 
