@@ -258,7 +258,7 @@ class Tracker:
             + (f" on the node {outcome.node_id}" if outcome.node_id else "")
             + ". Batch retries such a task up to max_task_retries times "
             f"({self._max_task_retries}); the node's files stay readable while the job exists "
-            "(keep_job=True keeps it)."
+            "(keep_job=True keeps it)." + _image_hint(tail, outcome.exit_code)
         )
         return TaskDone(
             task_id=outcome.task_id,
@@ -284,3 +284,26 @@ class Tracker:
             _thread.interrupt_main()
         except BaseException:
             _log.exception("the completion callback of task %s raised", done.task_id)
+
+
+def _image_hint(stderr_tail: str, exit_code: int | None) -> str:
+    """Name the usual cause when the task never reached the worker: an image without it.
+
+    A custom image that was not built ``FROM`` the standard one (or a venv mapped as an
+    image locally) fails every task the same way, and the stderr tail alone does not say
+    what to change.
+    """
+    if (
+        "No module named 'joblib_azurebatch'" in stderr_tail
+        or "No module named joblib_azurebatch" in stderr_tail
+    ):
+        missing = "joblib-azurebatch is not installed in the task's image"
+    elif exit_code == 127 or "python: not found" in stderr_tail:
+        missing = "the task's image has no `python` on its PATH"
+    else:
+        return ""
+    return (
+        f" It looks like {missing}: build your image FROM the standard worker image "
+        "(docker/README.md) or `pip install joblib-azurebatch` in it, and set "
+        "BatchConfig(image=...)."
+    )
