@@ -190,3 +190,17 @@ def test_tampered_payload_exits_non_zero_and_unpickles_nothing(
     done = _run_task(venv_python, good, tmp_path / "node-b")
     assert done.returncode == 0, done.stderr
     assert marker.exists()
+
+
+def test_a_module_the_image_lacks_is_named_with_the_fix(
+    venv_python: Path, store: BlobStore, tmp_path: Path
+) -> None:
+    # pytest is importable here, so cloudpickle sends its function by reference; the image
+    # has no pytest.
+    task = _writer(store).prepare("t-lacks", _batch((pytest.approx, (1.0,), {})))
+    done = _run_task(venv_python, task, tmp_path)
+    assert done.returncode == 0, done.stderr  # reported as the task's result: no retry
+    with pytest.raises(ModuleNotFoundError, match="No module named '_pytest'") as info:
+        read_result(store.download(task.result_blob), KEY).result()
+    assert "The worker image lacks a module" in "\n".join(getattr(info.value, "__notes__", []))
+    assert isinstance(info.value.__cause__, payload.RemoteTraceback)
