@@ -80,7 +80,7 @@ def test_from_env_reaches_both_accounts(
     cfg = base_config
     assert cfg.batch_url is not None
     assert cfg.batch_url.startswith("https://")
-    assert cfg.image == os.environ["DOCKER_CONTAINER"].strip().strip("\"'")
+    assert cfg.image == os.environ["JOBLIB_AZUREBATCH_IMAGE"].strip().strip("\"'")
     for secret in (cfg.batch_key, cfg.storage_key, cfg.storage_connection_string):
         if secret:
             assert secret not in repr(cfg)
