@@ -18,6 +18,7 @@ import re
 import shlex
 import signal
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -175,7 +176,16 @@ def format_comparison(remote: DemoRun, local: DemoRun) -> str:
     return "\n".join(lines)
 
 
-def _run_demo(cfg: BatchConfig, *, folds: int, trees: int, where: str, out: TextIO) -> int:
+LOCAL_NOTE = (
+    "The local account's nodes are processes on this machine: every task starts a Python "
+    "interpreter on the same cores, so the Batch run is slower here. On Azure each node "
+    "brings cores of its own."
+)
+
+
+def _run_demo(
+    cfg: BatchConfig, *, folds: int, trees: int, where: str, out: TextIO, note: str = ""
+) -> int:
     model, X, y, cv, summary = _demo_problem(folds=folds, trees=trees)
     progress = _Progress(out)
     print(summary, file=out)
@@ -193,6 +203,8 @@ def _run_demo(cfg: BatchConfig, *, folds: int, trees: int, where: str, out: Text
     local = _cross_validate(model, X, y, cv, label="n_jobs=1", progress=progress)
     print(file=out)
     print(format_comparison(remote, local), file=out)
+    if note:
+        print(textwrap.fill(note, width=92), file=out)
     return 0 if remote.scores == local.scores else 1
 
 
@@ -212,7 +224,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"local emulated Batch account: {args.nodes} nodes x {args.slots} slots "
             f"(Batch {local.batch_url}, blobs {local.blob_url})"
         )
-        return _run_demo(cfg, folds=args.folds, trees=args.trees, where=where, out=sys.stdout)
+        return _run_demo(
+            cfg, folds=args.folds, trees=args.trees, where=where, out=sys.stdout, note=LOCAL_NOTE
+        )
 
 
 # --------------------------------------------------------------------------- emulator

@@ -96,7 +96,7 @@ def test_cross_val_score_matches_sequential(local, cfg, data):
 def test_grid_search_matches_sequential(local, cfg, data):
     X, y = data
     grid = {"max_depth": [2, None], "min_samples_leaf": [1, 5]}
-    cv = KFold(n_splits=3, shuffle=True, random_state=1)
+    cv = KFold(n_splits=2, shuffle=True, random_state=1)
 
     def search(n_jobs: int) -> GridSearchCV:
         est = DecisionTreeClassifier(random_state=0)
@@ -111,7 +111,7 @@ def test_grid_search_matches_sequential(local, cfg, data):
     assert got.best_score_ == expected.best_score_
     for key in ("mean_test_score", "std_test_score", "rank_test_score"):
         np.testing.assert_array_equal(got.cv_results_[key], expected.cv_results_[key])
-    for i in range(3):
+    for i in range(2):
         key = f"split{i}_test_score"
         np.testing.assert_array_equal(got.cv_results_[key], expected.cv_results_[key])
     # The refit happens in the caller's process on the whole data, as with n_jobs=1.
@@ -126,7 +126,7 @@ def test_randomized_search_matches_sequential(local, cfg, data):
         "max_features": [1, 2, None],
         "criterion": ["gini", "entropy"],
     }
-    cv = KFold(n_splits=3, shuffle=True, random_state=2)
+    cv = KFold(n_splits=2, shuffle=True, random_state=2)
 
     def search(n_jobs: int) -> RandomizedSearchCV:
         est = RandomForestClassifier(random_state=0)
