@@ -257,7 +257,10 @@ def _run(
     start = time.perf_counter()
     try:
         value = calls()
-    except (Exception, SystemExit) as e:  # sys.exit() in the function is its result too
+    except BaseException as e:
+        # sys.exit() or KeyboardInterrupt raised by the function is its result too: the
+        # caller re-raises it, as joblib's own backends do. Batch stops a task with SIGTERM
+        # or SIGKILL, never SIGINT, so this cannot swallow a real interruption of the node.
         timings["run"] = time.perf_counter() - start
         _log(out, f"the function raised {type(e).__name__} after {timings['run']:.3f} s")
         return None, e, timings

@@ -324,3 +324,15 @@ def test_sys_exit_in_the_function_is_its_result(store: BlobStore, tmp_path: Path
     with pytest.raises(SystemExit) as info:
         read_result(store.download(task.result_blob), KEY).result()
     assert info.value.code == 3
+
+
+def interrupts() -> None:
+    raise KeyboardInterrupt("raised by the function")
+
+
+def test_keyboard_interrupt_in_the_function_is_its_result(store: BlobStore, tmp_path: Path) -> None:
+    task = _writer(store).prepare("t", _batch((interrupts, (), {})))
+    code, _, err = _run(_node_env(task, tmp_path))
+    assert (code, err) == (0, "")
+    with pytest.raises(KeyboardInterrupt, match="raised by the function"):
+        read_result(store.download(task.result_blob), KEY).result()
