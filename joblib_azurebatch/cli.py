@@ -380,7 +380,11 @@ def cleanup(cfg: BatchConfig, *, dry_run: bool, out: TextIO) -> tuple[int, int]:
             print(f"{verb} job {job.job_id}", file=out)
 
     with contextlib.closing(BlobStore.from_config(cfg)) as store:
-        names = store.list_names("jobs/")
+        try:
+            names = store.list_names("jobs/")
+        except FileNotFoundError:
+            names = []
+            print(f"no blob container {cfg.container!r}: no blobs to delete", file=out)
         folders = sorted({name.split("/")[1] for name in names if name.count("/") >= 2})
         blobs = 0
         for job_id in folders:
@@ -396,7 +400,7 @@ def cleanup(cfg: BatchConfig, *, dry_run: bool, out: TextIO) -> tuple[int, int]:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    cleanup(_config_from_env(), dry_run=args.dry_run, out=sys.stdout)
+    cleanup(_config_from_env(container=args.container), dry_run=args.dry_run, out=sys.stdout)
     return 0
 
 
@@ -474,6 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     clean.add_argument("--dry-run", action="store_true", help="only list what would go")
+    clean.add_argument(
+        "--container",
+        default=None,
+        help="the blob container (default: JOBLIB_AZUREBATCH_CONTAINER, else joblib-azurebatch)",
+    )
     clean.set_defaults(func=cmd_cleanup)
     return parser
 

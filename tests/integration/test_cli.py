@@ -89,7 +89,9 @@ def local_env(local, monkeypatch):
     for name, value in local.environment().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("JOBLIB_AZUREBATCH_CONTAINER", "cli-housekeeping")
-    return BatchConfig.from_env()
+    cfg = BatchConfig.from_env()
+    assert cfg.container == "cli-housekeeping"
+    return cfg
 
 
 def _ids(jobs):
@@ -124,6 +126,10 @@ def test_housekeeping_lists_and_cleans_what_a_kept_run_left(local, local_env, ca
 
         assert cli.main(["pools", "list"]) == 0
         assert re.search(r"^cli-pool\s", capsys.readouterr().out, re.MULTILINE)
+
+        assert cli.main(["cleanup", "--dry-run", "--container", "joblib-azurebatch"]) == 0
+        assert f"would delete job {job_id}" in capsys.readouterr().out
+        assert any(name.startswith(f"jobs/{job_id}/") for name in store.list_names("jobs/"))
 
         assert cli.main(["cleanup", "--dry-run"]) == 0
         dry = capsys.readouterr().out
