@@ -21,8 +21,8 @@ demo: $(BIN)/.installed $(AZURITE)
 	$(BIN)/joblib-azurebatch demo
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff check --no-cache .
+	$(BIN)/ruff format --check --no-cache .
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
@@ -30,7 +30,7 @@ typecheck: $(BIN)/.installed
 pytest: $(BIN)/.installed $(AZURITE)
 	$(BIN)/pytest -q -ra
 
-test: lint typecheck pytest
+test: lint typecheck docs pytest
 
 docs: $(BIN)/.installed
 	$(BIN)/mkdocs build --strict
