@@ -103,3 +103,42 @@ def test_azure_sdks_are_imported_only_at_the_two_boundaries() -> None:
         if imports:
             offenders[path.name] = sorted(imports)
     assert offenders == {}
+
+
+def _emulator_imports(tree: ast.Module) -> list[ast.stmt]:
+    hits: list[ast.stmt] = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        if any(n.startswith("joblib_azurebatch.emulator") for n in names):
+            assert isinstance(node, ast.stmt)
+            hits.append(node)
+    return hits
+
+
+def _parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def test_production_modules_never_import_the_emulator() -> None:
+    """The emulator is reached through an endpoint and a credential, never by an import.
+
+    Only the command line's `demo` and `emulator` subcommands start a local account, and
+    they import it inside the function, so `import joblib_azurebatch.cli` does not load it.
+    """
+    offenders = {
+        p.name for p in PACKAGE.glob("*.py") if p.name != "cli.py" and _emulator_imports(_parse(p))
+    }
+    assert offenders == set()
+    cli = _parse(PACKAGE / "cli.py")
+    hits = _emulator_imports(cli)
+    assert hits  # the demo does use it ...
+    assert not any(node in cli.body for node in hits)  # ... inside a function only
+    code = "import sys, joblib_azurebatch.cli; print('joblib_azurebatch.emulator' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert out == "False"
