@@ -36,7 +36,7 @@ AZURITE_ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 
-_LISTENING = re.compile(r"successfully listens on (http://\S+)")
+_LISTENING = re.compile(r"successfully listens on (https?://\S+)")
 _INSTALL_HINT = (
     "Azurite (the Azure Storage emulator) was not found. Install it with "
     "`npm install azurite@3.37.0` in the project folder (`make test` and `make demo` do it), "
@@ -77,13 +77,33 @@ class Azurite:
     Use :attr:`blob_url`, :attr:`account_name`, :attr:`account_key` and
     :attr:`connection_string` to reach it. :meth:`stop` (or leaving the ``with`` block) ends the
     process and removes its data folder, also when the body raised.
+
+    With ``cert`` and ``key`` (PEM files) it serves https, and ``oauth=True`` (which needs
+    https) makes it accept Entra ID bearer tokens and issue user delegation keys besides the
+    account key, as a storage account whose clients use ``DefaultAzureCredential``. Azurite
+    checks the tokens' claims (audience, issuer, lifetime), not their signature.
     """
 
     account_name = AZURITE_ACCOUNT_NAME
     account_key = AZURITE_ACCOUNT_KEY
 
-    def __init__(self, *, executable: str | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        executable: str | None = None,
+        start_timeout: float = 30.0,
+        cert: Path | None = None,
+        key: Path | None = None,
+        oauth: bool = False,
+    ) -> None:
+        if (cert is None) != (key is None):
+            raise ValueError("Azurite serves https with both cert and key, or neither")
+        if oauth and cert is None:
+            raise ValueError("Azurite accepts OAuth tokens only over https: give cert and key")
         self._executable = executable
+        self._cert = cert
+        self._key = key
+        self._oauth = oauth
         self._start_timeout = start_timeout
         self._process: subprocess.Popen[str] | None = None
         self._location: tempfile.TemporaryDirectory[str] | None = None
@@ -92,7 +112,7 @@ class Azurite:
 
     @property
     def blob_url(self) -> str:
-        """The account's blob endpoint, ``http://127.0.0.1:{port}/devstoreaccount1``."""
+        """The account's blob endpoint, ``http(s)://127.0.0.1:{port}/devstoreaccount1``."""
         if self._url is None:
             raise RuntimeError("Azurite is not running: call start() or use it in a with block")
         return f"{self._url}/{self.account_name}"
@@ -100,8 +120,9 @@ class Azurite:
     @property
     def connection_string(self) -> str:
         """A storage connection string for the account, as azure-storage-blob takes it."""
+        protocol = "https" if self._cert else "http"
         return (
-            f"DefaultEndpointsProtocol=http;AccountName={self.account_name};"
+            f"DefaultEndpointsProtocol={protocol};AccountName={self.account_name};"
             f"AccountKey={self.account_key};BlobEndpoint={self.blob_url};"
         )
 
@@ -117,6 +138,10 @@ class Azurite:
             "--skipApiVersionCheck",
             "--loose",
         ]  # fmt: skip
+        if self._cert is not None and self._key is not None:
+            command += ["--cert", str(self._cert), "--key", str(self._key)]
+        if self._oauth:
+            command += ["--oauth", "basic"]
         self._process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

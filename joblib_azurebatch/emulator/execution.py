@@ -101,6 +101,10 @@ class Executor:
         self.default_python = default_python or sys.executable
         self.max_processes = max_processes or max(4, (os.cpu_count() or 2) * 4)
         self.allocation_delay = allocation_delay
+        #: The certificate bundle task processes trust (the emulator's own with ``tls=True``):
+        #: a real node trusts the public CAs that sign Azure's endpoints, a local node must
+        #: trust the self-signed certificate of the local endpoints instead.
+        self.ca_bundle: Path | None = None
         self._runs: dict[tuple[str, str], _Run] = {}
         self._start_runs: dict[str, _Run] = {}
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -687,6 +691,8 @@ class Executor:
         }
         if job_id is not None:
             env["AZ_BATCH_JOB_ID"] = job_id
+        if self.ca_bundle is not None:
+            env["REQUESTS_CA_BUNDLE"] = env["SSL_CERT_FILE"] = str(self.ca_bundle)
         for item in settings:
             if "name" in item:
                 env[str(item["name"])] = str(item.get("value", ""))

@@ -27,6 +27,8 @@ class RequestRecord:
     status: int
     client_request_id: str | None
     fault: str | None = None
+    #: The scheme of the Authorization header (``SharedKey``, ``Bearer``), None without one.
+    auth: str | None = None
 
 
 @dataclass
@@ -95,10 +97,11 @@ class RequestLog:
         status: int,
         client_request_id: str | None,
         fault: str | None,
+        auth: str | None = None,
     ) -> None:
         """Append one request."""
         rec = RequestRecord(
-            time.time(), method, path, operation_id, status, client_request_id, fault
+            time.time(), method, path, operation_id, status, client_request_id, fault, auth
         )
         with self._lock:
             self._records.append(rec)

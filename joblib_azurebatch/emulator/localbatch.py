@@ -30,8 +30,10 @@ class LocalBatch:
     ``images`` maps container image names to local Python interpreters (default: the one
     running this process), ``max_processes`` caps the task processes running at once, and
     ``allocation_delay`` makes new nodes take that many seconds to become idle. With
-    ``tls=True`` the Batch endpoint is https (trust :attr:`batch_ca_cert`, e.g. through
-    ``REQUESTS_CA_BUNDLE``) and accepts the tokens of :meth:`token_credential` besides the key.
+    ``tls=True`` both endpoints are https with one self-signed certificate (trust
+    :attr:`batch_ca_cert`, e.g. through ``REQUESTS_CA_BUNDLE``; task processes are given it),
+    and both accept the Entra ID tokens of :meth:`token_credential` besides the keys, as an
+    account whose clients use ``DefaultAzureCredential``.
     """
 
     def __init__(
@@ -54,6 +56,8 @@ class LocalBatch:
         self.nodes = nodes
         self.spot_nodes = spot_nodes
         self.slots_per_node = slots_per_node
+        self.tls = tls
+        self._azurite_executable = azurite_executable
         self.azurite = Azurite(executable=azurite_executable)
         self.emulator = BatchEmulator(
             account=batch_account,
@@ -83,12 +87,12 @@ class LocalBatch:
 
     @property
     def batch_ca_cert(self) -> str | None:
-        """With ``tls=True``, the certificate file a client must trust; otherwise None."""
+        """With ``tls=True``, the certificate file a client must trust (for Batch and blobs)."""
         cert = self.emulator.ca_cert
         return str(cert) if cert is not None else None
 
     def token_credential(self) -> Any:
-        """A ``TokenCredential`` whose tokens the Batch emulator accepts (needs ``tls=True``)."""
+        """A ``TokenCredential`` whose tokens both endpoints accept (needs ``tls=True``)."""
         return self.emulator.token_credential()
 
     @property
@@ -145,10 +149,23 @@ class LocalBatch:
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> LocalBatch:
-        """Start Azurite, then the emulator; if either fails, nothing is left running."""
+        """Start Azurite and the emulator; if either fails, nothing is left running.
+
+        With ``tls`` the emulator goes first: Azurite serves the certificate it made.
+        """
         try:
-            self.azurite.start()
-            self.emulator.start()
+            if self.tls:
+                self.emulator.start()
+                self.azurite = Azurite(
+                    executable=self._azurite_executable,
+                    cert=self.emulator.ca_cert,
+                    key=self.emulator.tls_key,
+                    oauth=True,
+                )
+                self.azurite.start()
+            else:
+                self.azurite.start()
+                self.emulator.start()
         except BaseException:
             self.stop()
             raise

@@ -112,6 +112,8 @@ class BatchEmulator:
         self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
         #: The certificate to trust (``connection_verify=``) when ``tls`` is on.
         self.ca_cert: Path | None = None
+        #: The private key of :attr:`ca_cert`, so that Azurite can serve the same certificate.
+        self.tls_key: Path | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -152,7 +154,8 @@ class BatchEmulator:
         if self.tls:
             self._tls_dir = tempfile.TemporaryDirectory(prefix="batch-emulator-tls-")
             cert, key = self_signed_certificate(Path(self._tls_dir.name))
-            self.ca_cert = cert
+            self.ca_cert, self.tls_key = cert, key
+            self.executor.ca_bundle = cert
             ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         config = uvicorn.Config(
             app,
@@ -412,6 +415,7 @@ class BatchEmulator:
             status=status,
             client_request_id=client_request_id,
             fault=fault,
+            auth=headers.get("authorization", "").split(" ", 1)[0] or None,
         )
         return status, out_headers, payload
 

@@ -3,15 +3,19 @@
 azure-core refuses to send a bearer token over plain http, so testing ``TokenCredential``
 code needs the emulator on https: :func:`self_signed_certificate` makes a certificate for
 127.0.0.1 that the client trusts through ``connection_verify`` (or ``REQUESTS_CA_BUNDLE``).
-Tokens are issued by the emulator itself (:class:`LocalTokenCredential`): opaque strings it
+Tokens are issued by the emulator itself (:class:`LocalTokenCredential`): unsigned JWTs it
 remembers together with the scope they were asked for, and accepts only for the Batch
-resource, as Entra ID tokens are only good for their audience.
+resource, as Entra ID tokens are only good for their audience. Their claims (audience,
+issuer, lifetime) are those of Entra ID, so that Azurite started with ``--oauth basic``,
+which checks claims but not signatures, accepts the same credential's storage tokens.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import ipaddress
+import json
 import secrets
 import threading
 import time
@@ -22,6 +26,28 @@ __all__ = ["BATCH_SCOPE", "LocalTokenCredential", "TokenRegistry", "self_signed_
 
 #: The scope azure-batch asks its credential for.
 BATCH_SCOPE = "https://batch.core.windows.net//.default"
+#: The tenant named in the tokens' issuer and ``tid`` claims.
+_TENANT = "72f988bf-0000-4000-8000-00000000b47c"
+
+
+def _jwt(scope: str, issued: float, expires: float) -> str:
+    """An unsigned JWT shaped like Entra ID's for ``scope``'s resource."""
+
+    def part(data: dict[str, Any]) -> str:
+        raw = json.dumps(data, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    claims = {
+        "aud": scope.removesuffix("/.default").rstrip("/"),
+        "iss": f"https://sts.windows.net/{_TENANT}/",
+        "iat": int(issued),
+        "nbf": int(issued) - 60,
+        "exp": int(expires),
+        "oid": "00000000-0000-4000-8000-00000000e417",
+        "tid": _TENANT,
+        "jti": secrets.token_urlsafe(16),
+    }
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}.{secrets.token_urlsafe(8)}"
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -76,8 +102,9 @@ class TokenRegistry:
 
     def issue(self, scope: str, *, lifetime: float = 3600.0) -> tuple[str, int]:
         """A new token for ``scope``; returns (token, expiry as a Unix time)."""
-        token = "eyJlbXVsYXRvciI6dHJ1ZX0." + secrets.token_urlsafe(32)
-        expires = time.time() + lifetime
+        now = time.time()
+        expires = now + lifetime
+        token = _jwt(scope, now, expires)
         with self._lock:
             self._tokens[token] = (scope, expires)
         return token, int(expires)
