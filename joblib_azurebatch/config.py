@@ -183,6 +183,7 @@ class BatchConfig:
     poll_interval: float = 2.0
     pool_timeout: float = 1800.0
     inline_threshold: int = 65536
+    progress: bool | None = None
 
     #: field -> environment variables `from_env` reads for it, first one set wins.
     ENV_VARS: ClassVar[Mapping[str, tuple[str, ...]]]
@@ -299,6 +300,11 @@ class BatchConfig:
         for name in ("keep_pool", "keep_job", "keep_blobs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if self.progress is not None and not isinstance(self.progress, bool):
+            raise ConfigError(
+                "progress must be True, False or None (on when stderr is a terminal), "
+                f"not {self.progress!r}"
+            )
         _check_id("pool_id", self.pool_id)
         if self.job_id is not None:
             _check_id("job_id", self.job_id)
