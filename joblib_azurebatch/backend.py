@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from joblib.parallel import (
     FallbackToBackend,
@@ -47,7 +47,7 @@ from joblib.parallel import (
     ThreadingBackend,
 )
 
-from .batch import BatchService, PoolInfo, PoolSpec, TaskSpec, pool_differences
+from .batch import BatchService, PoolInfo, PoolSpec, TaskCounts, TaskSpec, pool_differences
 from .bundle import Bundle
 from .config import BatchConfig
 from .errors import AzureBatchError, ConfigError, TaskFailedError
@@ -60,6 +60,7 @@ from .payload import (
     read_result,
     result_blob,
 )
+from .progress import CallProgress, progress_enabled
 from .storage import BlobStore
 from .tracker import TaskDone, Tracker
 
@@ -368,7 +369,9 @@ class JobRun:
         #: Counters for tests and benchmarks.
         self.tasks_submitted = 0
         self.calls_submitted = 0
+        self.calls_completed = 0
         self.bundles_submitted = 0
+        self._progress: CallProgress | None = None
         _LIVE_RUNS.add(self)
 
     # ---------------------------------------------------------------- state
@@ -396,6 +399,7 @@ class JobRun:
         container checks the storage credential, the first batch is pickled (an unpicklable
         function fails here) and stored, and only then are the pool and the job created."""
         cfg, svc, store = self.cfg, self.account.service, self.account.store
+        started = time.monotonic()
         spec = PoolSpec.from_config(cfg)
         svc.get_pool(spec.pool_id)
         store.ensure_container()
@@ -408,8 +412,18 @@ class JobRun:
             )
         svc.create_job(self.job_id, spec.pool_id)
         self._job_created = True
+        if progress_enabled(cfg.progress, sys.stderr):
+            self._progress = CallProgress(
+                label=f"Batch job {self.job_id}",
+                done=lambda: self.calls_completed,
+                dispatched=lambda: self.calls_submitted,
+                file=sys.stderr,
+                started=started,
+            )
         self._tracker = Tracker(
-            svc,
+            svc
+            if self._progress is None
+            else cast(BatchService, _CountsTap(svc, self._progress.counts)),
             self.job_id,
             fetch=lambda task_id: store.download(result_blob(self.job_id, task_id)),
             poll_interval=cfg.poll_interval,
@@ -570,6 +584,10 @@ class JobRun:
                     task.task_id,
                 )
             outcomes = [(False, error)] * len(task.parts)
+        # Counted before the callbacks: the last one may let joblib end the call at once.
+        self.calls_completed += sum(p.size for p in task.parts)
+        if self._progress is not None:
+            self._progress.refresh()
         _current.run = self
         try:
             for part, (ok, value) in zip(task.parts, outcomes, strict=True):
@@ -645,6 +663,8 @@ class JobRun:
                 _warn_cleanup(f"could not terminate the job {self.job_id}: {e}")
         if self._tracker is not None:
             self._tracker.stop(wait=0)
+        if self._progress is not None:
+            self._progress.close()
 
     def _drain_queue(self) -> None:
         """Drop what was not submitted yet (its futures are cancelled) and stop the submitter."""
@@ -682,6 +702,12 @@ class JobRun:
             self._tasks.clear()
         for part in leftovers:
             part.future.cancel()
+        if self._progress is not None:
+            # Every task resolved means Batch reported every one completed.
+            clean = not leftovers and was != "aborted"
+            self._progress.close(
+                postfix=f"tasks: {self.tasks_submitted} completed" if clean else None
+            )
         if self._job_created:
             try:
                 if (leftovers or cfg.keep_job) and was != "aborted":
@@ -701,6 +727,26 @@ class JobRun:
                 _POOLS.release(lease)
             except AzureBatchError as e:
                 _warn_cleanup(f"could not delete the pool {cfg.pool_id}: {e}")
+
+
+class _CountsTap:
+    """The Batch service as a run's tracker sees it: the task counts it polls anyway are
+    also shown on the progress line, so the line costs no request of its own."""
+
+    def __init__(self, service: BatchService, on_counts: Callable[[TaskCounts], None]) -> None:
+        self._service = service
+        self._on_counts = on_counts
+
+    def task_counts(self, job_id: str) -> TaskCounts:
+        counts = self._service.task_counts(job_id)
+        try:
+            self._on_counts(counts)
+        except Exception:  # a broken terminal must not stop the polling
+            _log.exception("the progress line of the job %s failed", job_id)
+        return counts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)
 
 
 def _part_outcome(outcome: Any) -> tuple[bool, Any]:
