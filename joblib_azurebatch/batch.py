@@ -395,6 +395,8 @@ class BatchService:
             retry_policy=RetryPolicy(retry_total=8, retry_backoff_factor=0.5, retry_backoff_max=30),
             connection_timeout=30,
             read_timeout=120,
+            # A corporate proxy that re-signs TLS needs its CA; None keeps the default store.
+            **({"connection_verify": cfg.ca_bundle} if cfg.ca_bundle else {}),
         )
         return cls(client, account=account, uses_key=uses_key, poll_interval=cfg.poll_interval)
 

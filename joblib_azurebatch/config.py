@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import os
 import re
 import secrets
 import sys
@@ -155,6 +156,7 @@ class BatchConfig:
     storage_key: str | None = _secret()
     storage_connection_string: str | None = _secret()
     storage_credential: TokenCredentialLike | None = None
+    ca_bundle: str | None = None
     # Pool
     pool_id: str = "joblib-azurebatch"
     vm_size: str = "standard_d2s_v3"
@@ -317,6 +319,8 @@ class BatchConfig:
             _check_url("batch_url", self.batch_url, "BATCH_ACCOUNT_URL")
         if self.storage_url is not None:
             _check_url("storage_url", self.storage_url, "STORAGE_ACCOUNT_URL")
+        if self.ca_bundle is not None:
+            _check_ca_bundle(self.ca_bundle)
         for name, variable in (
             ("batch_key", "BATCH_ACCOUNT_KEY"),
             ("storage_key", "STORAGE_ACCOUNT_KEY"),
@@ -504,6 +508,16 @@ def _check_url(name: str, value: Any, variable: str) -> None:
         raise ConfigError(
             f"{name} ({variable}) must be an http(s) URL such as "
             f"https://myaccount.westeurope.batch.azure.com, not {value!r}"
+        )
+
+
+def _check_ca_bundle(value: Any) -> None:
+    # A path that does not exist would only fail at the first request, as an SSL error
+    # that does not name this option.
+    if not isinstance(value, str) or not value or not os.path.exists(value):
+        raise ConfigError(
+            f"ca_bundle ({_env_name('ca_bundle')}) must be the path of an existing PEM file "
+            f"(or folder) of the certificates to trust for Batch and Storage, not {value!r}"
         )
 
 

@@ -71,8 +71,11 @@ _CLOCK_SKEW = timedelta(minutes=5)
 _MAX_DELEGATION = timedelta(days=7)
 
 
-def _client_kwargs() -> dict[str, Any]:
-    return {**_CLIENT_KWARGS, "retry_policy": ExponentialRetry(**_RETRY_KWARGS)}
+def _client_kwargs(ca_bundle: str | None = None) -> dict[str, Any]:
+    kwargs = {**_CLIENT_KWARGS, "retry_policy": ExponentialRetry(**_RETRY_KWARGS)}
+    if ca_bundle:
+        kwargs["connection_verify"] = ca_bundle
+    return kwargs
 
 
 def redact_url(url: str) -> str:
@@ -161,7 +164,7 @@ class BlobStore:
         if cfg.storage_connection_string:
             try:
                 service = BlobServiceClient.from_connection_string(
-                    cfg.storage_connection_string, **_client_kwargs()
+                    cfg.storage_connection_string, **_client_kwargs(cfg.ca_bundle)
                 )
             except (ValueError, AzureError) as e:
                 raise CredentialError(
@@ -187,7 +190,7 @@ class BlobStore:
             service = BlobServiceClient(
                 account_url=url,
                 credential={"account_name": cfg.storage_account, "account_key": cfg.storage_key},
-                **_client_kwargs(),
+                **_client_kwargs(cfg.ca_bundle),
             )
             return cls(service, cfg.container, account_key=cfg.storage_key)
         token = cfg.storage_credential
@@ -195,7 +198,9 @@ class BlobStore:
             from azure.identity import DefaultAzureCredential
 
             token = DefaultAzureCredential()
-        service = BlobServiceClient(account_url=url, credential=token, **_client_kwargs())
+        service = BlobServiceClient(
+            account_url=url, credential=token, **_client_kwargs(cfg.ca_bundle)
+        )
         return cls(service, cfg.container, token_credential=token)
 
     def close(self) -> None:

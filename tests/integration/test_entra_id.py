@@ -5,7 +5,9 @@ Here the whole local account runs as such an account would be reached: the Batch
 and Azurite on https (one self-signed certificate) and both accepting Entra ID bearer
 tokens, and a `BatchConfig` with ``batch_credential=`` and ``storage_credential=`` and no
 key or connection string. Blobs are then signed with a user delegation key, and the nodes
-get SAS URLs only.
+get SAS URLs only. The client trusts the local certificate through ``ca_bundle=`` (or, in
+one test, ``REQUESTS_CA_BUNDLE``), never through a change to the process's environment
+that outlives a test.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from joblib_azurebatch.batch import BatchService
 from joblib_azurebatch.config import BatchConfig
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.azurite import Azurite
+from joblib_azurebatch.errors import ConfigError
 from joblib_azurebatch.storage import BlobStore
 
 # The worker runs in another process that cannot import this test module by name.
@@ -70,20 +73,26 @@ class RecordingCredential:
 
 @pytest.fixture(scope="module")
 def entra() -> Iterator[LocalBatch]:
-    """A local account on https whose Batch and blob endpoints both take Entra ID tokens.
-
-    The clients trust its certificate through ``REQUESTS_CA_BUNDLE`` (what azure-core's
-    requests transport reads) and ``SSL_CERT_FILE``, for this module only.
-    """
+    """A local account on https whose Batch and blob endpoints both take Entra ID tokens."""
     with LocalBatch(tls=True, nodes=1, slots_per_node=2) as running:
-        assert running.batch_ca_cert is not None
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("REQUESTS_CA_BUNDLE", running.batch_ca_cert)
-            mp.setenv("SSL_CERT_FILE", running.batch_ca_cert)
-            yield running
+        yield running
 
 
-def _token_config(local: LocalBatch, credential: Any, name: str) -> BatchConfig:
+@pytest.fixture
+def no_trust_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing in the environment trusts the local certificate: only ``ca_bundle`` can."""
+    for variable in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+def _cert(local: LocalBatch) -> str:
+    assert local.batch_ca_cert is not None
+    return local.batch_ca_cert
+
+
+def _token_config(
+    local: LocalBatch, credential: Any, name: str, *, ca_bundle: bool = True
+) -> BatchConfig:
     # Built from nothing but endpoints and the credential: the local account's keys and
     # connection string are not passed, so no code path can fall back to them.
     return BatchConfig(
@@ -92,6 +101,7 @@ def _token_config(local: LocalBatch, credential: Any, name: str) -> BatchConfig:
         storage_account=local.storage_account,
         batch_credential=credential,
         storage_credential=credential,
+        ca_bundle=_cert(local) if ca_bundle else None,
         pool_id=name,
         job_id=name,
         container=f"entra-{secrets.token_hex(4)}",
@@ -99,6 +109,11 @@ def _token_config(local: LocalBatch, credential: Any, name: str) -> BatchConfig:
         task_slots_per_node=local.slots_per_node,
         poll_interval=0.2,
     )
+
+
+def _batch(local: LocalBatch, credential: Any) -> BatchClient:
+    """The test's own look at the account, with a token as well."""
+    return BatchClient(local.batch_url, credential, connection_verify=_cert(local))
 
 
 def _jobs_left(client: BatchClient, prefix: str) -> list[str]:
@@ -132,11 +147,9 @@ def test_request_log_tells_shared_key_from_bearer(entra: LocalBatch) -> None:
     """The https account still takes the key; the log says which scheme each request used,
     which is what lets the run below prove that it sent tokens only."""
     entra.emulator.log.clear()
-    keyed = BatchClient(
-        entra.batch_url, AzureNamedKeyCredential(entra.batch_account, entra.batch_key)
-    )
+    keyed = _batch(entra, AzureNamedKeyCredential(entra.batch_account, entra.batch_key))
     list(keyed.list_pools())
-    list(BatchClient(entra.batch_url, entra.token_credential()).list_pools())
+    list(_batch(entra, entra.token_credential()).list_pools())
     assert [r.auth for r in entra.emulator.requests("Pools_ListPools")] == ["SharedKey", "Bearer"]
 
 
@@ -147,7 +160,7 @@ def test_azurite_takes_tokens_only_over_https(tmp_path: Path) -> None:
         Azurite(cert=tmp_path / "cert.pem")
 
 
-def test_parallel_with_token_credentials_only(entra: LocalBatch) -> None:
+def test_parallel_with_token_credentials_only(entra: LocalBatch, no_trust_env: None) -> None:
     credential = RecordingCredential(entra.token_credential())
     name = _name("run")
     cfg = _token_config(entra, credential, name)
@@ -192,21 +205,23 @@ def test_parallel_with_token_credentials_only(entra: LocalBatch) -> None:
             assert "eyJ" not in value
 
     # The job and the run's blobs are gone.
-    client = BatchClient(entra.batch_url, credential)
+    client = _batch(entra, credential)
     assert _jobs_left(client, name) == []
-    blobs = BlobServiceClient(entra.blob_url, credential=credential)
+    blobs = BlobServiceClient(entra.blob_url, credential=credential, connection_verify=_cert(entra))
     container = blobs.get_container_client(cfg.container)
     assert [b.name for b in container.list_blobs(name_starts_with="jobs/")] == []
 
 
-def test_task_environment_settings_hold_sas_urls_and_no_key(entra: LocalBatch) -> None:
+def test_task_environment_settings_hold_sas_urls_and_no_key(
+    entra: LocalBatch, no_trust_env: None
+) -> None:
     credential = entra.token_credential()
     name = _name("env")
     cfg = _token_config(entra, credential, name).replace(keep_job=True, keep_pool=True)
     with joblib.parallel_config(backend="azurebatch", config=cfg):
         out = Parallel(n_jobs=-1, batch_size=1)(delayed(fail_on_two)(x) for x in (0, 1, 3))
     assert out == [0, 1, 3]
-    client = BatchClient(entra.batch_url, credential)
+    client = _batch(entra, credential)
     (job,) = [j for j in client.list_jobs() if j.id.startswith(name + "-")]
     try:
         tasks = list(client.list_tasks(job.id))
@@ -230,7 +245,7 @@ def test_task_environment_settings_hold_sas_urls_and_no_key(entra: LocalBatch) -
         client.begin_delete_pool(name, polling_interval=0.2).result()  # type: ignore[arg-type]
 
 
-def test_user_exception_comes_back_with_its_type(entra: LocalBatch) -> None:
+def test_user_exception_comes_back_with_its_type(entra: LocalBatch, no_trust_env: None) -> None:
     credential = entra.token_credential()
     name = _name("err")
     cfg = _token_config(entra, credential, name)
@@ -239,10 +254,29 @@ def test_user_exception_comes_back_with_its_type(entra: LocalBatch) -> None:
         pytest.raises(RowError, match="row 2 is missing"),
     ):
         Parallel(n_jobs=-1, batch_size=1)(delayed(fail_on_two)(x) for x in range(4))
-    client = BatchClient(entra.batch_url, credential)
+    client = _batch(entra, credential)
     assert _jobs_left(client, name) == []
     with BlobStore.from_config(cfg) as store:
         assert store.list_names("jobs/") == []
+
+
+def test_trust_from_the_environment_without_ca_bundle(
+    entra: LocalBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``ca_bundle`` the SDKs' own setting applies: ``REQUESTS_CA_BUNDLE``."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", _cert(entra))
+    cfg = _token_config(entra, entra.token_credential(), _name("envca"), ca_bundle=False)
+    with joblib.parallel_config(backend="azurebatch", config=cfg):
+        assert Parallel(n_jobs=-1)(delayed(fail_on_two)(x) for x in (4, 5)) == [4, 5]
+
+
+def test_ca_bundle_is_read_from_the_environment_and_checked(tmp_path: Path) -> None:
+    bundle = tmp_path / "proxy-ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = BatchConfig.from_env(environ={"JOBLIB_AZUREBATCH_CA_BUNDLE": str(bundle)})
+    assert cfg.ca_bundle == str(bundle)
+    with pytest.raises(ConfigError, match=r"ca_bundle .*JOBLIB_AZUREBATCH_CA_BUNDLE"):
+        BatchConfig(ca_bundle=str(tmp_path / "missing.pem"))
 
 
 # ---------------------------------------------------------------------- DefaultAzureCredential
