@@ -143,16 +143,34 @@ def _ticking(progress: _Progress, label: str, *, interval: float = 0.5) -> Itera
 
 
 def _cross_validate(
-    model: Any, X: Any, y: Any, cv: Any, *, label: str, progress: _Progress, **parallel: Any
+    model: Any,
+    X: Any,
+    y: Any,
+    cv: Any,
+    *,
+    label: str,
+    progress: _Progress,
+    ticker: bool = True,
+    **parallel: Any,
 ) -> DemoRun:
-    """Run ``cross_val_score`` under ``parallel_config(**parallel)`` (or in-process)."""
+    """Run ``cross_val_score`` under ``parallel_config(**parallel)`` (or in-process).
+
+    Without ``ticker`` the elapsed-time line stays off, because the backend draws its own
+    progress line on the same terminal and two self-rewriting lines would overwrite each
+    other.
+    """
     import joblib
     from sklearn.model_selection import cross_val_score
 
     n_jobs = -1 if parallel else 1
     config_cm = joblib.parallel_config(**parallel) if parallel else contextlib.nullcontext()
     start = time.perf_counter()
-    with _ticking(progress, f"{label}: running"), config_cm:
+    if ticker:
+        status: contextlib.AbstractContextManager[None] = _ticking(progress, f"{label}: running")
+    else:
+        progress.done(f"{label}: running")
+        status = contextlib.nullcontext()
+    with status, config_cm:
         scores = cross_val_score(model, X, y, cv=cv, n_jobs=n_jobs)
     seconds = time.perf_counter() - start
     progress.done(f"{label}: {len(scores)} folds in {seconds:.1f} s")
@@ -190,6 +208,11 @@ def _run_demo(
     progress = _Progress(out)
     print(summary, file=out)
     print(where, file=out)
+    # On a terminal the Batch run shows the backend's own line (calls done, tasks queued
+    # and running, elapsed time) unless the config turned it off.
+    line = progress.live and cfg.progress is not False
+    if line:
+        cfg = cfg.replace(progress=True)
     remote = _cross_validate(
         model,
         X,
@@ -197,6 +220,7 @@ def _run_demo(
         cv,
         label="azurebatch",
         progress=progress,
+        ticker=not line,
         backend="azurebatch",
         config=cfg,
     )

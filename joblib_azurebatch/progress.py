@@ -13,6 +13,8 @@ most every ``min_interval`` seconds, and always once more when it closes.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import threading
 import time
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from .batch import TaskCounts
 
 __all__ = ["CallProgress", "progress_enabled"]
+
+_log = logging.getLogger(__name__)
 
 BAR_FORMAT = "{desc}: {n_fmt}/{total_fmt} calls |{bar}| {elapsed}{postfix}"
 
@@ -38,11 +42,18 @@ def progress_enabled(setting: bool | None, stream: TextIO | None) -> bool:
         return False
 
 
+def _width(stream: TextIO) -> dict[str, Any]:
+    """Follow the terminal's width, except on one that reports 0 columns (a pty nobody
+    sized, as under ``script`` or some CI runners), where tqdm would draw nothing."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return {"dynamic_ncols": True}
+    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 120}
+
+
 def format_counts(counts: TaskCounts) -> str:
-    return (
-        f"tasks: {counts.active} active, {counts.running} running, "
-        f"{counts.completed} completed"
-    )
+    return f"tasks: {counts.active} active, {counts.running} running, {counts.completed} completed"
 
 
 class CallProgress:
@@ -73,7 +84,7 @@ class CallProgress:
             unit="call",
             file=file if file is not None else sys.stderr,
             bar_format=BAR_FORMAT,
-            dynamic_ncols=True,
+            **_width(file if file is not None else sys.stderr),
             mininterval=min_interval,
         )
         if started is not None:
@@ -102,8 +113,11 @@ class CallProgress:
             self._closed = True
             if postfix is not None:
                 self._postfix = postfix
-            self._update_bar()
-            self._bar.close()
+            try:
+                self._update_bar()
+                self._bar.close()
+            except Exception:
+                _log.exception("the progress line could not be closed")
 
     def _draw(self, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -113,8 +127,12 @@ class CallProgress:
             if self._closed:
                 return
             self._last_draw = now
-            self._update_bar()
-            self._bar.refresh()
+            try:
+                self._update_bar()
+                self._bar.refresh()
+            except Exception:  # a closed or broken stream must not fail the call
+                _log.exception("the progress line stopped")
+                self._closed = True
 
     def _update_bar(self) -> None:
         self._bar.total = max(self._dispatched(), 0)
