@@ -43,13 +43,13 @@ def progress_enabled(setting: bool | None, stream: TextIO | None) -> bool:
 
 
 def _width(stream: TextIO) -> dict[str, Any]:
-    """Follow the terminal's width, except on one that reports 0 columns (a pty nobody
-    sized, as under ``script`` or some CI runners), where tqdm would draw nothing."""
+    """Follow the terminal's size, except on one that reports 0 x 0 (a pty nobody sized,
+    as under ``script`` or some CI runners), where tqdm would draw nothing."""
     try:
         columns = os.get_terminal_size(stream.fileno()).columns
     except (AttributeError, OSError, ValueError):
         return {"dynamic_ncols": True}
-    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 120}
+    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 120, "nrows": 40}
 
 
 def format_counts(counts: TaskCounts) -> str:
