@@ -14,7 +14,9 @@ runs whose ``Parallel`` has stopped running.
 A run is one Batch job. On its first batch it checks the Batch credential (a read of the
 pool), creates the blob container, the pool if absent (an existing pool is never changed,
 only compared and warned about), waits for the first usable slot with a progress line,
-and creates the job. Batches are prepared (pickled, uploaded) and added by a submitter
+and creates the job. With ``BatchConfig.progress`` (on by default on a terminal) the run
+then draws one line of its own (:mod:`joblib_azurebatch.progress`) from the task counts
+the tracker polls. Batches are prepared (pickled, uploaded) and added by a submitter
 thread in ``create_task_collection`` chunks, so ``submit`` returns at once. A tracker thread
 (:mod:`joblib_azurebatch.tracker`) resolves them. At the end the job is terminated (if
 anything may still run) and deleted, its blobs deleted, and the pool deleted if this
