@@ -11,6 +11,8 @@ from azure.storage.blob import BlobServiceClient
 
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.azurite import Azurite
+from joblib_azurebatch.storage import BlobStore
+from tests.helpers.accounts import azurite_config
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +20,14 @@ def azurite() -> Iterator[Azurite]:
     """A blob-only Azurite on a free port, for tests that need storage but no Batch emulator."""
     with Azurite() as running:
         yield running
+
+
+@pytest.fixture
+def store(azurite: Azurite) -> Iterator[BlobStore]:
+    """A BlobStore on a new container of the session's Azurite, so tests never share blobs."""
+    with BlobStore.from_config(azurite_config(azurite)) as blob_store:
+        blob_store.ensure_container()
+        yield blob_store
 
 
 @pytest.fixture(scope="session")

@@ -26,26 +26,9 @@ from joblib_azurebatch.config import BatchConfig
 from joblib_azurebatch.emulator.azurite import AZURITE_ACCOUNT_NAME, Azurite, find_azurite
 from joblib_azurebatch.errors import ConfigError, CredentialError
 from joblib_azurebatch.storage import BlobStore, download_url, redact_url, upload_url
+from tests.helpers.accounts import azurite_config
 
 HOUR = timedelta(hours=1)
-
-
-def _config(azurite: Azurite, **changes: object) -> BatchConfig:
-    values: dict[str, object] = {
-        "storage_account": azurite.account_name,
-        "storage_url": azurite.blob_url,
-        "storage_key": azurite.account_key,
-        "container": f"t-{uuid.uuid4().hex[:12]}",
-    }
-    values.update(changes)
-    return BatchConfig(**values)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def store(azurite: Azurite) -> Iterator[BlobStore]:
-    with BlobStore.from_config(_config(azurite)) as blob_store:
-        blob_store.ensure_container()
-        yield blob_store
 
 
 def test_round_trip_exists_and_missing(store: BlobStore) -> None:
@@ -161,7 +144,7 @@ def test_connection_string_store_signs_sas(azurite: Azurite) -> None:
 
 def test_wrong_key_is_a_credential_error_without_the_key(azurite: Azurite) -> None:
     wrong = base64.b64encode(b"definitely-not-the-azurite-key-0123456789").decode()
-    with BlobStore.from_config(_config(azurite, storage_key=wrong)) as store:
+    with BlobStore.from_config(azurite_config(azurite, storage_key=wrong)) as store:
         with pytest.raises(CredentialError, match="STORAGE_ACCOUNT_KEY") as info:
             store.ensure_container()
         assert wrong not in str(info.value)

@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -21,8 +19,6 @@ from joblib._parallel_backends import SequentialBackend
 from joblib.parallel import BatchedCalls
 
 from joblib_azurebatch import payload, worker
-from joblib_azurebatch.config import BatchConfig
-from joblib_azurebatch.emulator.azurite import Azurite
 from joblib_azurebatch.errors import VersionMismatchError
 from joblib_azurebatch.payload import PayloadWriter, read_result
 from joblib_azurebatch.storage import BlobStore
@@ -56,19 +52,6 @@ class _Marker:
 def _touch(path: str, text: str) -> str:
     Path(path).write_text(text)
     return path
-
-
-@pytest.fixture
-def store(azurite: Azurite) -> Iterator[BlobStore]:
-    cfg = BatchConfig(
-        storage_account=azurite.account_name,
-        storage_url=azurite.blob_url,
-        storage_key=azurite.account_key,
-        container=f"w-{uuid.uuid4().hex[:12]}",
-    )
-    with BlobStore.from_config(cfg) as blob_store:
-        blob_store.ensure_container()
-        yield blob_store
 
 
 def _writer(store: BlobStore) -> PayloadWriter:

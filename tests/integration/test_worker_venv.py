@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,6 @@ from joblib._parallel_backends import SequentialBackend
 from joblib.parallel import BatchedCalls
 
 from joblib_azurebatch import payload
-from joblib_azurebatch.config import BatchConfig
-from joblib_azurebatch.emulator.azurite import Azurite
 from joblib_azurebatch.errors import VersionMismatchError
 from joblib_azurebatch.payload import PayloadWriter, PreparedTask, read_result
 from joblib_azurebatch.storage import BlobStore
@@ -37,19 +33,6 @@ KEY = os.urandom(32)
 JOB = "venv-job"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def store(azurite: Azurite) -> Iterator[BlobStore]:
-    cfg = BatchConfig(
-        storage_account=azurite.account_name,
-        storage_url=azurite.blob_url,
-        storage_key=azurite.account_key,
-        container=f"v-{uuid.uuid4().hex[:12]}",
-    )
-    with BlobStore.from_config(cfg) as blob_store:
-        blob_store.ensure_container()
-        yield blob_store
 
 
 def _writer(store: BlobStore) -> PayloadWriter:
