@@ -129,16 +129,12 @@ class BatchSizer:
         per_call = max(run_seconds, 0.0) / batch_size
         overhead = max(overhead_seconds, 0.0)
         with self._lock:
-            a = self.smoothing
-            self.per_call = (
-                per_call if self.per_call is None else (1 - a) * self.per_call + a * per_call
-            )
-            self.overhead = (
-                overhead if self.overhead is None else (1 - a) * self.overhead + a * overhead
-            )
+            self.per_call = self._smooth(self.per_call, per_call)
+            self.overhead = self._smooth(self.overhead, overhead)
             self.samples += 1
 
     def _smooth(self, old: float | None, new: float) -> float:
+        """An exponential moving average, so one slow node does not swing the batch size."""
         return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
 
     def target_duration(self) -> float:
