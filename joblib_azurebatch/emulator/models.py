@@ -16,7 +16,6 @@ import copy
 import datetime as _dt
 import hashlib
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -637,8 +636,3 @@ class Account:
         )
         pool.nodes[node_id] = node
         return node
-
-    def all_tasks(self) -> Iterator[Task]:
-        """Every task of every job (lock held by the caller)."""
-        for job in self.jobs.values():
-            yield from job.tasks.values()
