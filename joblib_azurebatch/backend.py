@@ -899,9 +899,9 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
         if getattr(_current, "parallel", None) is None and self.parallel is not None:
             _current.parallel = self.parallel
 
-    def _sizer(self) -> BatchSizer:
+    def _sizer(self, n_jobs: int) -> BatchSizer:
         return BatchSizer(
-            n_jobs=self._n_jobs_for(None),
+            n_jobs=n_jobs,
             min_duration=self.MIN_IDEAL_BATCH_DURATION,
             max_duration=self.MAX_IDEAL_BATCH_DURATION,
             overhead_ratio=self.OVERHEAD_RATIO,
@@ -940,8 +940,7 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
             entry = self._runs.get(key)
             if entry is not None and not entry[1].closed:
                 return entry[1]
-            sizer = self._sizer()
-            sizer.n_jobs = self._n_jobs_for(parallel)
+            sizer = self._sizer(self._n_jobs_for(parallel))
             run = JobRun(
                 self._account(),
                 n_jobs=sizer.n_jobs,
