@@ -249,7 +249,7 @@ class Executor:
 
     def remove_node(self, pool: Pool, node: Node, *, requeue: bool) -> None:
         """Take ``node`` out of ``pool``; its running tasks go back to the queue."""
-        self._evict(node, requeue=requeue, charge=False)
+        self._evict(node, requeue=requeue)
         if node.id in self._start_runs:
             self._kill(self._start_runs[node.id], "requeue")
         node.move("leavingpool")
@@ -257,7 +257,7 @@ class Executor:
 
     def preempt(self, pool: Pool, node: Node, *, recover_after: float | None) -> None:
         """Preempt ``node``: running tasks are requeued without charging a retry."""
-        self._evict(node, requeue=True, charge=False)
+        self._evict(node, requeue=True)
         node.move("preempted")
         if recover_after is not None:
             self.later(recover_after, lambda: self._recover(pool, node, "preempted"))
@@ -265,7 +265,7 @@ class Executor:
 
     def make_unusable(self, pool: Pool, node: Node, *, recover_after: float | None) -> None:
         """Kill ``node``: it becomes unusable and its running tasks are requeued."""
-        self._evict(node, requeue=True, charge=False)
+        self._evict(node, requeue=True)
         node.move("unusable")
         if recover_after is not None:
             self.later(recover_after, lambda: self._recover(pool, node, "unusable"))
@@ -278,7 +278,7 @@ class Executor:
             self._boot(pool, node)
             self.account.notify()
 
-    def _evict(self, node: Node, *, requeue: bool, charge: bool) -> None:
+    def _evict(self, node: Node, *, requeue: bool) -> None:
         for job_id, task_id in list(node.running):
             job = self.account.jobs.get(job_id)
             task = job.tasks.get(task_id) if job else None
@@ -290,11 +290,10 @@ class Executor:
                 task.move("active")
                 task.node_id = None
                 task.pool_id = None
-                if charge:
-                    task.retry_count += 1
-                else:  # Batch reports a requeue that is not the task's fault as requeueCount
-                    task.requeue_count += 1
-                    task.last_requeue_time = utcnow()
+                # Batch reports a requeue that is not the task's fault as requeueCount,
+                # without charging a retry.
+                task.requeue_count += 1
+                task.last_requeue_time = utcnow()
             node.running.pop((job_id, task_id), None)
         if node.state == "running":
             node.move("idle")
