@@ -257,18 +257,19 @@ class Executor:
 
     def preempt(self, pool: Pool, node: Node, *, recover_after: float | None) -> None:
         """Preempt ``node``: running tasks are requeued without charging a retry."""
-        self._evict(node, requeue=True)
-        node.move("preempted")
-        if recover_after is not None:
-            self.later(recover_after, lambda: self._recover(pool, node, "preempted"))
-        self.account.notify()
+        self._take_down(pool, node, "preempted", recover_after=recover_after)
 
     def make_unusable(self, pool: Pool, node: Node, *, recover_after: float | None) -> None:
         """Kill ``node``: it becomes unusable and its running tasks are requeued."""
+        self._take_down(pool, node, "unusable", recover_after=recover_after)
+
+    def _take_down(
+        self, pool: Pool, node: Node, state: str, *, recover_after: float | None
+    ) -> None:
         self._evict(node, requeue=True)
-        node.move("unusable")
+        node.move(state)
         if recover_after is not None:
-            self.later(recover_after, lambda: self._recover(pool, node, "unusable"))
+            self.later(recover_after, lambda: self._recover(pool, node, state))
         self.account.notify()
 
     def _recover(self, pool: Pool, node: Node, from_state: str) -> None:
