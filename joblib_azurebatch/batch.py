@@ -80,8 +80,9 @@ SUBMIT_ATTEMPTS = 5
 
 _READY_NODE_STATES = frozenset({"idle", "running"})
 
-#: Jobs this library creates start with this (``BatchConfig.new_job_id`` without ``job_id``);
-#: the CLI's cleanup looks for it.
+#: Jobs this library creates start with this (``BatchConfig.new_job_id`` without ``job_id``).
+#: The CLI's cleanup does not rely on it: it matches the ``-{UTC time}-{hex}`` suffix that
+#: every such id ends with, whatever its prefix.
 JOB_ID_PREFIX = "joblib"
 
 
