@@ -785,13 +785,12 @@ class BatchService:
             for item in result.result_values or ():
                 status_text = _enum_text(item.status)
                 code = (item.error.code or "") if item.error is not None else ""
+                msg = item.error.message.value if item.error and item.error.message else ""
                 if status_text == "success" or code == "TaskExists":
                     pending.pop(item.task_id, None)
                 elif status_text == "servererror":
-                    msg = item.error.message.value if item.error and item.error.message else ""
                     last_problem = f"task {item.task_id}: {code} {msg}".strip()
                 else:
-                    msg = item.error.message.value if item.error and item.error.message else ""
                     details = ""
                     if item.error is not None and item.error.error_values:
                         details = (
