@@ -90,7 +90,7 @@ def _stamp_headers(etag: str, last_modified: _dt.datetime) -> dict[str, str]:
     return {"ETag": etag, "Last-Modified": http_date(last_modified)}
 
 
-def _created(ctx: Context, url: str, etag: str, last_modified: _dt.datetime) -> Reply:
+def _created(url: str, etag: str, last_modified: _dt.datetime) -> Reply:
     headers = {"DataServiceId": url, "Location": url, **_stamp_headers(etag, last_modified)}
     return Reply(201, headers=headers)
 
@@ -213,7 +213,7 @@ def create_pool(ctx: Context) -> Reply:
     acc.pools[pool_id] = pool
     ctx.executor.reconcile(pool)
     acc.notify()
-    return _created(ctx, f"{ctx.base_url}/pools/{pool_id}", pool.etag, pool.last_modified)
+    return _created(f"{ctx.base_url}/pools/{pool_id}", pool.etag, pool.last_modified)
 
 
 @handles("Pools_GetPool")
@@ -429,7 +429,7 @@ def create_job(ctx: Context) -> Reply:
         job.auto_pool_id = _create_auto_pool(ctx, auto)
     acc.jobs[job_id] = job
     acc.notify()
-    return _created(ctx, f"{ctx.base_url}/jobs/{job_id}", job.etag, job.last_modified)
+    return _created(f"{ctx.base_url}/jobs/{job_id}", job.etag, job.last_modified)
 
 
 def _create_auto_pool(ctx: Context, auto: JSON) -> str:
@@ -635,7 +635,7 @@ def create_task(ctx: Context) -> Reply:
     task = _new_task(job, spec)
     ctx.account.notify()
     url = f"{ctx.base_url}/jobs/{job.id}/tasks/{task.id}"
-    return _created(ctx, url, task.etag, task.last_modified)
+    return _created(url, task.etag, task.last_modified)
 
 
 def _error_json(code: str, values: Mapping[str, str] | None = None) -> JSON:
