@@ -563,12 +563,13 @@ class JobRun:
             task = self._tasks.pop(done.task_id, None)
         if task is None:
             return
+        calls = sum(p.size for p in task.parts)
         outcomes: list[tuple[bool, Any]] = []
         error = done.error
         if error is None:
             try:
                 envelope = read_result(done.data or b"", self._key)
-                self._learn(sum(p.size for p in task.parts), envelope.timings, done)
+                self._learn(calls, envelope.timings, done)
                 value = envelope.result()
                 outcomes = [_part_outcome(o) for o in value] if task.bundled else [(True, value)]
             except BaseException as e:
@@ -583,7 +584,7 @@ class JobRun:
                 )
             outcomes = [(False, error)] * len(task.parts)
         # Counted before the callbacks: the last one may let joblib end the call at once.
-        self.calls_completed += sum(p.size for p in task.parts)
+        self.calls_completed += calls
         if self._progress is not None:
             self._progress.refresh()
         _current.run = self
