@@ -9,7 +9,8 @@ Importing the package registers the ``"azurebatch"`` joblib backend::
     with joblib.parallel_config(backend="azurebatch", config=cfg):
         scores = cross_val_score(model, X, y, cv=KFold(10), n_jobs=-1)
 
-The backend module (and with it the Azure Batch SDK) is imported on first use, not here:
+The backend module and the pool warning (and with them the Azure Batch SDK) are imported
+on first use, not here:
 the worker that runs on every node imports this package too, and starts faster without it.
 """
 
@@ -34,6 +35,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .backend import AzureBatchBackend
+    from .pools import PoolDifferenceWarning
 
 __all__ = [
     "AzureBatchBackend",
@@ -42,6 +44,7 @@ __all__ = [
     "ConfigError",
     "CredentialError",
     "PayloadError",
+    "PoolDifferenceWarning",
     "RemoteError",
     "ServiceError",
     "TaskFailedError",
@@ -78,6 +81,10 @@ def __getattr__(name: str) -> Any:
         from .backend import AzureBatchBackend
 
         return AzureBatchBackend
+    if name == "PoolDifferenceWarning":
+        from .pools import PoolDifferenceWarning
+
+        return PoolDifferenceWarning
     raise AttributeError(f"module 'joblib_azurebatch' has no attribute {name!r}")
 
 

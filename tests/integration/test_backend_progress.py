@@ -16,7 +16,7 @@ import pytest
 from joblib import Parallel, delayed
 
 import joblib_azurebatch  # noqa: F401  (registers the "azurebatch" backend)
-from joblib_azurebatch.backend import JobRun
+from joblib_azurebatch.run import JobRun
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -21,7 +21,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from joblib import Parallel, delayed
 
 import joblib_azurebatch  # noqa: F401  (registers the "azurebatch" backend)
-from joblib_azurebatch.backend import PoolDifferenceWarning
+from joblib_azurebatch import PoolDifferenceWarning
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -8,7 +8,8 @@ import pytest
 from joblib.parallel import FallbackToBackend, SequentialBackend, ThreadingBackend
 
 from joblib_azurebatch import BatchConfig, ConfigError
-from joblib_azurebatch.backend import AzureBatchBackend, BatchSizer
+from joblib_azurebatch.backend import AzureBatchBackend
+from joblib_azurebatch.sizing import BatchSizer
 
 KEY = "a2V5"  # base64 of "key": the config only checks the form
 

@@ -22,6 +22,7 @@ PUBLIC = [
     "ConfigError",
     "CredentialError",
     "PayloadError",
+    "PoolDifferenceWarning",
     "RemoteError",
     "ServiceError",
     "TaskFailedError",
@@ -33,6 +34,19 @@ PUBLIC = [
 
 def test_all_is_pinned() -> None:
     assert sorted(joblib_azurebatch.__all__) == sorted(PUBLIC)
+
+
+def test_backend_module_exports_only_the_backend() -> None:
+    """The run, submitter, sizer and pool registry are internals: only the backend class is
+    the backend module's public name (the package re-exports it)."""
+    from joblib_azurebatch import backend
+
+    assert backend.__all__ == ["AzureBatchBackend"]
+    assert backend.AzureBatchBackend is joblib_azurebatch.AzureBatchBackend
+
+
+def test_pool_difference_warning_is_a_user_warning() -> None:
+    assert issubclass(joblib_azurebatch.PoolDifferenceWarning, UserWarning)
 
 
 def test_every_public_name_resolves() -> None:

@@ -1,0 +1,207 @@
+"""Every read of joblib's private attributes, in one place, with safe defaults.
+
+joblib's backend contract does not tell a backend which ``Parallel`` call a batch belongs
+to, whether that call is still running or aborting, how many calls it holds, or what
+batches wait in its queue. The backend needs those to keep concurrent and nested calls
+apart, to size batches, to bundle the tail and to end each call's Batch job at the right
+time, so it reads them from the ``Parallel`` object. Those names are private and may change
+in any joblib release.
+
+So they are read here only. :func:`probe` checks them once per ``Parallel`` (when the
+backend is configured and again when its first batch arrives, since joblib sets some of
+them only then). A missing one turns off the feature that needs it, with one warning per
+process that names the joblib version, and the safe default holds: a run is never aborted
+or closed because an attribute is missing. Without ``_running`` a run ends when its
+``Parallel`` is garbage-collected or the interpreter exits, not at joblib's ``terminate``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import joblib
+
+__all__ = ["Features", "JoblibCompatWarning", "probe"]
+
+
+class JoblibCompatWarning(RuntimeWarning):
+    """This joblib lacks an attribute the backend reads; a feature is off, results are not."""
+
+
+#: Feature -> the Parallel attributes it needs, and what is lost without it.
+_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "end_detection": (
+        ("_running",),
+        "the Batch job of a Parallel call is ended when the Parallel object is "
+        "garbage-collected instead of as soon as the call returns",
+    ),
+    "abort_detection": (
+        ("_aborting",),
+        "the remaining tasks of a failing Parallel call are ended with the call, "
+        "not as soon as the first error arrives",
+    ),
+    "call_identity": (
+        ("_call_id",),
+        "two calls of one reused Parallel object share a Batch job",
+    ),
+    "n_jobs": (
+        ("_cached_effective_n_jobs",),
+        "batch sizes are planned for the pool's capacity instead of n_jobs",
+    ),
+    "progress_counts": (
+        ("n_tasks", "n_dispatched_tasks"),
+        "batch sizes are not limited by the number of calls left",
+    ),
+    "pre_dispatch": (
+        ("_pre_dispatch_amount",),
+        'pre_dispatch="all" starts with one call per task',
+    ),
+    "tail_bundling": (
+        ("_ready_batches", "_lock", "dispatch_next", "_aborting"),
+        "the short batches at the end of a call are not bundled into fewer tasks",
+    ),
+}
+
+#: Features whose attributes joblib sets only in ``Parallel.__call__`` after ``configure``.
+_LATE = frozenset({"call_identity", "n_jobs", "pre_dispatch"})
+
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_missing(feature: str, missing: Sequence[str]) -> None:
+    with _warned_lock:
+        if feature in _warned:
+            return
+        _warned.add(feature)
+    _, lost = _NEEDS[feature]
+    warnings.warn(
+        f"joblib {joblib.__version__} has no Parallel.{', Parallel.'.join(missing)}, which "
+        f"joblib-azurebatch reads: {lost}. Results are not affected; install a joblib "
+        "version that joblib-azurebatch supports to get it back.",
+        JoblibCompatWarning,
+        stacklevel=4,
+    )
+
+
+class Features:
+    """What one ``Parallel`` object lets the backend read; every getter has a safe default.
+
+    Holds the ``Parallel`` weakly: the backend keeps features per ``Parallel`` and must not
+    keep a finished call's objects alive.
+    """
+
+    def __init__(self, parallel: Any) -> None:
+        self._ref: Callable[[], Any] = (
+            weakref.ref(parallel) if parallel is not None else (lambda: None)
+        )
+        self.on: set[str] = set()
+        self.checked: set[str] = set()
+
+    @property
+    def parallel(self) -> Any:
+        return self._ref()
+
+    def _has(self, feature: str) -> bool:
+        return feature in self.on and self.parallel is not None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def has_stopped(self) -> bool:
+        """The call has returned (or its ``Parallel`` is gone). False when unknown: never
+        end a run because an attribute is missing."""
+        if self.parallel is None:
+            return True
+        if not self._has("end_detection"):
+            return False
+        return not bool(getattr(self.parallel, "_running", True))
+
+    def is_aborting(self) -> bool:
+        """The call is being aborted (an error or a timeout), or its ``Parallel`` is gone.
+        False when unknown."""
+        if self.parallel is None:
+            return True
+        if not self._has("abort_detection"):
+            return False
+        return bool(getattr(self.parallel, "_aborting", False))
+
+    def call_id(self) -> Any:
+        """What tells apart two calls of one reused ``Parallel`` object (None when unknown)."""
+        return getattr(self.parallel, "_call_id", None) if self._has("call_identity") else None
+
+    # ------------------------------------------------------------------ sizing
+
+    def n_jobs(self) -> int | None:
+        if not self._has("n_jobs"):
+            return None
+        cached = getattr(self.parallel, "_cached_effective_n_jobs", None)
+        return cached if isinstance(cached, int) and cached > 0 else None
+
+    def total_calls(self) -> int | None:
+        if not self._has("progress_counts"):
+            return None
+        total = getattr(self.parallel, "n_tasks", None)
+        return total if isinstance(total, int) else None
+
+    def dispatched_calls(self) -> int:
+        if not self._has("progress_counts"):
+            return 0
+        return int(getattr(self.parallel, "n_dispatched_tasks", 0) or 0)
+
+    def dispatches_all_at_once(self) -> bool:
+        """``pre_dispatch="all"``: no completion will come back to resize batches."""
+        if not self._has("pre_dispatch"):
+            return False
+        return getattr(self.parallel, "_pre_dispatch_amount", None) == 0
+
+    # ------------------------------------------------------------------ tail bundling
+
+    def can_pull_tail(self) -> bool:
+        return self._has("tail_bundling")
+
+    def dispatch_lock(self) -> AbstractContextManager[Any]:
+        lock: AbstractContextManager[Any] = self.parallel._lock
+        return lock
+
+    def waiting_batches(self) -> list[Any]:
+        """The batches waiting in joblib's queue (call under :meth:`dispatch_lock`)."""
+        ready = getattr(self.parallel, "_ready_batches", None)
+        return list(getattr(ready, "queue", ()))
+
+    def dispatcher(self) -> Callable[[], Any]:
+        dispatch: Callable[[], Any] = self.parallel.dispatch_next
+        return dispatch
+
+
+def probe(parallel: Any, features: Features | None = None, *, late: bool = False) -> Features:
+    """Check the attributes of ``parallel`` once and turn on what is there.
+
+    ``late=False`` at ``configure`` (the attributes joblib sets before it), ``late=True``
+    at the first batch of a call (the rest). A missing attribute warns once per process.
+    """
+    result = features if features is not None else Features(parallel)
+    if parallel is None:
+        return result
+    for feature, (names, _) in _NEEDS.items():
+        if feature in result.checked or (feature in _LATE) != late:
+            continue
+        result.checked.add(feature)
+        missing = [n for n in names if not hasattr(parallel, n)]
+        if missing:
+            _warn_missing(feature, missing)
+        else:
+            result.on.add(feature)
+    return result
+
+
+def callback_parallel(callback: Any) -> tuple[Any, Any]:
+    """The ``Parallel`` and the call id that joblib's completion callback was made for.
+
+    joblib's ``BatchCompletionCallBack`` carries both; None for each when it does not.
+    """
+    return getattr(callback, "parallel", None), getattr(callback, "parallel_call_id", None)

@@ -1,0 +1,519 @@
+"""One ``Parallel`` call: one Batch job, its submitter, its tracker and its life cycle.
+
+The life cycle is explicit (:class:`RunState` and the table ``_TRANSITIONS``)::
+
+    NEW ──submit──► STARTING ──pool, job, threads up──► RUNNING ──abort──► ABORTED
+     │                  │ start failed                     │                  │
+     │                  └────────────► ABORTED             │                  │
+     └──────────────────────────────────────close──────────┴──────close───────┴─► CLOSED
+
+What the run holds in Azure is kept apart from its state, as the set of :class:`Held`
+resources: the blobs under the job's prefix, the lease on the pool, the job. ``close``
+releases exactly what is held, in the order that stops billing first: the job's tasks
+(terminated), the job (deleted), its blobs, then the pool lease (the last holder deletes a
+pool this process created).
+
+Starting creates nothing in Batch when something is wrong: a read of the pool checks the
+Batch credential, the container checks the storage credential, the first batch is pickled
+(an unpicklable function fails here) and stored, and only then are the pool and the job
+created.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import itertools
+import logging
+import sys
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from .batch import PoolSpec, TaskCounts
+from .errors import AzureBatchError, TaskFailedError
+from .payload import PayloadWriter, RemoteTraceback, job_prefix, new_signing_key, read_result
+from .payload import result_blob as _result_blob
+from .pools import POOLS, PoolLease, capacity_progress
+from .progress import CallProgress, progress_enabled
+from .sizing import BatchSizer
+from .submitter import Part, Submitter, Task, TaskTemplate
+from .tracker import TaskDone, Tracker
+
+if TYPE_CHECKING:
+    from ._joblib_compat import Features
+    from .config import BatchConfig
+    from .service import BatchApi
+    from .storage import BlobStore
+
+__all__ = [
+    "Account",
+    "Held",
+    "JobRun",
+    "RunState",
+    "TransitionError",
+    "close_live_runs",
+    "current_run",
+]
+
+_log = logging.getLogger(__name__)
+
+
+class RunState(enum.Enum):
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    ABORTED = "aborted"
+    CLOSED = "closed"
+
+
+#: The legal transitions; anything else is a bug and raises :class:`TransitionError`.
+_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    RunState.NEW: frozenset({RunState.STARTING, RunState.CLOSED}),
+    RunState.STARTING: frozenset({RunState.RUNNING, RunState.ABORTED, RunState.CLOSED}),
+    RunState.RUNNING: frozenset({RunState.ABORTED, RunState.CLOSED}),
+    RunState.ABORTED: frozenset({RunState.CLOSED}),
+    RunState.CLOSED: frozenset(),
+}
+
+
+class TransitionError(RuntimeError):
+    """A run was asked to move between two states that the life cycle does not connect."""
+
+
+class Held(enum.Enum):
+    """What a run holds in Azure and must release when it closes."""
+
+    BLOBS = "blobs"
+    POOL_LEASE = "pool lease"
+    JOB = "job"
+
+
+@dataclass
+class Account:
+    """The config and the two clients built from it, shared by the runs of a backend."""
+
+    cfg: BatchConfig
+    service: BatchApi
+    store: BlobStore
+
+
+_LIVE_RUNS: weakref.WeakSet[JobRun] = weakref.WeakSet()
+_current = threading.local()
+
+
+def current_run() -> JobRun | None:
+    """The run whose callbacks the current thread is running (joblib asks for the next
+    batch size from inside a callback)."""
+    return cast("JobRun | None", getattr(_current, "run", None))
+
+
+class JobRun:
+    """One ``Parallel`` call: one Batch job, its submitter and its tracker."""
+
+    def __init__(
+        self,
+        account: Account,
+        *,
+        n_jobs: int,
+        sizer: BatchSizer,
+        scheduling_latency: float,
+        features: Features,
+        pools: Any = None,
+    ) -> None:
+        self.account = account
+        self.cfg = account.cfg
+        self.job_id = self.cfg.new_job_id()
+        self.n_jobs = n_jobs
+        self.sizer = sizer
+        self.features = features
+        self._scheduling_latency = scheduling_latency
+        self._pools = pools if pools is not None else POOLS
+        self._key = new_signing_key()
+        self._writer = PayloadWriter(
+            account.store,
+            job_id=self.job_id,
+            signing_key=self._key,
+            inline_threshold=self.cfg.inline_threshold,
+            sas_expiry=self.cfg.sas_expiry,
+        )
+        self._lock = threading.RLock()
+        self._ids = itertools.count()
+        self._tasks: dict[str, Task] = {}
+        self._pulled: list[Part] | None = None
+        self._state = RunState.NEW
+        self._held: set[Held] = set()
+        self._lease: PoolLease | None = None
+        self._tracker: Tracker | None = None
+        self._submitter = Submitter(
+            account.service,
+            self.job_id,
+            prepare=self._writer.prepare,
+            template=TaskTemplate(
+                image=self.cfg.image,
+                max_retries=self.cfg.max_task_retries,
+                max_wall_clock=self.cfg.task_timeout,
+            ),
+            n_jobs=n_jobs,
+            new_task_id=self._new_task_id,
+            register=self._register,
+            fail=self._fail,
+            is_open=lambda: self._state is RunState.RUNNING,
+        )
+        #: Counters for tests and benchmarks.
+        self.calls_submitted = 0
+        self.calls_completed = 0
+        self._progress: CallProgress | None = None
+        _LIVE_RUNS.add(self)
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    @property
+    def held(self) -> frozenset[Held]:
+        return frozenset(self._held)
+
+    def _move(self, to: RunState) -> RunState:
+        """Change state under the lock; returns the state left."""
+        with self._lock:
+            was = self._state
+            if to not in _TRANSITIONS[was]:
+                raise TransitionError(f"the run of the job {self.job_id} cannot go {was} -> {to}")
+            self._state = to
+            return was
+
+    @property
+    def started(self) -> bool:
+        return self._state is not RunState.NEW
+
+    @property
+    def closed(self) -> bool:
+        return self._state is RunState.CLOSED
+
+    @property
+    def tasks_submitted(self) -> int:
+        return self._submitter.tasks_submitted
+
+    @property
+    def bundles_submitted(self) -> int:
+        return self._submitter.bundles_submitted
+
+    @property
+    def tracker(self) -> Tracker | None:
+        return self._tracker
+
+    def _new_task_id(self) -> str:
+        return f"task-{next(self._ids):06d}"
+
+    # ---------------------------------------------------------------- starting
+
+    def _start(self, first: Task, calls: Any) -> None:
+        """Everything Azure needs before the first task (see the module docstring)."""
+        cfg, svc, store = self.cfg, self.account.service, self.account.store
+        started = time.monotonic()
+        spec = PoolSpec.from_config(cfg)
+        svc.get_pool(spec.pool_id)
+        store.ensure_container()
+        self._held.add(Held.BLOBS)
+        first.prepared = self._writer.prepare(first.task_id, calls)
+        self._lease = self._pools.acquire(
+            svc, spec, account_url=str(cfg.batch_url), keep=cfg.keep_pool
+        )
+        self._held.add(Held.POOL_LEASE)
+        with capacity_progress(spec.pool_id) as progress:
+            svc.wait_for_capacity(
+                spec.pool_id, min_slots=1, timeout=cfg.pool_timeout, progress=progress
+            )
+        svc.create_job(self.job_id, spec.pool_id)
+        self._held.add(Held.JOB)
+        _log.info("created the job %s on the pool %s", self.job_id, spec.pool_id)
+        if progress_enabled(cfg.progress, sys.stderr):
+            self._progress = CallProgress(
+                label=f"Batch job {self.job_id}",
+                done=lambda: self.calls_completed,
+                dispatched=lambda: self.calls_submitted,
+                file=sys.stderr,
+                started=started,
+            )
+        self._tracker = Tracker(
+            svc
+            if self._progress is None
+            else cast("BatchApi", _CountsTap(svc, self._progress.counts)),
+            self.job_id,
+            fetch=lambda task_id: store.download(_result_blob(self.job_id, task_id)),
+            poll_interval=cfg.poll_interval,
+            max_task_retries=cfg.max_task_retries,
+        )
+        self._tracker.start()
+        self._submitter.start()
+
+    # ---------------------------------------------------------------- submitting
+
+    def submit(self, calls: Any, callback: Callable[[Any], Any] | None) -> Future[Any]:
+        """Queue one batch of calls; returns at once (after the first batch).
+
+        The first batch is pickled here, before anything exists in Azure, so that an
+        unpicklable function fails the call with nothing created.
+        """
+        future: Future[Any] = Future()
+        size = len(calls) if hasattr(calls, "__len__") else 1
+        part = Part(future, callback, size, calls)
+        with self._lock:
+            if self._state is RunState.NEW:
+                self._move(RunState.STARTING)
+                first = Task(self._new_task_id(), [part], bundled=False)
+                try:
+                    self._start(first, calls)
+                except BaseException:
+                    self._move(RunState.ABORTED)
+                    raise
+                self._move(RunState.RUNNING)
+                part.calls = None
+                self._submitter.put([first])
+            elif self._state is not RunState.RUNNING:
+                future.cancel()
+                return future
+            elif self._pulled is not None:
+                self._pulled.append(part)
+            else:
+                self._submitter.put([part])
+            self.calls_submitted += size
+        return future
+
+    def _register(self, tasks: list[Task]) -> None:
+        """Called by the submitter before it adds ``tasks``: the tracker watches them."""
+        assert self._tracker is not None
+        with self._lock:
+            for task in tasks:
+                self._tasks[task.task_id] = task
+                self._tracker.watch(task.task_id, self._on_done)
+
+    def _fail(self, task_id: str, error: BaseException) -> None:
+        if self._tracker is not None:
+            self._tracker.deliver(task_id, error)
+
+    # ---------------------------------------------------------------- results
+
+    def _on_done(self, done: TaskDone) -> None:
+        """Resolve a task's parts and run joblib's callbacks (in the tracker's thread)."""
+        with self._lock:
+            task = self._tasks.pop(done.task_id, None)
+        if task is None:
+            return
+        outcomes = self._outcomes(task, done)
+        # Counted before the callbacks: the last one may let joblib end the call at once.
+        self.calls_completed += task.calls
+        if self._progress is not None:
+            self._progress.refresh()
+        _current.run = self
+        try:
+            for part, (ok, value) in zip(task.parts, outcomes, strict=True):
+                if ok:
+                    part.future.set_result(value)
+                else:
+                    part.future.set_exception(value)
+                if part.callback is not None:
+                    part.callback(part.future)
+            self._pull_tail()
+        finally:
+            _current.run = None
+
+    def _outcomes(self, task: Task, done: TaskDone) -> list[tuple[bool, Any]]:
+        """One ``(ok, value or exception)`` per part of the task."""
+        outcomes: list[tuple[bool, Any]] = []
+        error = done.error
+        if error is None:
+            try:
+                envelope = read_result(done.data or b"", self._key)
+                self._learn(task.calls, envelope.timings, done)
+                value = envelope.result()
+                outcomes = [_part_outcome(o) for o in value] if task.bundled else [(True, value)]
+            except BaseException as e:
+                error = e
+        if error is None and len(outcomes) == len(task.parts):
+            return outcomes
+        if error is None:
+            error = TaskFailedError(
+                f"the Batch task {task.task_id} of the job {self.job_id} returned "
+                f"{len(outcomes)} results for {len(task.parts)} batches",
+                self.job_id,
+                task.task_id,
+            )
+        return [(False, error)] * len(task.parts)
+
+    def _learn(self, calls: int, timings: dict[str, float], done: TaskDone) -> None:
+        run = float(timings.get("run", 0.0))
+        outcome = done.outcome
+        if outcome is not None and outcome.start_time and outcome.end_time:
+            on_node = (outcome.end_time - outcome.start_time).total_seconds()
+        else:
+            on_node = run + sum(float(timings.get(k, 0.0)) for k in ("download", "upload"))
+        overhead = max(on_node - run, 0.0) + self._scheduling_latency + self.cfg.poll_interval / 2
+        self.sizer.record(batch_size=calls, run_seconds=run, overhead_seconds=overhead)
+
+    def _pull_tail(self) -> None:
+        """Take joblib's waiting tail batches now and send them as a few bundles.
+
+        joblib cuts the end of its input into ``10 x n_jobs`` small batches and releases
+        them one per completion. When the batches waiting in its queue are much smaller
+        than the sizer's size, that is the tail: pull them all (through joblib's own
+        ``dispatch_next``, so its bookkeeping stays right) and bundle them, one task per
+        slot. Only this thread dispatches at that point, so the queue cannot empty under us.
+        """
+        features = self.features
+        if not features.can_pull_tail():
+            return
+        with features.dispatch_lock():
+            if features.is_aborting() or self._state is not RunState.RUNNING:
+                return
+            waiting = features.waiting_batches()
+            if len(waiting) < 2:
+                return
+            largest = max(len(b) if hasattr(b, "__len__") else 1 for b in waiting)
+            if largest * 2 > self.sizer.size:
+                return
+            with self._lock:
+                self._pulled = []
+            try:
+                dispatch = features.dispatcher()
+                for _ in waiting:
+                    dispatch()
+            finally:
+                with self._lock:
+                    pulled, self._pulled = self._pulled or [], None
+        if pulled:
+            self._submitter.put(pulled)
+
+    # ---------------------------------------------------------------- ending
+
+    def abort(self) -> None:
+        """Stop everything now: queued batches are dropped, the job's tasks terminated."""
+        with self._lock:
+            if self._state is not RunState.RUNNING:
+                return
+            self._move(RunState.ABORTED)
+        self._submitter.drain()
+        if Held.JOB in self._held:
+            try:
+                self.account.service.terminate_job(
+                    self.job_id, "joblib-azurebatch: the Parallel call was aborted"
+                )
+            except AzureBatchError as e:
+                _warn_cleanup(f"could not terminate the job {self.job_id}: {e}")
+        if self._tracker is not None:
+            self._tracker.stop(wait=0)
+        if self._progress is not None:
+            self._progress.close()
+
+    def close(self) -> None:
+        """End the run: job terminated if needed and deleted, blobs and pool released."""
+        with self._lock:
+            if self._state is RunState.CLOSED:
+                return
+            was = self._move(RunState.CLOSED)
+        _LIVE_RUNS.discard(self)
+        if was is RunState.NEW:
+            return
+        self._submitter.stop()
+        if self._tracker is not None:
+            self._tracker.stop()
+        with self._lock:
+            leftovers = [p for t in self._tasks.values() for p in t.parts]
+            self._tasks.clear()
+        for part in leftovers:
+            part.future.cancel()
+        if self._progress is not None:
+            # Every task resolved means Batch reported every one completed.
+            clean = not leftovers and was is not RunState.ABORTED
+            self._progress.close(
+                postfix=f"tasks: {self.tasks_submitted} completed" if clean else None
+            )
+        self._release(unfinished=bool(leftovers), aborted=was is RunState.ABORTED)
+
+    def _release(self, *, unfinished: bool, aborted: bool) -> None:
+        """Release what the run holds: the job first (it bills), then blobs, then the pool."""
+        cfg, svc = self.cfg, self.account.service
+        if Held.JOB in self._held:
+            try:
+                if (unfinished or cfg.keep_job) and not aborted:
+                    svc.terminate_job(self.job_id, "joblib-azurebatch: the Parallel call ended")
+                if not cfg.keep_job:
+                    svc.delete_job(self.job_id)
+                    _log.info("deleted the job %s", self.job_id)
+            except AzureBatchError as e:
+                _warn_cleanup(f"could not end the job {self.job_id}: {e}")
+            self._held.discard(Held.JOB)
+        if Held.BLOBS in self._held:
+            if not cfg.keep_blobs:
+                try:
+                    removed = self.account.store.delete_prefix(job_prefix(self.job_id))
+                    _log.info("deleted %d blobs of the job %s", removed, self.job_id)
+                except (AzureBatchError, OSError) as e:
+                    _warn_cleanup(f"could not delete the blobs of the job {self.job_id}: {e}")
+            self._held.discard(Held.BLOBS)
+        if Held.POOL_LEASE in self._held and self._lease is not None:
+            lease, self._lease = self._lease, None
+            self._held.discard(Held.POOL_LEASE)
+            try:
+                self._pools.release(lease)
+            except AzureBatchError as e:
+                _warn_cleanup(f"could not delete the pool {cfg.pool_id}: {e}")
+
+
+class _CountsTap:
+    """The Batch service as a run's tracker sees it: the task counts it polls anyway are
+    also shown on the progress line, so the line costs no request of its own."""
+
+    def __init__(self, service: BatchApi, on_counts: Callable[[TaskCounts], None]) -> None:
+        self._service = service
+        self._on_counts = on_counts
+
+    def task_counts(self, job_id: str) -> TaskCounts:
+        counts = self._service.task_counts(job_id)
+        try:
+            self._on_counts(counts)
+        except Exception:  # a broken terminal must not stop the polling
+            _log.exception("the progress line of the job %s failed", job_id)
+        return counts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._service, name)
+
+
+def _part_outcome(outcome: Any) -> tuple[bool, Any]:
+    ok, value, text = outcome
+    if ok:
+        return True, value
+    if isinstance(value, BaseException) and text:
+        value.__cause__ = RemoteTraceback(text)
+    return False, value
+
+
+def _warn_cleanup(message: str) -> None:
+    warnings.warn(
+        f"joblib-azurebatch: {message}. Run `joblib-azurebatch cleanup` to remove what is left.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def close_live_runs() -> None:
+    """Abort and close every run still open (at interpreter exit): nothing keeps running,
+    and billing, after the process is gone."""
+    for run in list(_LIVE_RUNS):
+        try:
+            run.abort()
+            run.close()
+        except Exception:  # pragma: no cover - best effort at exit
+            _log.exception("closing the job %s at exit failed", run.job_id)
+
+
+atexit.register(close_live_runs)

@@ -1,0 +1,267 @@
+"""The thread that prepares joblib batches and adds them to the job as Batch tasks.
+
+``submit`` must return at once, yet each batch has to be pickled, signed, uploaded and
+added to the job. So the run puts groups of batches on this submitter's queue and its one
+thread does the rest: it waits a moment (``LINGER``) for more groups, so that joblib's first
+burst of ``pre_dispatch`` batches goes out in one request, turns groups into tasks (one
+batch per task, or a group of pulled tail batches split into one bundle per slot),
+prepares them on a small thread pool and adds them with ``add_tasks`` (which chunks into
+``create_task_collection`` calls of at most 100).
+
+Every task handed to the submitter is registered with the run (``register``) before it is
+added, and every failure before the task reaches Batch (an unpicklable call, an upload or
+submission error) is reported through ``fail``, so that every callback still comes from the
+tracker's one thread and no future is left unresolved.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .batch import TaskSpec
+from .bundle import Bundle
+from .payload import PreparedTask
+
+if TYPE_CHECKING:
+    from .service import BatchApi
+
+__all__ = ["WORKER_COMMAND", "Part", "Submitter", "Task", "TaskTemplate", "split_parts"]
+
+_log = logging.getLogger(__name__)
+
+#: What every task runs inside the worker image.
+WORKER_COMMAND = "python -m joblib_azurebatch.worker"
+
+#: Seconds the submitter waits for more batches before a flush.
+LINGER = 0.02
+#: At most this many queued groups go into one flush.
+MAX_FLUSH = 500
+#: Tasks pickled and uploaded at once.
+PREPARE_WORKERS = 8
+
+
+@dataclass
+class Part:
+    """One joblib batch handed to ``submit``: its future and joblib's callback."""
+
+    future: Future[Any]
+    callback: Callable[[Any], Any] | None
+    size: int
+    calls: Any = None
+
+
+@dataclass
+class Task:
+    """One Batch task: one part, or a :class:`Bundle` of several tail parts."""
+
+    task_id: str
+    parts: list[Part]
+    bundled: bool
+    prepared: PreparedTask | None = None
+
+    @property
+    def calls(self) -> int:
+        return sum(p.size for p in self.parts)
+
+
+@dataclass(frozen=True)
+class TaskTemplate:
+    """What every task of a job shares (from the config)."""
+
+    image: str
+    max_retries: int
+    max_wall_clock: float | None
+    command_line: str = WORKER_COMMAND
+
+
+#: A queued group: tasks already made (the first one), or parts to turn into tasks.
+Group = list[Task] | list[Part]
+
+
+def split_parts(parts: list[Part], groups: int) -> list[list[Part]]:
+    """Consecutive groups of parts with about the same number of calls each."""
+    groups = max(1, min(groups, len(parts)))
+    total = sum(p.size for p in parts)
+    out: list[list[Part]] = []
+    current: list[Part] = []
+    done = 0
+    for part in parts:
+        current.append(part)
+        done += part.size
+        if len(out) < groups - 1 and done >= total * (len(out) + 1) / groups:
+            out.append(current)
+            current = []
+    if current:
+        out.append(current)
+    return out
+
+
+class Submitter:
+    """Owns the queue of batches not yet in Batch, and the thread that empties it."""
+
+    def __init__(
+        self,
+        service: BatchApi,
+        job_id: str,
+        *,
+        prepare: Callable[[str, Any], PreparedTask],
+        template: TaskTemplate,
+        n_jobs: int,
+        new_task_id: Callable[[], str],
+        register: Callable[[list[Task]], None],
+        fail: Callable[[str, BaseException], None],
+        is_open: Callable[[], bool],
+    ) -> None:
+        self._service = service
+        self._job_id = job_id
+        self._prepare_calls = prepare
+        self._template = template
+        self._n_jobs = max(1, n_jobs)
+        self._new_task_id = new_task_id
+        self._register = register
+        self._fail = fail
+        self._is_open = is_open
+        self._queue: queue.Queue[Group | None] = queue.Queue()
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        #: Counters for tests and benchmarks.
+        self.tasks_submitted = 0
+        self.bundles_submitted = 0
+
+    # ---------------------------------------------------------------- life cycle
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(
+            max_workers=PREPARE_WORKERS, thread_name_prefix=f"azurebatch-prepare-{self._job_id}"
+        )
+        self._thread = threading.Thread(
+            target=self.run_forever, name=f"azurebatch-submit-{self._job_id}", daemon=True
+        )
+        self._thread.start()
+
+    def put(self, group: Group) -> None:
+        self._queue.put(group)
+
+    def drain(self) -> None:
+        """Drop what was not submitted yet (its futures are cancelled) and stop the thread."""
+        while True:
+            try:
+                group = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            for item in group or ():
+                parts = item.parts if isinstance(item, Task) else [item]
+                for part in parts:
+                    part.future.cancel()
+        self._queue.put(None)
+
+    def stop(self, *, wait: float = 10.0) -> None:
+        """Drain, wait for the thread (unless called from it) and drop the prepare pool."""
+        self.drain()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(wait)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---------------------------------------------------------------- the thread
+
+    def run_forever(self) -> None:
+        """Flush groups until ``None`` arrives or the run is no longer open."""
+        while True:
+            items, stop = self._collect()
+            if items is None or not self._is_open():
+                return
+            tasks = self.tasks_of(items)
+            try:
+                self.flush(tasks)
+            except BaseException as e:  # never let the thread die with tasks unresolved
+                for task in tasks:
+                    self._fail(task.task_id, e)
+            if stop:
+                return
+
+    def _collect(self) -> tuple[list[Group] | None, bool]:
+        """One group, plus whatever else arrives within ``LINGER`` (up to ``MAX_FLUSH``)."""
+        item = self._queue.get()
+        if item is None:
+            return None, True
+        items: list[Group] = [item]
+        deadline = time.monotonic() + LINGER
+        while len(items) < MAX_FLUSH:
+            try:
+                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if nxt is None:
+                return items, True
+            items.append(nxt)
+        return items, False
+
+    def tasks_of(self, groups: list[Group]) -> list[Task]:
+        """Tasks from queued groups: one part is one task; a group of several parts (the
+        pulled tail) becomes one bundle per slot."""
+        tasks: list[Task] = []
+        for group in groups:
+            if group and isinstance(group[0], Task):
+                tasks.extend(t for t in group if isinstance(t, Task))
+                continue
+            parts = [p for p in group if isinstance(p, Part)]
+            if len(parts) == 1:
+                tasks.append(Task(self._new_task_id(), parts, bundled=False))
+            else:
+                for chunk in split_parts(parts, self._n_jobs):
+                    tasks.append(Task(self._new_task_id(), chunk, bundled=len(chunk) > 1))
+        return tasks
+
+    def _prepare(self, task: Task) -> PreparedTask | BaseException:
+        if task.prepared is not None:
+            return task.prepared
+        calls: Any = task.parts[0].calls
+        if task.bundled:
+            calls = Bundle([p.calls for p in task.parts])
+        try:
+            return self._prepare_calls(task.task_id, calls)
+        except BaseException as e:
+            return e
+        finally:
+            for part in task.parts:
+                part.calls = None
+
+    def flush(self, tasks: list[Task]) -> None:
+        """Register, prepare and add ``tasks``; a failure fails only the tasks it concerns."""
+        self._register(tasks)
+        if self._pool is not None:
+            prepared = list(self._pool.map(self._prepare, tasks))
+        else:
+            prepared = [self._prepare(t) for t in tasks]
+        specs: list[TaskSpec] = []
+        for task, result in zip(tasks, prepared, strict=True):
+            if isinstance(result, BaseException):
+                self._fail(task.task_id, result)
+                continue
+            specs.append(
+                TaskSpec(
+                    task_id=task.task_id,
+                    command_line=self._template.command_line,
+                    image=self._template.image,
+                    environment=result.environment,
+                    max_retries=self._template.max_retries,
+                    max_wall_clock=self._template.max_wall_clock,
+                )
+            )
+            self.tasks_submitted += 1
+            self.bundles_submitted += int(task.bundled)
+        if not specs or not self._is_open():
+            return
+        try:
+            self._service.add_tasks(self._job_id, specs)
+        except BaseException as e:
+            for spec in specs:
+                self._fail(spec.task_id, e)
