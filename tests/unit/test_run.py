@@ -137,7 +137,8 @@ def finish(batch, store, run: JobRun, task_id: str, value) -> None:
 
 def test_a_run_moves_through_its_states_and_releases_what_it_holds_in_order(batch, store, log):
     run = make_run(batch, store)
-    assert run.state is RunState.NEW and run.held == frozenset()
+    assert run.state is RunState.NEW
+    assert run.held == frozenset()
     future = run.submit(Calls(1, 2), None)
     assert run.state is RunState.RUNNING
     assert run.held == {Held.BLOBS, Held.POOL_LEASE, Held.JOB}
@@ -148,7 +149,8 @@ def test_a_run_moves_through_its_states_and_releases_what_it_holds_in_order(batc
     finish(batch, store, run, "task-000000", [2, 4])
     assert future.result(timeout=5) == [2, 4]
     run.close()
-    assert run.state is RunState.CLOSED and run.held == frozenset()
+    assert run.state is RunState.CLOSED
+    assert run.held == frozenset()
     ending = [
         op for op in log if op in ("terminate_job", "delete_job", "delete_prefix", "delete_pool")
     ]
@@ -194,10 +196,13 @@ def test_an_unpicklable_first_batch_creates_nothing_in_batch(batch, store, log):
     with pytest.raises(PayloadError):
         run.submit(lambda: lock, None)  # a lock does not pickle
     assert run.state is RunState.ABORTED
-    assert "ensure_pool" not in log and "create_job" not in log
+    assert "ensure_pool" not in log
+    assert "create_job" not in log
     assert run.held == {Held.BLOBS}
     run.close()
-    assert run.held == frozenset() and "delete_prefix" in log and "delete_pool" not in log
+    assert run.held == frozenset()
+    assert "delete_prefix" in log
+    assert "delete_pool" not in log
 
 
 def test_a_failed_job_creation_gives_back_the_pool_it_created(batch, store, log):
@@ -207,14 +212,16 @@ def test_a_failed_job_creation_gives_back_the_pool_it_created(batch, store, log)
         run.submit(Calls(1), None)
     assert run.held == {Held.BLOBS, Held.POOL_LEASE}
     run.close()
-    assert "delete_job" not in log and log[-1] == "delete_pool"
+    assert "delete_job" not in log
+    assert log[-1] == "delete_pool"
 
 
 def test_keep_pool_keeps_the_pool(batch, store, log):
     run = make_run(batch, store, keep_pool=True)
     run.submit(Calls(1), None)
     run.close()
-    assert "delete_pool" not in log and "delete_job" in log
+    assert "delete_pool" not in log
+    assert "delete_job" in log
 
 
 def test_illegal_transitions_raise():
@@ -283,7 +290,8 @@ def test_a_task_that_does_not_prepare_fails_alone():
     tasks = [Task(f"t{i}", parts(1), bundled=False) for i in range(3)]
     submitter.flush(tasks)
     assert registered == ["t0", "t1", "t2"]  # watched before they are added
-    assert list(failed) == ["t1"] and isinstance(failed["t1"], PayloadError)
+    assert list(failed) == ["t1"]
+    assert isinstance(failed["t1"], PayloadError)
     assert batch.added == [["t0", "t2"]]
     assert submitter.tasks_submitted == 2
 
