@@ -15,6 +15,11 @@ Nothing is dropped or duplicated: a preempted or requeued task is simply not com
 yet; a task id is delivered at most once; a completed task is delivered whatever its
 state, as a result, a :class:`~joblib_azurebatch.errors.TaskFailedError` (non-zero exit,
 failure info, or no result blob), or the service error that stopped the polling.
+
+The thread only calls :meth:`Tracker.poll_once` between waits, and every reading of the
+time and every pause inside it goes through a :class:`~joblib_azurebatch.service.Clock`, so
+a test drives the same rules step by step, against a fake service and a clock it moves
+itself, without threads or waiting.
 """
 
 from __future__ import annotations
@@ -29,8 +34,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from .batch import BatchService, TaskOutcome
+from .batch import TaskOutcome
 from .errors import AzureBatchError, CredentialError, TaskFailedError
+from .service import BatchApi, Clock
 
 __all__ = ["TaskDone", "Tracker"]
 
@@ -63,16 +69,28 @@ class TaskDone:
 OnDone = Callable[[TaskDone], None]
 
 
+class SystemClock:
+    """The process's monotonic clock and a real sleep: what a tracker uses unless told."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
 class Tracker:
     """Polls one job and resolves the tasks it was asked to watch.
 
     ``fetch(task_id)`` returns the task's result blob and raises ``FileNotFoundError`` when
-    there is none; the tracker never interprets the bytes.
+    there is none; the tracker never interprets the bytes. ``service`` is anything with the
+    Batch operations of :class:`~joblib_azurebatch.service.BatchApi` and ``clock`` anything
+    with ``monotonic()`` and ``sleep()``, so that tests can hand in fakes of both.
     """
 
     def __init__(
         self,
-        service: BatchService,
+        service: BatchApi,
         job_id: str,
         *,
         fetch: Callable[[str], bytes],
@@ -80,8 +98,10 @@ class Tracker:
         max_task_retries: int = 3,
         overlap: float = DEFAULT_OVERLAP,
         download_workers: int = 8,
+        clock: Clock | None = None,
     ) -> None:
         self._service = service
+        self._clock: Clock = clock if clock is not None else SystemClock()
         self._job_id = job_id
         self._fetch = fetch
         self._poll_interval = poll_interval
@@ -92,6 +112,10 @@ class Tracker:
         self._delivered: set[str] = set()
         self._seen_completed: set[str] = set()
         self._newest: _dt.datetime | None = None
+        # Polling state carried from one poll to the next.
+        self._failures = 0
+        self._last_listing: float | None = None  # clock time; None lists at the first poll
+        self._listed_count = -1
         self._inbox: queue.SimpleQueue[TaskDone] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -149,43 +173,52 @@ class Tracker:
     # ---------------------------------------------------------------- the thread
 
     def _run(self) -> None:
-        failures = 0
-        last_listing = 0.0
-        listed_count = -1
         while not self._stopping.is_set():
-            self._drain_inbox()
-            if not self.pending():
-                self._sleep()
-                continue
-            try:
-                counts = self._service.task_counts(self._job_id)
-                self.count_polls += 1
-                stale = time.monotonic() - last_listing > RELIST_EVERY
-                if counts.completed > len(self._seen_completed) or stale:
-                    # Counts ahead of two listings in a row: a completion fell outside the
-                    # overlap window; look at every completed task once.
-                    full = stale or (
-                        listed_count == counts.completed
-                        and counts.completed > len(self._seen_completed)
-                    )
-                    self._list_and_resolve(full=full)
-                    last_listing = time.monotonic()
-                    listed_count = counts.completed
-                failures = 0
-            except CredentialError as e:
-                self._fail_all(e)
-            except AzureBatchError as e:
-                failures += 1
-                _log.warning(
-                    "polling the job %s failed (%d in a row): %s", self._job_id, failures, e
-                )
-                if failures >= MAX_POLL_FAILURES:
-                    self._fail_all(e)
-                    failures = 0
-            except Exception as e:  # a bug must not leave the caller waiting forever
-                _log.exception("the tracker of the job %s failed", self._job_id)
-                self._fail_all(e)
+            self.poll_once()
             self._sleep()
+
+    def poll_once(self) -> None:
+        """One turn of the tracker's loop: fire what :meth:`deliver` queued, then poll.
+
+        The counts are read only while something is watched; the completed tasks are
+        listed when the counts show more completions than seen, and at least every
+        ``RELIST_EVERY`` seconds. Callbacks fire in the calling thread, which is the
+        tracker's own thread once :meth:`start` ran (tests call this directly instead).
+        """
+        self._drain_inbox()
+        if not self.pending():
+            return
+        try:
+            counts = self._service.task_counts(self._job_id)
+            self.count_polls += 1
+            stale = (
+                self._last_listing is None
+                or self._clock.monotonic() - self._last_listing > RELIST_EVERY
+            )
+            if counts.completed > len(self._seen_completed) or stale:
+                # Counts ahead of two listings in a row: a completion fell outside the
+                # overlap window; look at every completed task once.
+                full = stale or (
+                    self._listed_count == counts.completed
+                    and counts.completed > len(self._seen_completed)
+                )
+                self._list_and_resolve(full=full)
+                self._last_listing = self._clock.monotonic()
+                self._listed_count = counts.completed
+            self._failures = 0
+        except CredentialError as e:
+            self._fail_all(e)
+        except AzureBatchError as e:
+            self._failures += 1
+            _log.warning(
+                "polling the job %s failed (%d in a row): %s", self._job_id, self._failures, e
+            )
+            if self._failures >= MAX_POLL_FAILURES:
+                self._fail_all(e)
+                self._failures = 0
+        except Exception as e:  # a bug must not leave the caller waiting forever
+            _log.exception("the tracker of the job %s failed", self._job_id)
+            self._fail_all(e)
 
     def _sleep(self) -> None:
         self._wake.wait(self._poll_interval)
@@ -240,7 +273,7 @@ class Tracker:
                     )
                 except FileNotFoundError:
                     if attempt + 1 < RESULT_ATTEMPTS:
-                        time.sleep(RESULT_RETRY_DELAY)
+                        self._clock.sleep(RESULT_RETRY_DELAY)
             reason = "it exited with code 0 but uploaded no result"
         elif outcome.failure:
             reason = f"it failed with {outcome.failure}"

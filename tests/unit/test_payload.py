@@ -417,10 +417,9 @@ def test_version_mismatch_says_what_to_build_or_install(change: dict[str, str], 
 
 
 def test_version_mismatch_result_raises_on_the_client() -> None:
-    try:
+    with pytest.raises(VersionMismatchError) as mismatch:
         check_versions({**payload.versions(), "python": "2.7"})
-    except VersionMismatchError as e:
-        data = encode_result(task_id="t", key=KEY, error=e)
+    data = encode_result(task_id="t", key=KEY, error=mismatch.value)
     with pytest.raises(VersionMismatchError, match=r"PYTHON_VERSION=2\.7"):
         read_result(data, KEY).result()
 
