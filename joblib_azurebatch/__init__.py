@@ -27,9 +27,11 @@ from .errors import (
     ConfigError,
     CredentialError,
     PayloadError,
+    QuotaError,
     RemoteError,
     ServiceError,
     TaskFailedError,
+    ThrottledError,
     VersionMismatchError,
 )
 
@@ -45,9 +47,11 @@ __all__ = [
     "CredentialError",
     "PayloadError",
     "PoolDifferenceWarning",
+    "QuotaError",
     "RemoteError",
     "ServiceError",
     "TaskFailedError",
+    "ThrottledError",
     "VersionMismatchError",
     "__version__",
     "register",

@@ -15,7 +15,13 @@ Why it looks the way it does:
   tasks that completed since the last look; a per-task GET would cost one request per task
   per poll.
 * Throttling (429) and unavailability (503) are retried by the azure-core ``RetryPolicy``,
-  which honours ``Retry-After``.
+  which honours ``Retry-After``; what is still refused after the retries becomes a
+  :class:`~joblib_azurebatch.errors.ThrottledError`, a reached account quota a
+  :class:`~joblib_azurebatch.errors.QuotaError`, with the status, the service's error code
+  and the operation as fields.
+* Every call goes through :meth:`BatchService._call`, which also swallows the answers that
+  mean "already done" (a 404 on delete, ``PoolExists`` on create), so that each method says
+  which those are in one line instead of its own ``try`` ladder.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,8 +55,18 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.policies import RetryPolicy
+from azure.core.polling import LROPoller
 
-from .errors import AzureBatchError, ConfigError, CredentialError, ServiceError
+from .config import _package_version
+from .credentials import CredentialLease, lease_credential
+from .errors import (
+    AzureBatchError,
+    ConfigError,
+    CredentialError,
+    ServiceError,
+    is_quota_code,
+    service_error,
+)
 
 if TYPE_CHECKING:
     from .config import BatchConfig
@@ -79,6 +95,9 @@ SUBMIT_CONCURRENCY = 4
 SUBMIT_ATTEMPTS = 5
 
 _READY_NODE_STATES = frozenset({"idle", "running"})
+
+#: Sent before the SDK's own user agent, so that the account's logs tell our requests apart.
+_USER_AGENT = f"joblib-azurebatch/{_package_version()}"
 
 #: Jobs this library creates start with this (``BatchConfig.new_job_id`` without ``job_id``).
 #: The CLI's cleanup does not rely on it: it matches the ``-{UTC time}-{hex}`` suffix that
@@ -276,6 +295,12 @@ def _error_code(e: HttpResponseError) -> str:
     return str(getattr(model, "code", "") or "")
 
 
+def _default_credential() -> TokenCredential:
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
 def _error_message(e: AzureError) -> str:
     if isinstance(e, HttpResponseError):
         model = getattr(e, "model", None)
@@ -336,8 +361,12 @@ class BatchService:
         account: str,
         uses_key: bool,
         poll_interval: float = 2.0,
+        credential_lease: CredentialLease | None = None,
     ) -> None:
         self._client = client
+        # Released by close(): a credential this library created is closed by the last
+        # client that holds it (see joblib_azurebatch.credentials).
+        self._credential_lease = credential_lease
         self._account = account
         self._uses_key = uses_key
         self._poll_interval = poll_interval
@@ -356,9 +385,11 @@ class BatchService:
         """Build the client from the config's endpoint and credential.
 
         A shared key signs requests itself (``AzureNamedKeyCredential``); without one, a
-        ``TokenCredential`` is used (the config's, else ``DefaultAzureCredential``). The SDK
-        refuses to send a bearer token over plain http, so that combination is refused here
-        with the fix instead of failing on the first request.
+        ``TokenCredential`` is used: the config's as given, else a ``DefaultAzureCredential``
+        shared with the config's :class:`~joblib_azurebatch.storage.BlobStore` and closed
+        with the last of them. The SDK refuses to send a bearer token over plain http, so
+        that combination is refused here with the fix instead of failing on the first
+        request. Call :meth:`close` when done.
         """
         url = cfg.batch_url
         if not url:
@@ -368,6 +399,7 @@ class BatchService:
             )
         account = _account_name(cfg)
         credential: AzureNamedKeyCredential | TokenCredential
+        lease: CredentialLease | None = None
         if cfg.batch_key:
             if not account:
                 raise ConfigError(
@@ -383,62 +415,115 @@ class BatchService:
                     "sent over https: give the account key (batch_key= or BATCH_ACCOUNT_KEY) "
                     "or use an https endpoint"
                 )
-            if cfg.batch_credential is not None:
-                credential = cast(TokenCredential, cfg.batch_credential)
-            else:
-                from azure.identity import DefaultAzureCredential
-
-                credential = DefaultAzureCredential()
+            lease = lease_credential(cfg, cfg.batch_credential, _default_credential)
+            credential = cast(TokenCredential, lease.credential)
             uses_key = False
-        client = BatchClient(
-            endpoint=url,
-            credential=credential,
-            retry_policy=RetryPolicy(retry_total=8, retry_backoff_factor=0.5, retry_backoff_max=30),
-            connection_timeout=30,
-            read_timeout=120,
-            # A corporate proxy that re-signs TLS needs its CA; None keeps the default store.
-            **({"connection_verify": cfg.ca_bundle} if cfg.ca_bundle else {}),
+        try:
+            client = BatchClient(
+                endpoint=url,
+                credential=credential,
+                retry_policy=RetryPolicy(
+                    retry_total=8, retry_backoff_factor=0.5, retry_backoff_max=30
+                ),
+                connection_timeout=30,
+                read_timeout=120,
+                user_agent=_USER_AGENT,
+                # A corporate proxy that re-signs TLS needs its CA; None keeps the default store.
+                **({"connection_verify": cfg.ca_bundle} if cfg.ca_bundle else {}),
+            )
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        return cls(
+            client,
+            account=account,
+            uses_key=uses_key,
+            poll_interval=cfg.poll_interval,
+            credential_lease=lease,
         )
-        return cls(client, account=account, uses_key=uses_key, poll_interval=cfg.poll_interval)
 
     def close(self) -> None:
+        """Stop the submission threads, release the HTTP connections and the credential.
+
+        Safe to call more than once. A ``DefaultAzureCredential`` created for the config is
+        closed once every client sharing it is closed; the user's own credential never is.
+        """
         with self._executor_lock:
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None
-        self._client.close()
+        try:
+            self._client.close()
+        finally:
+            if self._credential_lease is not None:
+                self._credential_lease.release()
 
     # ---- error translation
 
     def _translate(self, e: AzureError, what: str) -> AzureBatchError:
+        """The project's error for an SDK error raised while trying to ``what``.
+
+        Fills ``status_code``, ``error_code`` and ``operation`` so that callers need not
+        parse the message; the message itself names the account and the fix.
+        """
         status = getattr(e, "status_code", None)
+        status = status if isinstance(status, int) else None
+        code = _error_code(e) if isinstance(e, HttpResponseError) else ""
         if isinstance(e, ClientAuthenticationError) or status in (401, 403):
             if self._uses_key:
                 return CredentialError(
                     f"the Batch account key for {self._account} was refused while trying to "
-                    f"{what}: check BATCH_ACCOUNT_KEY (or batch_key=) and BATCH_ACCOUNT_NAME"
+                    f"{what}: check BATCH_ACCOUNT_KEY (or batch_key=) and BATCH_ACCOUNT_NAME",
+                    status,
+                    code,
+                    what,
                 )
             return CredentialError(
                 f"the Azure credential was refused by the Batch account {self._account} while "
                 f"trying to {what}: check that the identity has a Batch data-plane role on the "
-                f"account ({_error_message(e)})"
+                f"account ({_error_message(e)})",
+                status,
+                code,
+                what,
             )
         if isinstance(e, HttpResponseError):
-            code = _error_code(e)
-            return ServiceError(
-                f"could not {what}: the Batch service answered {status} {code}: {_error_message(e)}"
+            return service_error(
+                f"could not {what}: the Batch service answered {status} {code}: "
+                f"{_error_message(e)}",
+                status,
+                code,
+                what,
             )
         if isinstance(e, (ServiceRequestError, ServiceResponseError)):
             return ServiceError(
                 f"could not {what}: the Batch account at {self._client._config.endpoint} "
-                f"did not answer ({_error_message(e)})"
+                f"did not answer ({_error_message(e)})",
+                None,
+                "",
+                what,
             )
-        return ServiceError(f"could not {what}: {_error_message(e)}")
+        return ServiceError(f"could not {what}: {_error_message(e)}", None, "", what)
 
     @contextmanager
-    def _call(self, what: str) -> Iterator[None]:
+    def _call(
+        self, what: str, *, ok_codes: Collection[str] = (), missing_ok: bool = False
+    ) -> Iterator[None]:
+        """Run one request; translate its SDK errors, or swallow those that mean "done".
+
+        ``missing_ok`` swallows a 404 (the pool or job is already gone); ``ok_codes`` are
+        the service's error codes that mean the same for this call (``PoolBeingDeleted`` on
+        a delete, ``PoolExists`` on a create). A swallowed error ends the ``with`` block
+        early, so callers that read a value inside it must check that it was set.
+        """
         try:
             yield
+        except HttpResponseError as e:
+            if missing_ok and (isinstance(e, ResourceNotFoundError) or e.status_code == 404):
+                return
+            if ok_codes and _error_code(e) in ok_codes:
+                return
+            raise self._translate(e, what) from e
         except AzureError as e:
             raise self._translate(e, what) from e
 
@@ -469,13 +554,10 @@ class BatchService:
 
     def get_pool(self, pool_id: str) -> PoolInfo | None:
         """The pool, or None if there is none (``pool_exists`` raises instead of saying so)."""
-        try:
+        pool: bm.BatchPool | None = None
+        with self._call(f"read the pool {pool_id}", missing_ok=True):
             pool = self._client.get_pool(pool_id)
-        except ResourceNotFoundError:
-            return None
-        except AzureError as e:
-            raise self._translate(e, f"read the pool {pool_id}") from e
-        return self._pool_info(pool)
+        return None if pool is None else self._pool_info(pool)
 
     def list_pools(self) -> list[PoolInfo]:
         with self._call("list the pools"):
@@ -525,14 +607,8 @@ class BatchService:
             task_scheduling_policy=bm.BatchTaskSchedulingPolicy(node_fill_type="spread"),
             start_task=start_task,
         )
-        try:
+        with self._call(f"create the pool {spec.pool_id}", ok_codes=("PoolExists",)):
             self._client.create_pool(options)
-        except HttpResponseError as e:
-            if _error_code(e) == "PoolExists":
-                return
-            raise self._translate(e, f"create the pool {spec.pool_id}") from e
-        except AzureError as e:
-            raise self._translate(e, f"create the pool {spec.pool_id}") from e
 
     def ensure_pool(self, spec: PoolSpec, *, timeout: float = 600.0) -> tuple[PoolInfo, bool]:
         """Return the pool and whether this call created it.
@@ -583,22 +659,32 @@ class BatchService:
         """
         deadline = time.monotonic() + timeout
         while True:
+            what = f"read the pool {pool_id}"
             try:
                 pool = self._client.get_pool(pool_id)
             except ResourceNotFoundError as e:
                 raise ServiceError(
-                    f"the pool {pool_id} was deleted while waiting for its nodes"
+                    f"the pool {pool_id} was deleted while waiting for its nodes",
+                    e.status_code,
+                    _error_code(e),
+                    what,
                 ) from e
             except AzureError as e:
-                raise self._translate(e, f"read the pool {pool_id}") from e
+                raise self._translate(e, what) from e
             info = self._pool_info(pool, self._node_states(pool_id))
             progress(info)
             if info.ready_slots >= min_slots:
                 return info
             if info.allocation_state == "steady" and info.ready_nodes == 0:
                 if info.resize_errors:
-                    raise ServiceError(
-                        f"the pool {pool_id} could not get nodes: " + "; ".join(info.resize_errors)
+                    # A reached core quota is the usual cause: say so in the error's type.
+                    codes = [r.code for r in pool.resize_errors or () if r is not None and r.code]
+                    code = next((c for c in codes if is_quota_code(c)), codes[0] if codes else "")
+                    raise service_error(
+                        f"the pool {pool_id} could not get nodes: " + "; ".join(info.resize_errors),
+                        None,
+                        code,
+                        f"wait for nodes in the pool {pool_id}",
                     )
                 if info.target_dedicated_nodes + info.target_spot_nodes == 0:
                     raise ServiceError(
@@ -625,16 +711,12 @@ class BatchService:
 
     def delete_pool(self, pool_id: str) -> None:
         """Start deleting the pool (the service finishes it in the background)."""
-        try:
+        with self._call(
+            f"delete the pool {pool_id}",
+            ok_codes=("PoolBeingDeleted", "PoolNotFound"),
+            missing_ok=True,
+        ):
             self._client.begin_delete_pool(pool_id, polling_interval=5)
-        except ResourceNotFoundError:
-            return
-        except HttpResponseError as e:
-            if _error_code(e) in ("PoolBeingDeleted", "PoolNotFound"):
-                return
-            raise self._translate(e, f"delete the pool {pool_id}") from e
-        except AzureError as e:
-            raise self._translate(e, f"delete the pool {pool_id}") from e
 
     # ---- jobs
 
@@ -668,18 +750,17 @@ class BatchService:
         task keeps running (and billing) after this returns.
         """
         options = BatchJobTerminateOptions(termination_reason=reason or "Terminated")
-        try:
+        poller: LROPoller[None] | None = None
+        with self._call(
+            f"terminate the job {job_id}",
+            ok_codes=("JobCompleted", "JobBeingTerminated", "JobBeingDeleted"),
+            missing_ok=True,
+        ):
             poller = self._client.begin_terminate_job(
                 job_id, options, polling_interval=self._lro_interval
             )
-        except ResourceNotFoundError:
+        if poller is None:
             return
-        except HttpResponseError as e:
-            if _error_code(e) in ("JobCompleted", "JobBeingTerminated", "JobBeingDeleted"):
-                return
-            raise self._translate(e, f"terminate the job {job_id}") from e
-        except AzureError as e:
-            raise self._translate(e, f"terminate the job {job_id}") from e
         if wait > 0:
             try:
                 poller.result(timeout=wait)
@@ -688,16 +769,12 @@ class BatchService:
 
     def delete_job(self, job_id: str) -> None:
         """Start deleting the job and its tasks (the service finishes in the background)."""
-        try:
+        with self._call(
+            f"delete the job {job_id}",
+            ok_codes=("JobBeingDeleted", "JobNotFound"),
+            missing_ok=True,
+        ):
             self._client.begin_delete_job(job_id, polling_interval=self._lro_interval)
-        except ResourceNotFoundError:
-            return
-        except HttpResponseError as e:
-            if _error_code(e) in ("JobBeingDeleted", "JobNotFound"):
-                return
-            raise self._translate(e, f"delete the job {job_id}") from e
-        except AzureError as e:
-            raise self._translate(e, f"delete the job {job_id}") from e
 
     # ---- tasks
 
@@ -756,6 +833,9 @@ class BatchService:
     def _add_chunk(self, job_id: str, chunk: list[bm.BatchTaskCreateOptions]) -> None:
         pending = {t.id: t for t in chunk}
         last_problem = ""
+        # What the last retried failure said, for the fields of the error if all fail.
+        last_status: int | None = None
+        last_code = ""
         for attempt in range(1, SUBMIT_ATTEMPTS + 1):
             if attempt > 1:
                 time.sleep(min(0.25 * 2 ** (attempt - 2), 5.0))
@@ -775,10 +855,12 @@ class BatchService:
                     return
                 if status >= 500 or status in (408, 429):
                     last_problem = f"{status} {code}: {_error_message(e)}"
+                    last_status, last_code = status, code
                     continue
                 raise self._translate(e, f"add {len(pending)} tasks to the job {job_id}") from e
             except (ServiceRequestError, ServiceResponseError) as e:
                 last_problem = _error_message(e)
+                last_status, last_code = None, ""
                 continue
             except AzureError as e:
                 raise self._translate(e, f"add {len(pending)} tasks to the job {job_id}") from e
@@ -790,6 +872,7 @@ class BatchService:
                     pending.pop(item.task_id, None)
                 elif status_text == "servererror":
                     last_problem = f"task {item.task_id}: {code} {msg}".strip()
+                    last_status, last_code = None, code
                 else:
                     details = ""
                     if item.error is not None and item.error.error_values:
@@ -798,16 +881,22 @@ class BatchService:
                             + ", ".join(f"{d.key}={d.value}" for d in item.error.error_values)
                             + ")"
                         )
-                    raise ServiceError(
+                    raise service_error(
                         f"the Batch service refused the task {item.task_id} of the job "
-                        f"{job_id}: {code}: {msg}{details}"
+                        f"{job_id}: {code}: {msg}{details}",
+                        None,
+                        code,
+                        f"add the task {item.task_id} to the job {job_id}",
                     )
             if not pending:
                 return
-        raise ServiceError(
+        raise service_error(
             f"could not add the tasks {', '.join(sorted(pending)[:5])}"
             f"{' ...' if len(pending) > 5 else ''} to the job {job_id} after "
-            f"{SUBMIT_ATTEMPTS} attempts: {last_problem}"
+            f"{SUBMIT_ATTEMPTS} attempts: {last_problem}",
+            last_status,
+            last_code,
+            f"add {len(pending)} tasks to the job {job_id}",
         )
 
     def task_counts(self, job_id: str) -> TaskCounts:

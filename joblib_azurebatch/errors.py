@@ -12,12 +12,19 @@ and what went wrong on a node outside the user's code (:class:`TaskFailedError`)
     │   │                       does not verify (wrong signature, unknown envelope version)
     │   └── VersionMismatchError  the worker's Python/cloudpickle/joblib differ from the client's
     ├── ServiceError            an Azure Batch or Storage request failed after its retries
+    │   ├── ThrottledError      still throttled (429) or unavailable (503) after the retries
+    │   └── QuotaError          an account quota is reached (jobs, pools, cores)
     ├── TaskFailedError         a task failed outside the user's code: non-zero exit, killed,
     │                           result missing, retries exhausted (names job, task, stderr tail)
     └── RemoteError             stands in for a user exception that could not be unpickled
 
 An exception raised by the user's own function is not wrapped: the caller gets its original
 type, with the remote traceback attached as ``__cause__``.
+
+:class:`ServiceError` and :class:`CredentialError` carry what the service said as fields,
+``status_code``, ``error_code`` and ``operation``, so that a caller can decide what to do
+(wait and retry, ask for a quota, fix a role assignment) without parsing the message. A
+:class:`CredentialError` raised before any request (a missing key) has them empty.
 
 Every class keeps a positional-only ``__init__`` signature compatible with ``Exception`` so that
 instances pickle and unpickle (a keyword-only ``__init__`` does not unpickle).
@@ -30,11 +37,30 @@ __all__ = [
     "ConfigError",
     "CredentialError",
     "PayloadError",
+    "QuotaError",
     "RemoteError",
     "ServiceError",
     "TaskFailedError",
+    "ThrottledError",
     "VersionMismatchError",
 ]
+
+#: Error codes of the Batch service that mean an account quota is reached: on create
+#: (jobs, pools) or in a pool's resize errors (cores). Any other code ending in
+#: ``QuotaReached`` or ``QuotaExceeded`` counts too, so that a new quota is not missed.
+_QUOTA_ERROR_CODES = frozenset(
+    {
+        "ActiveJobAndScheduleQuotaReached",
+        "PoolQuotaReached",
+        "AccountCoreQuotaReached",
+        "AccountLowPriorityCoreQuotaReached",
+        "AccountSpotCoreQuotaReached",
+        "AccountVMSeriesCoreQuotaReached",
+        "AutoPoolCreationFailedWithQuotaReached",
+    }
+)
+#: HTTP statuses that mean "slow down" (429) or "try again later" (503).
+_THROTTLED_STATUSES = frozenset({429, 503})
 
 
 class AzureBatchError(Exception):
@@ -46,7 +72,29 @@ class ConfigError(AzureBatchError, ValueError):
 
 
 class CredentialError(ConfigError):
-    """A credential is missing, malformed or refused (for example a wrong account key)."""
+    """A credential is missing, malformed or refused (for example a wrong account key).
+
+    ``args`` are ``(message, status_code, error_code, operation)``, like
+    :class:`ServiceError`'s: a refusal by the service fills them (403 ``AuthenticationFailed``
+    while trying to "create the pool p"), a check of the config before any request leaves
+    them at ``None``, ``""`` and ``""``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int | None = None,
+        error_code: str = "",
+        operation: str = "",
+        /,
+    ) -> None:
+        super().__init__(message, status_code, error_code, operation)
+        self.status_code = status_code
+        self.error_code = error_code
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class PayloadError(AzureBatchError):
@@ -59,7 +107,63 @@ class VersionMismatchError(PayloadError):
 
 
 class ServiceError(AzureBatchError):
-    """A request to Azure Batch or Azure Storage failed after the SDK's retries."""
+    """A request to Azure Batch or Azure Storage failed after the SDK's retries.
+
+    ``args`` are ``(message, status_code, error_code, operation)`` so that the error pickles
+    and the fields stay readable as attributes: the HTTP status (``None`` when no answer
+    came, for example a connection error), the service's error code (``""`` when it sent
+    none) and what was being attempted (``"create the job j on the pool p"``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int | None = None,
+        error_code: str = "",
+        operation: str = "",
+        /,
+    ) -> None:
+        super().__init__(message, status_code, error_code, operation)
+        self.status_code = status_code
+        self.error_code = error_code
+        self.operation = operation
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ThrottledError(ServiceError):
+    """The service kept answering 429 (too many requests) or 503 (unavailable) after the
+    SDK's retries, which honour ``Retry-After``: waiting and trying again later can work."""
+
+
+class QuotaError(ServiceError):
+    """An account quota is reached (active jobs, pools, cores): retrying does not help
+    until jobs or pools are deleted or the quota is raised (see ``error_code``)."""
+
+
+def is_quota_code(error_code: str) -> bool:
+    """Whether a service error code means that an account quota is reached."""
+    return error_code in _QUOTA_ERROR_CODES or error_code.endswith(
+        ("QuotaReached", "QuotaExceeded")
+    )
+
+
+def service_error(
+    message: str, status_code: int | None = None, error_code: str = "", operation: str = ""
+) -> ServiceError:
+    """The :class:`ServiceError` subclass that fits the answer, built with its fields.
+
+    Used by the two modules that speak to the services (batch.py, storage.py), so that both
+    classify alike. A quota code wins over the status (a quota refusal is a 4xx whose code,
+    not its status, says what it is); then 429 and 503 are throttling; anything else is a
+    plain :class:`ServiceError`.
+    """
+    if is_quota_code(error_code):
+        return QuotaError(message, status_code, error_code, operation)
+    if status_code in _THROTTLED_STATUSES:
+        return ThrottledError(message, status_code, error_code, operation)
+    return ServiceError(message, status_code, error_code, operation)
 
 
 class TaskFailedError(AzureBatchError):

@@ -7,8 +7,13 @@ the worker only calls `download_url` and `upload_url` on the SAS URLs it was giv
 
 Every Azure SDK error is translated at this boundary into the project's errors with
 ``raise ... from e``: a refused credential or SAS becomes `CredentialError`, a missing blob
-`FileNotFoundError`, anything else that survives the SDK's own retries `ServiceError`.
-Messages name the account, container and blob, never a key or a SAS signature.
+`FileNotFoundError`, anything else that survives the SDK's own retries `ServiceError`
+(`ThrottledError` for a 429 or 503), with the HTTP status, the service's error code and the
+operation as fields. Messages name the account, container and blob, never a key or a SAS
+signature.
+
+Every client sends a user agent that names this library and its version, in front of the
+SDK's own, so that the account's logs tell its requests apart.
 """
 
 from __future__ import annotations
@@ -40,10 +45,12 @@ from azure.storage.blob import (
     generate_container_sas,
 )
 
-from joblib_azurebatch.errors import ConfigError, CredentialError, ServiceError
+from joblib_azurebatch.config import _package_version
+from joblib_azurebatch.credentials import CredentialLease, lease_credential
+from joblib_azurebatch.errors import ConfigError, CredentialError, ServiceError, service_error
 
 if TYPE_CHECKING:
-    from joblib_azurebatch.config import BatchConfig
+    from joblib_azurebatch.config import BatchConfig, TokenCredentialLike
 
 __all__ = ["BlobStore", "download_url", "redact_url", "upload_url"]
 
@@ -56,6 +63,7 @@ _RETRY_KWARGS: dict[str, Any] = {
     "random_jitter_range": 1,
 }
 _CLIENT_KWARGS: dict[str, Any] = {
+    "user_agent": f"joblib-azurebatch/{_package_version()}",
     "connection_timeout": 20,
     "read_timeout": 120,
     "max_single_put_size": 8 * 1024 * 1024,
@@ -91,9 +99,32 @@ def _describe(e: AzureError) -> str:
     return type(e).__name__
 
 
+def _status(e: AzureError) -> int | None:
+    status = getattr(e, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _error_code(e: AzureError) -> str:
+    """The service's error code (``x-ms-error-code``) as plain text, "" without one."""
+    code = getattr(e, "error_code", None)
+    return str(getattr(code, "value", code) or "")
+
+
+def _operation(what: str, where: str) -> str:
+    return f"{what[:1].lower()}{what[1:]} at {where}"
+
+
+def _default_credential() -> TokenCredentialLike:
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential()
+
+
 @contextmanager
 def _translated(what: str, *, where: str, sas: bool = False) -> Iterator[None]:
-    """Turn SDK errors raised inside the block into the project's own errors."""
+    """Turn SDK errors raised inside the block into the project's own errors, with the
+    status, the error code and the operation as fields."""
+    operation = _operation(what, where)
     try:
         yield
     except ResourceNotFoundError as e:
@@ -103,26 +134,34 @@ def _translated(what: str, *, where: str, sas: bool = False) -> Iterator[None]:
     except HttpResponseError as e:
         if e.status_code == 403:
             raise _auth_error(what, where, e, sas=sas) from e
-        raise ServiceError(f"{what} failed at {where}: {_describe(e)}") from e
+        raise service_error(
+            f"{what} failed at {where}: {_describe(e)}", _status(e), _error_code(e), operation
+        ) from e
     except (ServiceRequestError, ServiceResponseError) as e:
         raise ServiceError(
             f"{what} failed: cannot reach the blob endpoint {where} ({type(e).__name__}); "
-            "check the storage URL and the network, the SDK already retried"
+            "check the storage URL and the network, the SDK already retried",
+            None,
+            "",
+            operation,
         ) from e
     except AzureError as e:
-        raise ServiceError(f"{what} failed at {where}: {_describe(e)}") from e
+        raise ServiceError(f"{what} failed at {where}: {_describe(e)}", None, "", operation) from e
 
 
 def _auth_error(what: str, where: str, e: AzureError, *, sas: bool) -> CredentialError:
+    fields = (_status(e), _error_code(e), _operation(what, where))
     if sas:
         return CredentialError(
             f"{what}: the SAS URL for {where} was refused ({_describe(e)}); it has expired or "
-            "lacks the permission. Raise BatchConfig(sas_expiry=...) for long runs."
+            "lacks the permission. Raise BatchConfig(sas_expiry=...) for long runs.",
+            *fields,
         )
     return CredentialError(
         f"{what}: Azure Storage refused the credential at {where} ({_describe(e)}). Check "
         "STORAGE_ACCOUNT_NAME and STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING), "
-        "or the role assignments of the Entra ID identity (Storage Blob Data Contributor)."
+        "or the role assignments of the Entra ID identity (Storage Blob Data Contributor).",
+        *fields,
     )
 
 
@@ -140,8 +179,12 @@ class BlobStore:
         *,
         account_key: str | None = None,
         token_credential: Any = None,
+        credential_lease: CredentialLease | None = None,
     ) -> None:
         self._service = service
+        # Released by close(): a credential this library created is closed by the last
+        # client that holds it (see joblib_azurebatch.credentials).
+        self._credential_lease = credential_lease
         self._container = service.get_container_client(container)
         self._container_name = container
         self._account_key = account_key
@@ -159,7 +202,11 @@ class BlobStore:
 
         Order: connection string (Azurite, or an account key in one string), account key,
         token credential, and else ``DefaultAzureCredential`` for accounts whose keys are
-        disabled; with a token, SAS URLs are signed with a user delegation key.
+        disabled; with a token, SAS URLs are signed with a user delegation key. A
+        ``DefaultAzureCredential`` is shared with the config's
+        :class:`~joblib_azurebatch.batch.BatchService` and closed with the last of them; the
+        config's own ``storage_credential`` is used as given and never closed. Call
+        :meth:`close` when done.
         """
         if cfg.storage_connection_string:
             try:
@@ -193,19 +240,28 @@ class BlobStore:
                 **_client_kwargs(cfg.ca_bundle),
             )
             return cls(service, cfg.container, account_key=cfg.storage_key)
-        token = cfg.storage_credential
-        if token is None:
-            from azure.identity import DefaultAzureCredential
-
-            token = DefaultAzureCredential()
-        service = BlobServiceClient(
-            account_url=url, credential=token, **_client_kwargs(cfg.ca_bundle)
-        )
-        return cls(service, cfg.container, token_credential=token)
+        lease = lease_credential(cfg, cfg.storage_credential, _default_credential)
+        token = lease.credential
+        try:
+            service = BlobServiceClient(
+                account_url=url, credential=token, **_client_kwargs(cfg.ca_bundle)
+            )
+        except BaseException:
+            lease.release()
+            raise
+        return cls(service, cfg.container, token_credential=token, credential_lease=lease)
 
     def close(self) -> None:
-        """Release the HTTP connections."""
-        self._service.close()
+        """Release the HTTP connections, and the credential if this library created it.
+
+        Safe to call more than once. A ``DefaultAzureCredential`` shared with the config's
+        Batch client is closed once both are closed; the user's own credential never is.
+        """
+        try:
+            self._service.close()
+        finally:
+            if self._credential_lease is not None:
+                self._credential_lease.release()
 
     def __enter__(self) -> BlobStore:
         return self
@@ -313,7 +369,10 @@ class BlobStore:
                     elif response.status_code == 403:
                         raise CredentialError(
                             f"Deleting blobs under {self._where(prefix)} was refused (HTTP 403): "
-                            "the credential may not delete blobs in this container"
+                            "the credential may not delete blobs in this container",
+                            403,
+                            str(response.headers.get("x-ms-error-code") or ""),
+                            _operation("Deleting blobs", self._where(prefix + "*")),
                         )
         return deleted
 
