@@ -27,6 +27,7 @@ class Seen:
     method: str
     path: str
     headers: dict[str, str]
+    body: bytes = b""
 
 
 def batch_error(status: int, code: str, message: str = "refused", **headers: str) -> Answer:
@@ -55,24 +56,41 @@ def storage_error(status: int, code: str, **headers: str) -> Answer:
 
 
 class CannedServer:
-    """Answers every request with ``answer(method, path)`` and keeps what it saw."""
+    """Answers every request with ``answer(method, path)`` and keeps what it saw.
 
-    def __init__(self, answer: Callable[[str, str], Answer]) -> None:
-        self.answer = answer
+    ``reply(seen)`` replaces ``answer`` where the answer depends on the request's headers
+    or body.
+    """
+
+    def __init__(
+        self,
+        answer: Callable[[str, str], Answer] | None = None,
+        *,
+        reply: Callable[[Seen], Answer] | None = None,
+    ) -> None:
+        if (answer is None) == (reply is None):
+            raise TypeError("give either answer or reply")
+        if reply is None:
+            assert answer is not None
+            reply = _by_method_and_path(answer)
+        self.reply = reply
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # The headers and the body go out in two writes; with Nagle's algorithm the
+            # body waits for the client's delayed ACK, some 40 ms per request.
+            disable_nagle_algorithm = True
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                body = self.rfile.read(length) if length else b""
+                seen = Seen(self.command, self.path, dict(self.headers.items()), body)
                 with server._lock:
-                    server.seen.append(Seen(self.command, self.path, dict(self.headers.items())))
-                reply = server.answer(self.command, self.path)
+                    server.seen.append(seen)
+                reply = server.reply(seen)
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
@@ -95,9 +113,17 @@ class CannedServer:
             return list(self.seen)
 
 
+def _by_method_and_path(answer: Callable[[str, str], Answer]) -> Callable[[Seen], Answer]:
+    return lambda seen: answer(seen.method, seen.path)
+
+
 @contextmanager
-def canned_server(answer: Callable[[str, str], Answer]) -> Iterator[CannedServer]:
-    server = CannedServer(answer)
+def canned_server(
+    answer: Callable[[str, str], Answer] | None = None,
+    *,
+    reply: Callable[[Seen], Answer] | None = None,
+) -> Iterator[CannedServer]:
+    server = CannedServer(answer, reply=reply)
     thread = threading.Thread(
         target=server._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
     )
