@@ -24,6 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--allocation-delay", type=float, default=0.0, help="seconds for a node to become idle"
     )
     parser.add_argument("--max-processes", type=int, default=None, help="cap on task processes")
+    parser.add_argument(
+        "--bare-nodes",
+        action="store_true",
+        help="nodes are a fresh python:X.Y-slim (pip, no packages): only a start task installs",
+    )
     args = parser.parse_args(argv)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -33,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         slots_per_node=args.slots_per_node,
         allocation_delay=args.allocation_delay,
         max_processes=args.max_processes,
+        bare_nodes=args.bare_nodes,
     ) as local:
         print(f"Batch endpoint:  {local.batch_url}  (account {local.batch_account})")
         print(f"Blob endpoint:   {local.blob_url}  (account {local.storage_account})")

@@ -81,6 +81,16 @@ ERRORS: dict[str, tuple[int, str]] = {
     "JobNotActive": (409, "The specified job is not active."),
     "TaskCompleted": (409, "The specified task is already completed."),
     "PoolNotSteady": (409, "The specified pool is not in steady allocation state."),
+    # Node operations refused for the node's state (the codes of the .NET client's
+    # BatchErrorCodeStrings).
+    "NodeBeingCreated": (409, "The specified node is being created."),
+    "NodeBeingStarted": (409, "The specified node is being started."),
+    "NodeBeingRebooted": (409, "The specified node is being rebooted."),
+    "NodeStateUnusable": (409, "The specified node is unusable."),
+    "OperationInvalidForCurrentState": (
+        409,
+        "The specified operation is not valid for the current state of the resource.",
+    ),
     "ConditionNotMet": (
         412,
         "The condition specified using HTTP conditional header(s) is not met.",

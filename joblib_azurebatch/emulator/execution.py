@@ -6,8 +6,14 @@ onto free slots, and enforces wall-clock limits. Each placed task runs in a thre
 own that stages its files and waits for its process (``/bin/sh -c commandLine`` in a
 process group, so that a kill reaches every child). Task and node directories are laid out
 as on a Batch node (``{node}/workitems/{job}/job-1/{task}/wd`` with stdout.txt and
-stderr.txt beside ``wd``), and the process sees the ``AZ_BATCH_*`` variables and nothing of
-the emulator's own environment.
+stderr.txt beside ``wd``; the start task in ``{node}/startup``), and the process sees the
+``AZ_BATCH_*`` variables, the host's pip settings (so that a run reaches the package index
+as the host does) and nothing else of the emulator's own environment.
+
+Container images are pulled from the emulator's image table (:mod:`.images`): a node whose
+pool prefetches an image the table lacks goes ``unusable`` with a node error, and a task or
+start task whose image the table lacks completes with a ``ContainerInvalidImage`` failure,
+as on Batch.
 """
 
 from __future__ import annotations
@@ -23,11 +29,14 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import images as _images
+from .images import BareImage
 from .models import Account, Job, Node, Pool, StartTaskInfo, Task
 from .staging import StagingError, download_resource_files, upload_output_files
 from .wire import parse_duration, utcnow
@@ -35,6 +44,13 @@ from .wire import parse_duration, utcnow
 __all__ = ["Executor"]
 
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: Proxy variables a run keeps from the host, with every ``PIP_*`` variable: a node reaches
+#: the package index, and here the host's way to reach it is the node's.
+_PROXY_VARIABLES = frozenset(
+    {"http_proxy", "https_proxy", "no_proxy", "all_proxy"}
+    | {"HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"}
+)
 
 _TERMINATED = {
     "category": "usererror",
@@ -73,6 +89,43 @@ class _Run:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def host_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    """What of the host's environment a run keeps: pip's settings and the proxies.
+
+    A run's ``HOME`` is its working directory, as on a Batch node, so pip there would
+    neither read the user's pip configuration (``~/.config/pip/pip.conf``) nor find the
+    user's wheel cache. Point ``PIP_CONFIG_FILE`` and ``PIP_CACHE_DIR`` at them (unless the
+    host already sets them), so that a start task's ``pip install`` reaches the index the
+    host's own installs reach and reuses the wheels they cached.
+    """
+    out = {k: v for k, v in environ.items() if k.startswith("PIP_") or k in _PROXY_VARIABLES}
+    home = environ.get("HOME") or os.path.expanduser("~")
+    config_home = environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    if "PIP_CONFIG_FILE" not in out:
+        for candidate in (
+            os.path.join(config_home, "pip", "pip.conf"),
+            os.path.join(home, ".pip", "pip.conf"),
+        ):
+            if os.path.isfile(candidate):
+                out["PIP_CONFIG_FILE"] = candidate
+                break
+    if "PIP_CACHE_DIR" not in out:
+        cache_home = environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+        out["PIP_CACHE_DIR"] = os.path.join(cache_home, "pip")
+    return out
+
+
+def _user_identity(identity: Mapping[str, Any] | None) -> str:
+    """``AZ_BATCH_TASK_USER_IDENTITY`` for a task's ``userIdentity``: the named user, or the
+    auto-user's scope and elevation (``PoolNonAdmin`` by default, as on a node)."""
+    if identity and identity.get("username"):
+        return str(identity["username"])
+    auto = (identity or {}).get("autoUser") or {}
+    scope = "Task" if str(auto.get("scope", "pool")).lower() == "task" else "Pool"
+    admin = str(auto.get("elevationLevel", "nonadmin")).lower() == "admin"
+    return f"{scope}{'Admin' if admin else 'NonAdmin'}"
+
+
 def _exit_status(returncode: int) -> int:
     """A killed process reports 128 + signal, as a shell on the node would."""
     return 128 - returncode if returncode < 0 else returncode
@@ -91,14 +144,22 @@ class Executor:
         max_processes: int | None = None,
         allocation_delay: float = 0.0,
         deletion_delay: float = 0.2,
+        bare: BareImage | None = None,
     ) -> None:
         self.account = account
         #: Seconds a deleted pool or job stays in ``deleting`` before it is gone, as on Azure
         #: (where it takes seconds), so that clients see and poll the transition.
         self.deletion_delay = deletion_delay
         self._base_url = base_url
+        #: The registry: image reference → the interpreter that stands in for the image.
+        #: A reference it cannot resolve (:func:`.images.resolve`) fails to pull.
         self.images = dict(images or {})
         self.default_python = default_python or sys.executable
+        #: With bare nodes, the ``python:X.Y-slim`` stand-in: every run in it (and every run
+        #: outside a container) gets a fresh layer over it, thrown away when the run ends.
+        self.bare = bare
+        self.host_settings = host_settings(os.environ)
+        self._layers = account.root / ".containers"
         self.max_processes = max_processes or max(4, (os.cpu_count() or 2) * 4)
         self.allocation_delay = allocation_delay
         #: The certificate bundle task processes trust (the emulator's own with ``tls=True``):
@@ -216,18 +277,41 @@ class Executor:
             pool.move_allocation("steady")
             pool.touch()
 
-    def _boot(self, pool: Pool, node: Node) -> None:
-        """Take ``node`` through creating/starting to idle (or its start task)."""
+    def _unpullable(self, pool: Pool) -> str | None:
+        """The first image the pool prefetches that cannot be pulled, if any."""
+        vmc = pool.spec.get("virtualMachineConfiguration") or {}
+        names = (vmc.get("containerConfiguration") or {}).get("containerImageNames") or []
+        for name in names:
+            if _images.resolve(self.images, str(name)) is None:
+                return str(name)
+        return None
+
+    def _boot(self, pool: Pool, node: Node, *, first_delay: float | None = None) -> None:
+        """Take ``node`` through creating/starting to idle (or its start task).
+
+        While starting, the node pulls the images its pool prefetches
+        (``containerConfiguration.containerImageNames``); one that cannot be pulled leaves
+        the node ``unusable`` with a node error, and Batch does not recover such a node by
+        itself (see :func:`.images.node_pull_error`).
+        """
         delay = self.allocation_delay
         generation = node.generation
 
         def to_starting() -> None:
             if node.state in ("creating", "preempted", "unusable", "starttaskfailed", "rebooting"):
                 node.move("starting")
+                node.errors = []
                 self.later(delay / 2, to_ready)
 
         def to_ready() -> None:
             if node.state != "starting" or node.generation != generation + 1:
+                return
+            missing = self._unpullable(pool)
+            if missing is not None:
+                node.errors = [_images.node_pull_error(missing, self.images)]
+                node.move("unusable")
+                self._maybe_steady(pool)
+                self.account.notify()
                 return
             if "startTask" in pool.spec:
                 start = pool.wire_start_task()
@@ -241,11 +325,12 @@ class Executor:
             self._maybe_steady(pool)
             self.account.notify()
 
-        if delay <= 0:
+        wait = delay / 2 if first_delay is None else first_delay
+        if wait <= 0:
             to_starting()
             self._fire_timers()
         else:
-            self.later(delay / 2, to_starting)
+            self.later(wait, to_starting)
 
     def remove_node(self, pool: Pool, node: Node, *, requeue: bool) -> None:
         """Take ``node`` out of ``pool``; its running tasks go back to the queue."""
@@ -262,6 +347,27 @@ class Executor:
     def make_unusable(self, pool: Pool, node: Node, *, recover_after: float | None) -> None:
         """Kill ``node``: it becomes unusable and its running tasks are requeued."""
         self._take_down(pool, node, "unusable", recover_after=recover_after)
+
+    def reboot(self, pool: Pool, node: Node, *, option: str = "requeue") -> None:
+        """Restart ``node``: its tasks are requeued (``terminate``: ended), then it boots
+        again, pulls its pool's images again and runs its start task again.
+
+        ``taskcompletion`` and ``retaineddata`` restart at once too, requeueing what runs:
+        the emulator does not hold a reboot until the node's tasks end.
+        """
+        if option.lower() == "terminate":
+            for job_id, task_id in list(node.running):
+                job = self.account.jobs.get(job_id)
+                task = job.tasks.get(task_id) if job else None
+                if task is not None:
+                    self.terminate_task(task)
+        self._evict(node, requeue=True)
+        if node.id in self._start_runs:
+            self._kill(self._start_runs[node.id], "requeue")
+        node.move("rebooting")
+        node.start_task_info = None
+        self._boot(pool, node, first_delay=max(0.05, self.allocation_delay / 2))
+        self.account.notify()
 
     def _take_down(
         self, pool: Pool, node: Node, state: str, *, recover_after: float | None
@@ -316,6 +422,12 @@ class Executor:
     # -- start task -------------------------------------------------------------------------
 
     def _run_start_task(self, pool: Pool, node: Node, start: Mapping[str, Any]) -> None:
+        """Run the pool's start task on ``node`` (once per boot), in a thread of its own.
+
+        It runs in ``$AZ_BATCH_NODE_STARTUP_DIR/wd`` with the node's variables (no job or
+        task id: Batch sets neither for a start task), in its ``containerSettings`` image
+        when it names one, and records ``startTaskInfo`` as the node agent does.
+        """
         info = StartTaskInfo()
         node.start_task_info = info
         run = _Run(key=("$start", node.id), attempt=node.generation, node=node)
@@ -325,9 +437,10 @@ class Executor:
             pool=pool,
             node=node,
             job_id=None,
-            task_id="$start",
+            task_id=None,
             task_dir=base,
             settings=start.get("environmentSettings", []),
+            identity=start.get("userIdentity"),
         )
         thread = threading.Thread(
             target=self._start_task_body,
@@ -364,11 +477,19 @@ class Executor:
                 )
                 if run.stop_reason is not None:
                     return
-                if (code != 0 or failure) and (retries < 0 or attempt < retries):
+                # Only a non-zero exit is retried; a pre-processing error (a resource file
+                # or an image that could not be had) is not, as the specification says.
+                if failure is None and code != 0 and (retries < 0 or attempt < retries):
                     attempt += 1
                     with self.account.lock:
-                        if node.start_task_info is not None:
-                            node.start_task_info.retry_count = attempt
+                        info = node.start_task_info
+                        if info is None or node.generation != run.attempt:
+                            return
+                        # The retry starts now: startTime is reset, and endTime is absent
+                        # while the start task runs.
+                        info.retry_count = attempt
+                        info.last_retry_time = info.start_time = utcnow()
+                        info.end_time = None
                     continue
                 break
             with self.account.lock:
@@ -484,6 +605,7 @@ class Executor:
             task_id=task.id,
             task_dir=task_dir,
             settings=settings,
+            identity=task.spec.get("userIdentity"),
         )
         thread = threading.Thread(
             target=self._task_body,
@@ -648,14 +770,20 @@ class Executor:
         if run.process is not None and run.process.poll() is None:
             _killpg(run.process)
 
-    def _python_for(self, container: Mapping[str, Any] | None) -> str | None:
+    def _interpreter(
+        self, container: Mapping[str, Any] | None
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """The interpreter a run uses, or the ``failureInfo`` of an image that cannot be pulled.
+
+        None (and no failure) is the host's own interpreter, outside any container.
+        """
         if not container:
-            return None
+            return (self.bare.python if self.bare is not None else None), None
         image = str(container.get("imageName", ""))
-        for name in (image, image.split("@")[0], image.rsplit(":", 1)[0]):
-            if name in self.images:
-                return self.images[name]
-        return self.default_python
+        python = _images.resolve(self.images, image)
+        if python is None:
+            return None, _images.pull_failure(image, self.images)
+        return python, None
 
     def _environment(
         self,
@@ -663,12 +791,14 @@ class Executor:
         pool: Pool,
         node: Node,
         job_id: str | None,
-        task_id: str,
+        task_id: str | None,
         task_dir: Path,
         settings: Iterable[Mapping[str, Any]],
+        identity: Mapping[str, Any] | None = None,
     ) -> dict[str, str]:
         base_url = self._base_url()
         env = {
+            **self.host_settings,
             "PATH": _SYSTEM_PATH + os.pathsep + os.path.dirname(self.default_python),
             "LANG": "C.UTF-8",
             "HOME": str(task_dir / "wd"),
@@ -683,14 +813,16 @@ class Executor:
             "AZ_BATCH_NODE_MOUNTS_DIR": str(node.root / "fsmounts"),
             "AZ_BATCH_TASK_DIR": str(task_dir),
             "AZ_BATCH_TASK_WORKING_DIR": str(task_dir / "wd"),
-            "AZ_BATCH_TASK_ID": task_id,
             "AZ_BATCH_TASK_USER": "_azbatch",
-            "AZ_BATCH_TASK_USER_IDENTITY": "PoolNonAdmin",
+            "AZ_BATCH_TASK_USER_IDENTITY": _user_identity(identity),
             "AZ_BATCH_CERTIFICATES_DIR": str(task_dir / "certs"),
             "AZ_BATCH_RESERVED_EPHEMERAL_DISK_SPACE_BYTES": "1000000000",
         }
+        # Batch sets neither for a start task.
         if job_id is not None:
             env["AZ_BATCH_JOB_ID"] = job_id
+        if task_id is not None:
+            env["AZ_BATCH_TASK_ID"] = task_id
         if self.ca_bundle is not None:
             env["REQUESTS_CA_BUNDLE"] = env["SSL_CERT_FILE"] = str(self.ca_bundle)
         for item in settings:
@@ -718,10 +850,50 @@ class Executor:
         if workdir.exists() and run.key[0] != "$start":
             shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True, exist_ok=True)
-        python = self._python_for(container)
-        if python is not None:
-            env = dict(env)
-            env["PATH"] = os.path.dirname(python) + os.pathsep + _SYSTEM_PATH
+        python, failure = self._interpreter(container)
+        if failure is not None:
+            return None, failure
+        layer: Path | None = None
+        try:
+            if python is not None:
+                if self.bare is not None and python == self.bare.python:
+                    layer = self._layers / f"{run.node.id[-16:]}-{uuid.uuid4().hex[:12]}"
+                    try:
+                        python = self.bare.layer(layer)
+                    except OSError as e:
+                        msg = f"The container could not be created: {e}"
+                        return None, {
+                            "category": "servererror",
+                            "code": "ContainerMiscError",
+                            "message": msg,
+                            "details": [{"name": "Message", "value": msg}],
+                        }
+                env = dict(env)
+                env["PATH"] = os.path.dirname(python) + os.pathsep + _SYSTEM_PATH
+            return self._stage_and_run(
+                run,
+                base=base,
+                workdir=workdir,
+                command=command,
+                env=env,
+                resource_files=resource_files,
+                output_files=output_files,
+            )
+        finally:
+            if layer is not None:
+                shutil.rmtree(layer, ignore_errors=True)
+
+    def _stage_and_run(
+        self,
+        run: _Run,
+        *,
+        base: Path,
+        workdir: Path,
+        command: str,
+        env: dict[str, str],
+        resource_files: list[Mapping[str, Any]],
+        output_files: list[Mapping[str, Any]],
+    ) -> tuple[int | None, dict[str, Any] | None]:
         try:
             download_resource_files(resource_files, workdir)
         except StagingError as e:

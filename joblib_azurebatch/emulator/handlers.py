@@ -369,11 +369,29 @@ def get_node(ctx: Context) -> Reply:
     return Reply(200, json=body)
 
 
+#: Why a node in each state cannot be rebooted. The specification: "You can restart a
+#: Compute Node only if it is in an idle or running state"; a node whose start task failed
+#: may be rebooted too, the usual way to run its start task again.
+_NO_REBOOT = {
+    "creating": "NodeBeingCreated",
+    "starting": "NodeBeingStarted",
+    "waitingforstarttask": "NodeBeingStarted",
+    "rebooting": "NodeBeingRebooted",
+    "unusable": "NodeStateUnusable",
+}
+
+
 @handles("Nodes_RebootNode")
 def reboot_node(ctx: Context) -> Reply:
+    _validate(ctx)
     pool = ctx.account.pool(ctx.params["poolId"])
     node = ctx.account.node(pool.id, ctx.params["nodeId"])
-    ctx.executor.make_unusable(pool, node, recover_after=max(0.05, ctx.executor.allocation_delay))
+    if node.state not in ("idle", "running", "starttaskfailed"):
+        raise batch_error(_NO_REBOOT.get(node.state, "OperationInvalidForCurrentState"))
+    option = "requeue"
+    if isinstance(ctx.body, dict) and ctx.body.get("nodeRebootOption"):
+        option = str(ctx.body["nodeRebootOption"])
+    ctx.executor.reboot(pool, node, option=option)
     return _accepted(ctx)
 
 
@@ -810,10 +828,12 @@ def _task_root(ctx: Context) -> tuple[Task, Path]:
 
 
 def _properties(path: Path) -> JSON:
+    """A file's ``properties`` as a Linux node lists them: the specification's FileProperties
+    says "The creation time is not returned for files on Linux Compute Nodes" and "The file
+    mode is returned only for files on Linux Compute Nodes"."""
     st = path.stat()
     ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return {
-        "creationTime": format_time(_dt.datetime.fromtimestamp(st.st_ctime, _dt.timezone.utc)),
         "lastModified": format_time(_dt.datetime.fromtimestamp(st.st_mtime, _dt.timezone.utc)),
         "contentLength": str(st.st_size),
         "contentType": ctype,

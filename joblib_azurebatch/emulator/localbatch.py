@@ -27,8 +27,14 @@ class LocalBatch:
 
     ``nodes``, ``spot_nodes`` and ``slots_per_node`` are the pool shape that
     :meth:`config` proposes to the backend; the emulator runs whatever pools clients create.
-    ``images`` maps container image names to local Python interpreters (default: the one
-    running this process), ``max_processes`` caps the task processes running at once, and
+    ``images`` maps container image names to local Python interpreters, on top of a default
+    table that maps the project's standard worker image and ``python:X.Y-slim`` (this
+    Python's version) to the interpreter running this process; an image in neither fails to
+    pull as on Azure (a task fails with ``ContainerInvalidImage``, a node whose pool
+    prefetches it goes ``unusable``). With ``bare_nodes=True`` every node is a fresh
+    ``python:X.Y-slim``: a virtualenv with pip and no third-party package, made once when
+    the account starts, so that what a start task installs is all the nodes have.
+    ``max_processes`` caps the task processes running at once, and
     ``allocation_delay`` makes new nodes take that many seconds to become idle. With
     ``tls=True`` both endpoints are https with one self-signed certificate (trust
     :attr:`batch_ca_cert`, e.g. through ``REQUESTS_CA_BUNDLE``; task processes are given it),
@@ -48,6 +54,7 @@ class LocalBatch:
         batch_account: str = "localbatch",
         azurite_executable: str | None = None,
         tls: bool = False,
+        bare_nodes: bool = False,
     ) -> None:
         if nodes < 0 or spot_nodes < 0 or nodes + spot_nodes < 1:
             raise ValueError("LocalBatch needs at least one node: nodes + spot_nodes >= 1")
@@ -57,6 +64,7 @@ class LocalBatch:
         self.spot_nodes = spot_nodes
         self.slots_per_node = slots_per_node
         self.tls = tls
+        self.bare_nodes = bare_nodes
         self._azurite_executable = azurite_executable
         self.azurite = Azurite(executable=azurite_executable)
         self.emulator = BatchEmulator(
@@ -65,6 +73,7 @@ class LocalBatch:
             max_processes=max_processes,
             allocation_delay=allocation_delay,
             tls=tls,
+            bare_nodes=bare_nodes,
         )
         self._running = False
 
@@ -90,6 +99,16 @@ class LocalBatch:
         """With ``tls=True``, the certificate file a client must trust (for Batch and blobs)."""
         cert = self.emulator.ca_cert
         return str(cert) if cert is not None else None
+
+    @property
+    def images(self) -> dict[str, str]:
+        """The container images this account can pull: reference → local interpreter."""
+        return self.emulator.images
+
+    @property
+    def bare_python(self) -> str | None:
+        """With ``bare_nodes=True``, the interpreter that stands in for ``python:X.Y-slim``."""
+        return self.emulator.bare_python
 
     def token_credential(self) -> Any:
         """A ``TokenCredential`` whose tokens both endpoints accept (needs ``tls=True``)."""

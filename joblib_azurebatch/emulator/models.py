@@ -55,7 +55,7 @@ NODE_TRANSITIONS: dict[str, frozenset[str]] = {
     "waitingforstarttask": frozenset(
         {"idle", "starttaskfailed", "leavingpool", "preempted", "unusable"}
     ),
-    "starttaskfailed": frozenset({"leavingpool", "starting", "preempted", "unusable"}),
+    "starttaskfailed": frozenset({"leavingpool", "starting", "preempted", "unusable", "rebooting"}),
     "idle": frozenset({"running", "leavingpool", "preempted", "unusable", "rebooting"}),
     "running": frozenset({"idle", "leavingpool", "preempted", "unusable", "rebooting"}),
     "rebooting": frozenset({"starting", "leavingpool", "unusable"}),
@@ -120,6 +120,7 @@ class StartTaskInfo:
     end_time: _dt.datetime | None = None
     exit_code: int | None = None
     retry_count: int = 0
+    last_retry_time: _dt.datetime | None = None
     failure: JSON | None = None
 
     def to_wire(self) -> JSON:
@@ -129,8 +130,10 @@ class StartTaskInfo:
         if self.exit_code is not None:
             out["exitCode"] = self.exit_code
         if self.failure is not None:
-            out["failureInfo"] = self.failure
+            out["failureInfo"] = copy.deepcopy(self.failure)
         out["retryCount"] = self.retry_count
+        if self.last_retry_time is not None:
+            out["lastRetryTime"] = format_time(self.last_retry_time)
         if self.state == "completed":
             out["result"] = "failure" if self.failure or self.exit_code else "success"
         return out
@@ -153,6 +156,9 @@ class Node:
     total_tasks_run: int = 0
     total_tasks_succeeded: int = 0
     start_task_info: StartTaskInfo | None = None
+    #: ``errors``: what keeps the node from running tasks, when Batch knows (an image its
+    #: pool prefetches that could not be pulled).
+    errors: list[JSON] = field(default_factory=list)
     generation: int = 0
 
     def move(self, new: str) -> None:
@@ -213,6 +219,8 @@ class Node:
             out["startTask"] = pool.wire_start_task()
         if self.start_task_info is not None:
             out["startTaskInfo"] = self.start_task_info.to_wire()
+        if self.errors:
+            out["errors"] = copy.deepcopy(self.errors)
         out["nodeAgentInfo"] = {
             "version": "1.12.0.0",
             "lastUpdateTime": format_time(self.allocation_time),

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import secrets
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +33,7 @@ from .errors import BatchServiceError, batch_error
 from .execution import Executor
 from .faults import FaultPlan, RequestLog, RequestRecord
 from .handlers import HANDLERS, Context, Reply
+from .images import BareImage, default_images, python_version, slim_image
 from .models import Account, Node, Pool
 from .tls import LocalTokenCredential, TokenRegistry, self_signed_certificate
 
@@ -64,6 +66,14 @@ class BatchEmulator:
     Use it as a context manager or call :meth:`start` / :meth:`stop`. Fault injection
     (:meth:`throttle`, :meth:`fail_after_commit`, :meth:`preempt_node`, :meth:`kill_node`)
     and observation (:attr:`counters`, :meth:`requests`) are plain Python calls.
+
+    ``images`` maps container image references to the local interpreters that stand in for
+    them, on top of the default table (:func:`.images.default_images`: the project's
+    standard worker image and ``python:X.Y-slim`` for ``default_python``'s version, both
+    run by ``default_python``); an image that neither names fails to pull, as on Batch.
+    With ``bare_nodes`` every node is a fresh ``python:X.Y-slim`` (Python and pip, nothing
+    else), made once at :meth:`start`: that image, and every run outside a container, use
+    it instead of ``default_python``.
     """
 
     def __init__(
@@ -80,6 +90,7 @@ class BatchEmulator:
         max_clock_skew: float = 900.0,
         validate_requests: bool = True,
         tls: bool = False,
+        bare_nodes: bool = False,
     ) -> None:
         self.account_name = account
         self.key = key or base64.b64encode(secrets.token_bytes(64)).decode()
@@ -94,13 +105,23 @@ class BatchEmulator:
         self.root = Path(root)
         self.account = Account(name=account, root=self.root)
         self._port: int | None = None
+        python = default_python or sys.executable
+        table = default_images(python)
+        bare: BareImage | None = None
+        if bare_nodes:
+            version = python_version(python)
+            slim = slim_image(version)
+            bare = BareImage(self.root / ".images" / slim.replace(":", "-"), base_python=python)
+            table[slim] = bare.python
+        table.update(images or {})
         self.executor = Executor(
             self.account,
             base_url=lambda: self.url,
-            images=images,
-            default_python=default_python,
+            images=table,
+            default_python=python,
             max_processes=max_processes,
             allocation_delay=allocation_delay,
+            bare=bare,
         )
         self.faults = FaultPlan()
         self.log = RequestLog()
@@ -127,6 +148,18 @@ class BatchEmulator:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self._port}"
 
     @property
+    def images(self) -> dict[str, str]:
+        """The image table in use: reference → interpreter (a copy; the default table
+        merged with the ``images`` given)."""
+        return dict(self.executor.images)
+
+    @property
+    def bare_python(self) -> str | None:
+        """With ``bare_nodes``, the interpreter of the ``python:X.Y-slim`` stand-in."""
+        bare = self.executor.bare
+        return bare.python if bare is not None else None
+
+    @property
     def port(self) -> int:
         """The TCP port the server listens on."""
         if self._port is None:
@@ -138,6 +171,9 @@ class BatchEmulator:
         import uvicorn
         from starlette.applications import Starlette
         from starlette.routing import Route
+
+        if self.executor.bare is not None:
+            self.executor.bare.create()
 
         app = Starlette(
             routes=[
