@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import shlex
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -77,6 +78,8 @@ __all__ = [
     "JobInfo",
     "PoolInfo",
     "PoolSpec",
+    "ResourceFile",
+    "StartTaskSpec",
     "TaskCounts",
     "TaskOutcome",
     "TaskSpec",
@@ -109,6 +112,26 @@ JOB_ID_PREFIX = "joblib"
 
 
 @dataclass(frozen=True, kw_only=True)
+class ResourceFile:
+    """A file Batch downloads into a task's working directory before it starts."""
+
+    http_url: str = field(repr=False)  # a SAS URL: a capability, never logged
+    file_path: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartTaskSpec:
+    """The pool's start task: runs once per node, in ``image`` when given, as admin, and
+    the node takes no task until it succeeded (``waitForSuccess``)."""
+
+    command_line: str
+    image: str | None = None
+    resource_files: tuple[ResourceFile, ...] = ()
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False)
+    max_retries: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
 class PoolSpec:
     """What the backend wants a pool to look like; built from a :class:`BatchConfig`."""
 
@@ -126,16 +149,20 @@ class PoolSpec:
     registry_username: str | None = None
     registry_password: str | None = field(default=None, repr=False)
     start_task_command: str | None = None
+    #: The start task that installs the client's environment (the default, no-image path);
+    #: ``start_task_command`` then runs before it, in the same shell.
+    start_task: StartTaskSpec | None = None
 
     @classmethod
-    def from_config(cls, cfg: BatchConfig) -> PoolSpec:
+    def from_config(cls, cfg: BatchConfig, *, start_task: StartTaskSpec | None = None) -> PoolSpec:
         return cls(
+            start_task=start_task,
             pool_id=cfg.pool_id,
             vm_size=cfg.vm_size,
             dedicated_nodes=cfg.dedicated_nodes,
             spot_nodes=cfg.spot_nodes,
             task_slots_per_node=cfg.task_slots_per_node,
-            image=cfg.image,
+            image=cfg.node_image,
             node_image_publisher=cfg.node_image_publisher,
             node_image_offer=cfg.node_image_offer,
             node_image_sku=cfg.node_image_sku,
@@ -201,6 +228,7 @@ class TaskSpec:
     command_line: str
     image: str
     environment: Mapping[str, str] = field(default_factory=dict, repr=False)
+    resource_files: tuple[ResourceFile, ...] = ()
     max_retries: int = 3
     #: Seconds; None leaves the service default (unlimited).
     max_wall_clock: float | None = None
@@ -574,16 +602,7 @@ class BatchService:
                     password=spec.registry_password,
                 )
             ]
-        start_task = None
-        if spec.start_task_command:
-            start_task = bm.BatchStartTask(
-                command_line=spec.start_task_command,
-                wait_for_success=True,
-                max_task_retry_count=1,
-                user_identity=bm.UserIdentity(
-                    auto_user=bm.AutoUserSpecification(scope="pool", elevation_level="admin")
-                ),
-            )
+        start_task = self._start_task(spec)
         options = bm.BatchPoolCreateOptions(
             id=spec.pool_id,
             vm_size=spec.vm_size,
@@ -609,6 +628,42 @@ class BatchService:
         )
         with self._call(f"create the pool {spec.pool_id}", ok_codes=("PoolExists",)):
             self._client.create_pool(options)
+
+    @staticmethod
+    def _start_task(spec: PoolSpec) -> bm.BatchStartTask | None:
+        """The user's start task command, the environment's, or both in one shell."""
+        admin = bm.UserIdentity(
+            auto_user=bm.AutoUserSpecification(scope="pool", elevation_level="admin")
+        )
+        env = spec.start_task
+        if env is None:
+            if not spec.start_task_command:
+                return None
+            return bm.BatchStartTask(
+                command_line=spec.start_task_command,
+                wait_for_success=True,
+                max_task_retry_count=1,
+                user_identity=admin,
+            )
+        command = env.command_line
+        if spec.start_task_command:
+            command = f"/bin/sh -c {shlex.quote(spec.start_task_command + ' && ' + command)}"
+        return bm.BatchStartTask(
+            command_line=command,
+            container_settings=(
+                bm.BatchTaskContainerSettings(image_name=env.image) if env.image else None
+            ),
+            resource_files=[
+                bm.ResourceFile(http_url=r.http_url, file_path=r.file_path)
+                for r in env.resource_files
+            ],
+            environment_settings=[
+                bm.EnvironmentSetting(name=k, value=v) for k, v in env.environment.items()
+            ],
+            wait_for_success=True,
+            max_task_retry_count=env.max_retries,
+            user_identity=admin,
+        )
 
     def ensure_pool(self, spec: PoolSpec, *, timeout: float = 600.0) -> tuple[PoolInfo, bool]:
         """Return the pool and whether this call created it.
@@ -699,8 +754,16 @@ class BatchService:
                 if unusable and sum(unusable.values()) == sum(info.node_states.values()):
                     raise ServiceError(
                         f"every node of the pool {pool_id} is unusable ({unusable}); "
-                        "check the start task and the container image"
+                        + self._node_failure(pool_id)
                     )
+            if info.ready_nodes == 0 and info.node_states.get("starttaskfailed", 0) > 0:
+                # Every node runs the same start task: one that failed (a package that does
+                # not exist, no wheel for the node's platform) predicts the rest, and waiting
+                # for the others only bills their boot time.
+                raise ServiceError(
+                    f"the start task of the pool {pool_id} failed, so no node can take a "
+                    "task; " + self._node_failure(pool_id)
+                )
             if time.monotonic() > deadline:
                 raise ServiceError(
                     f"the pool {pool_id} had no usable task slot after {timeout:.0f} s "
@@ -708,6 +771,63 @@ class BatchService:
                     "or check the pool in the Azure portal"
                 )
             time.sleep(max(self._poll_interval, 0.05))
+
+    def _node_failure(self, pool_id: str, *, tail_bytes: int = 4096) -> str:
+        """What went wrong on the first failed node: its start task's exit code or failure,
+        its errors (an image that cannot be pulled), and the tail of the start task's stderr.
+
+        Used to explain a failure, so it never raises: a second error would hide the first.
+        """
+        try:
+            nodes = list(
+                self._client.list_nodes(pool_id, select=["id", "state", "startTaskInfo", "errors"])
+            )
+        except AzureError as e:
+            _log.debug("could not list the nodes of %s: %s", pool_id, e)
+            return "check the start task and the container image"
+        failed = [
+            n for n in nodes if _enum_text(n.state) in ("starttaskfailed", "unusable", "offline")
+        ]
+        if not failed:
+            return "check the start task and the container image"
+        node = failed[0]
+        parts = [f"on the node {node.id} ({_enum_text(node.state)})"]
+        info = node.start_task_info
+        if info is not None:
+            if info.failure_info is not None:
+                fi = info.failure_info
+                parts.append(f"the start task failed with {fi.code}: {fi.message}")
+            elif info.exit_code is not None:
+                parts.append(f"the start task exited with code {info.exit_code}")
+        for err in node.errors or ():
+            if err is not None:
+                parts.append(f"node error {err.code}: {err.message}")
+        text = ", ".join(parts) + "."
+        tail = self._read_node_file(pool_id, str(node.id), "startup/stderr.txt", tail_bytes)
+        # The environment's installer ends with one line that says what failed: put it first.
+        verdict = [ln for ln in tail.splitlines() if ln.startswith("[joblib-azurebatch bootstrap]")]
+        if verdict:
+            text = f"{verdict[-1]}; {text}"
+        if tail.strip():
+            text += "\n--- tail of the start task's stderr.txt ---\n" + tail
+        return text
+
+    def _read_node_file(self, pool_id: str, node_id: str, path: str, tail_bytes: int) -> str:
+        try:
+            props = self._client.get_node_file_properties(pool_id, node_id, path)
+            size = int(props.content_length or 0)
+            if size <= 0:
+                return ""
+            start = max(0, size - tail_bytes)
+            data = b"".join(
+                self._client.download_node_file(
+                    pool_id, node_id, path, ocp_range=f"bytes={start}-{size - 1}"
+                )
+            )
+        except AzureError as e:
+            _log.debug("could not read %s of node %s/%s: %s", path, pool_id, node_id, e)
+            return ""
+        return data.decode("utf-8", errors="replace")
 
     def delete_pool(self, pool_id: str) -> None:
         """Start deleting the pool (the service finishes it in the background)."""
@@ -787,6 +907,11 @@ class BatchService:
             id=spec.task_id,
             command_line=spec.command_line,
             container_settings=bm.BatchTaskContainerSettings(image_name=spec.image),
+            resource_files=[
+                bm.ResourceFile(http_url=r.http_url, file_path=r.file_path)
+                for r in spec.resource_files
+            ]
+            or None,
             environment_settings=[
                 bm.EnvironmentSetting(name=k, value=v) for k, v in spec.environment.items()
             ],

@@ -43,6 +43,7 @@ __all__ = [
     "ENV_PREFIX",
     "BatchConfig",
     "TokenCredentialLike",
+    "default_base_image",
     "default_image",
 ]
 
@@ -54,26 +55,35 @@ def _package_version() -> str:
         return "0.1.0"
 
 
-#: Where the standard worker images are published (see docker/README.md).
+#: The repository name docker/README.md tags the worker image with (the advanced path: an
+#: image the user builds from docker/ and pushes to a registry of their own).
 DEFAULT_IMAGE_REPOSITORY = "ghcr.io/joblib-azurebatch/worker"
 
 
+def _python_minor(python: str | None) -> str:
+    return python or f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def default_image(python: str | None = None) -> str:
-    """The standard worker image for this release and a Python ``major.minor``.
+    """The tag docker/README.md gives the worker image for this release and a Python.
 
-    The tag carries the Python version because cloudpickle only loads what the same Python
-    minor version dumped: the default image must match the interpreter of the client.
+    Only for ``BatchConfig(image=...)``: no registry publishes it; the user builds it from
+    docker/ (``--build-arg PYTHON_VERSION=X.Y``) and pushes it to their own registry. The tag
+    carries the Python version because cloudpickle only loads what the same Python minor
+    version dumped.
     """
-    if python is None:
-        python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    return f"{DEFAULT_IMAGE_REPOSITORY}:{_package_version()}-py{python}"
+    return f"{DEFAULT_IMAGE_REPOSITORY}:{_package_version()}-py{_python_minor(python)}"
 
 
-#: The image every task runs in unless ``BatchConfig(image=...)`` or
-#: ``JOBLIB_AZUREBATCH_IMAGE`` says otherwise:
-#: ``ghcr.io/joblib-azurebatch/worker:{version}-py{X.Y}`` for the running interpreter,
-#: built from docker/Dockerfile with ``--build-arg PYTHON_VERSION=X.Y``.
+#: The tag of the worker image built from docker/ for the running interpreter.
 DEFAULT_IMAGE = default_image()
+
+
+def default_base_image(python: str | None = None) -> str:
+    """The public image the nodes run when no ``image`` is given: Python's official slim
+    image for the client's minor version, which Docker Hub certainly serves. The pool's
+    start task installs the client's environment into it (joblib_azurebatch.environment)."""
+    return f"python:{_python_minor(python)}-slim"
 
 
 @runtime_checkable
@@ -163,7 +173,12 @@ class BatchConfig:
     dedicated_nodes: int = 1
     spot_nodes: int = 0
     task_slots_per_node: int = 1
-    image: str = DEFAULT_IMAGE
+    image: str | None = None
+    base_image: str | None = None
+    packages: tuple[str, ...] = ()
+    requirements_file: str | None = None
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
     registry_server: str | None = None
     registry_username: str | None = None
     registry_password: str | None = _secret()
@@ -311,10 +326,24 @@ class BatchConfig:
         if self.job_id is not None:
             _check_id("job_id", self.job_id)
         _check_container(self.container)
-        for name in ("vm_size", "image", "node_image_publisher", "node_image_offer"):
+        for name in ("vm_size", "node_image_publisher", "node_image_offer"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise ConfigError(f"{name} must be a non-empty string, not {value!r}")
+        for name in ("image", "base_image"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(
+                    f"{name} must be a non-empty container image name such as "
+                    f"'myregistry.azurecr.io/worker:1', or None, not {value!r}"
+                )
+        if self.image is not None and self.base_image is not None:
+            raise ConfigError(
+                "image and base_image exclude each other: image= runs your own worker image "
+                "as it is, base_image= is the public image the client's environment is "
+                "installed into. Set one of them."
+            )
+        self._validate_environment()
         if self.batch_url is not None:
             _check_url("batch_url", self.batch_url, "BATCH_ACCOUNT_URL")
         if self.storage_url is not None:
@@ -338,6 +367,58 @@ class BatchConfig:
                 "registry_server is missing: set it to the registry that holds the image, "
                 "for example registry_server='myregistry.azurecr.io'"
             )
+
+    def _validate_environment(self) -> None:
+        """What the nodes install: checked here, before a pool exists that would fail."""
+        for name in ("packages", "extra_index_urls"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, (tuple, list)):
+                raise ConfigError(
+                    f"{name} must be a list of strings, for example "
+                    f"{name}=['lightgbm==4.5.0'], not {value!r}"
+                )
+            for item in value:
+                if not isinstance(item, str) or not item.strip() or "\n" in item:
+                    raise ConfigError(f"{name} holds {item!r}, which is not one requirement")
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        url = self.index_url
+        if url is not None and not str(url).lower().startswith(("https://", "http://")):
+            raise ConfigError(f"index_url must be an http(s) URL of a package index, not {url!r}")
+        for url in self.extra_index_urls:
+            if not url.lower().startswith(("https://", "http://")):
+                raise ConfigError(
+                    f"extra_index_urls holds {url!r}, which is not an http(s) URL of a "
+                    "package index"
+                )
+        if self.requirements_file is not None:
+            from pathlib import Path
+
+            path = Path(self.requirements_file)
+            if not path.is_file():
+                raise ConfigError(
+                    f"requirements_file {self.requirements_file!r} does not exist (relative "
+                    f"paths are taken from the current folder, {Path.cwd()}): give the path "
+                    "of a pip requirements file"
+                )
+        if self.image is not None and (
+            self.packages or self.requirements_file or self.extra_index_urls or self.index_url
+        ):
+            raise ConfigError(
+                "packages, requirements_file and the index URLs are installed into the public "
+                "base image; with image= your own image must already hold them. Install them "
+                "in your image, or drop image= to let the nodes install them."
+            )
+
+    @property
+    def node_image(self) -> str:
+        """The container image the pool's nodes run: ``image``, else the public base image."""
+        return self.image or self.base_image or default_base_image()
+
+    @property
+    def installs_environment(self) -> bool:
+        """True on the default path: the nodes get the client's environment installed."""
+        return self.image is None
 
     def _validate_credentials(self) -> None:
         if not self.batch_url:
@@ -461,6 +542,9 @@ def _parse_env(kind: str, variable: str, raw: str) -> Any:
             raise ConfigError(f"{variable} must be a number of seconds, not {raw!r}") from None
     if kind == "bool":
         return _parse_bool(variable, raw)
+    if kind.startswith("tuple[str"):
+        # Lists in one variable: whitespace or commas between items, as pip's own variables.
+        return tuple(item for item in re.split(r"[\s,]+", raw) if item)
     return raw
 
 

@@ -381,6 +381,18 @@ class PayloadWriter:
             raise _unpicklable(calls, e) from e
         return buffer.getvalue(), list(pickler.referenced)
 
+    def pickles(self, calls: Any) -> list[bytes]:
+        """The bytes a task of ``calls`` would send: the calls, then each large object.
+
+        For finding what the nodes must import (`environment.referenced_modules`): a
+        DataFrame sent as an object names pandas only in its own pickle. Nothing is uploaded;
+        the objects stay queued for the task that sends them.
+        """
+        calls_bytes, shas = self._dump(calls)
+        with self._lock:
+            objects = [self._unsent[sha] for sha in shas if sha in self._unsent]
+        return [calls_bytes, *objects]
+
     # -- storing
 
     def _store_object(self, sha: str) -> None:

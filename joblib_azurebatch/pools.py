@@ -108,9 +108,15 @@ def warn_differences(info: PoolInfo, spec: PoolSpec) -> None:
 def capacity_progress(pool_id: str) -> Iterator[Callable[[PoolInfo], None]]:
     """A tqdm line on stderr while the pool gets its nodes (only if there is a wait)."""
     bar: Any = None
+    shown: tuple[int, str] | None = None
 
     def show(info: PoolInfo) -> None:
-        nonlocal bar
+        nonlocal bar, shown
+        states = ", ".join(f"{n} {s}" for s, n in sorted(info.node_states.items()))
+        postfix = f"{info.allocation_state}; nodes: {states or 'none yet'}"
+        if (info.ready_slots, postfix) == shown:
+            return  # redraw only what changed: off a terminal every redraw is a new line
+        shown = (info.ready_slots, postfix)
         if bar is None:
             if info.ready_slots > 0:
                 return
@@ -124,8 +130,7 @@ def capacity_progress(pool_id: str) -> Iterator[Callable[[PoolInfo], None]]:
                 dynamic_ncols=True,
             )
         bar.n = info.ready_slots
-        states = ", ".join(f"{n} {s}" for s, n in sorted(info.node_states.items()))
-        bar.set_postfix_str(f"{info.allocation_state}; nodes: {states or 'none yet'}")
+        bar.set_postfix_str(postfix, refresh=False)
         bar.refresh()
 
     try:

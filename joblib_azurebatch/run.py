@@ -32,9 +32,11 @@ import warnings
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
+from . import provision
 from .batch import PoolSpec, TaskCounts
 from .errors import AzureBatchError, TaskFailedError
 from .payload import PayloadWriter, RemoteTraceback, job_prefix, new_signing_key, read_result
@@ -155,7 +157,7 @@ class JobRun:
             self.job_id,
             prepare=self._writer.prepare,
             template=TaskTemplate(
-                image=self.cfg.image,
+                image=self.cfg.node_image,
                 max_retries=self.cfg.max_task_retries,
                 max_wall_clock=self.cfg.task_timeout,
             ),
@@ -169,6 +171,8 @@ class JobRun:
         self.calls_submitted = 0
         self.calls_completed = 0
         self._progress: CallProgress | None = None
+        #: On the default path, how the nodes get this run's environment.
+        self.node_setup: provision.NodeSetup | None = None
         _LIVE_RUNS.add(self)
 
     # ---------------------------------------------------------------- state
@@ -219,10 +223,26 @@ class JobRun:
         """Everything Azure needs before the first task (see the module docstring)."""
         cfg, svc, store = self.cfg, self.account.service, self.account.store
         started = time.monotonic()
-        spec = PoolSpec.from_config(cfg)
-        svc.get_pool(spec.pool_id)
+        svc.get_pool(cfg.pool_id)
         store.ensure_container()
         self._held.add(Held.BLOBS)
+        start_task = None
+        if cfg.installs_environment:
+            setup = provision.stage(
+                provision.environment_of(calls, self._writer, cfg),
+                store,
+                image=cfg.node_image,
+                task_expiry=timedelta(seconds=cfg.sas_expiry),
+            )
+            start_task = setup.start_task
+            self.node_setup = setup
+            self._submitter.template = replace(
+                self._submitter.template,
+                command_line=setup.command_line,
+                resource_files=setup.resource_files,
+                environment=setup.environment,
+            )
+        spec = PoolSpec.from_config(cfg, start_task=start_task)
         first.prepared = self._writer.prepare(first.task_id, calls)
         self._lease = self._pools.acquire(
             svc, spec, account_url=str(cfg.batch_url), keep=cfg.keep_pool

@@ -20,12 +20,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .batch import TaskSpec
+from .batch import ResourceFile, TaskSpec
 from .bundle import Bundle
 from .payload import PreparedTask
 
@@ -79,6 +79,10 @@ class TaskTemplate:
     max_retries: int
     max_wall_clock: float | None
     command_line: str = WORKER_COMMAND
+    #: Files and settings every task adds (on the default path: bootstrap.py and the
+    #: environment bundle's URL).
+    resource_files: tuple[ResourceFile, ...] = ()
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 #: A queued group: tasks already made (the first one), or parts to turn into tasks.
@@ -122,7 +126,7 @@ class Submitter:
         self._service = service
         self._job_id = job_id
         self._prepare_calls = prepare
-        self._template = template
+        self.template = template
         self._n_jobs = max(1, n_jobs)
         self._new_task_id = new_task_id
         self._register = register
@@ -249,11 +253,12 @@ class Submitter:
             specs.append(
                 TaskSpec(
                     task_id=task.task_id,
-                    command_line=self._template.command_line,
-                    image=self._template.image,
-                    environment=result.environment,
-                    max_retries=self._template.max_retries,
-                    max_wall_clock=self._template.max_wall_clock,
+                    command_line=self.template.command_line,
+                    image=self.template.image,
+                    environment={**self.template.environment, **result.environment},
+                    resource_files=self.template.resource_files,
+                    max_retries=self.template.max_retries,
+                    max_wall_clock=self.template.max_wall_clock,
                 )
             )
             self.tasks_submitted += 1

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
+from joblib_azurebatch.environment import check_pins, current_environment
 from joblib_azurebatch.errors import AzureBatchError, PayloadError
 from joblib_azurebatch.payload import (
     PAYLOAD_URL_ENV,
@@ -227,6 +228,11 @@ def _run(
     timings: dict[str, float] = {}
     try:
         check_versions(envelope.client)
+        # On the default path the node runs the environment bootstrap.py installed: every
+        # pinned distribution must be at the client's version before user code unpickles.
+        installed = current_environment()
+        if installed is not None:
+            check_pins(installed.versions)
     except PayloadError as e:
         _log(out, f"version mismatch, reporting it to the client: {e}")
         return None, e, timings

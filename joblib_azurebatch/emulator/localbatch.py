@@ -146,8 +146,15 @@ class LocalBatch:
         }
 
     def config(self, **overrides: Any) -> BatchConfig:
-        """A :class:`BatchConfig` for this account and pool shape; keywords override fields."""
-        from joblib_azurebatch.config import BatchConfig
+        """A :class:`BatchConfig` for this account and pool shape; keywords override fields.
+
+        With ``bare_nodes=True`` the config takes the default path a real account takes (no
+        ``image``: the pool runs ``python:X.Y-slim`` and its start task installs the client's
+        environment). Otherwise it names the worker image built from docker/, which this
+        account maps to its own interpreter: the nodes hold everything already, and runs
+        start in seconds.
+        """
+        from joblib_azurebatch.config import BatchConfig, default_image
 
         fields: dict[str, Any] = {
             "batch_url": self.batch_url,
@@ -162,6 +169,8 @@ class LocalBatch:
             "task_slots_per_node": self.slots_per_node,
             "poll_interval": 0.2,
         }
+        if not self.bare_nodes:
+            fields["image"] = default_image()
         fields.update(overrides)
         return BatchConfig(**fields)
 

@@ -396,8 +396,46 @@ def test_new_job_id_is_unique_and_valid() -> None:
     BatchConfig(job_id=long_prefix.new_job_id())  # itself a valid job id
 
 
-def test_default_image_matches_the_running_python() -> None:
+def test_docker_image_tag_matches_the_running_python() -> None:
     minor = f"{sys.version_info.major}.{sys.version_info.minor}"
     assert DEFAULT_IMAGE.endswith(f"-py{minor}")
-    assert BatchConfig().image == DEFAULT_IMAGE
     assert default_image("3.12").endswith("-py3.12")
+
+
+def test_by_default_the_nodes_run_the_public_python_image_of_the_client() -> None:
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cfg = BatchConfig()
+    assert cfg.image is None
+    assert cfg.installs_environment
+    assert cfg.node_image == f"python:{minor}-slim"
+    assert BatchConfig(base_image="myacr.azurecr.io/python:3.11-slim").node_image == (
+        "myacr.azurecr.io/python:3.11-slim"
+    )
+    own = BatchConfig(image=DEFAULT_IMAGE)
+    assert own.node_image == DEFAULT_IMAGE
+    assert not own.installs_environment
+
+
+def test_environment_options_are_checked_before_anything_is_created(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="list of strings"):
+        BatchConfig(packages="lightgbm==4.5.0")  # a string, not a list
+    with pytest.raises(ConfigError, match="does not exist"):
+        BatchConfig(requirements_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(ConfigError, match="http"):
+        BatchConfig(extra_index_urls=("ftp://example",))
+    with pytest.raises(ConfigError, match="already hold them"):
+        BatchConfig(image=DEFAULT_IMAGE, packages=("lightgbm==4.5.0",))
+    with pytest.raises(ConfigError, match="exclude each other"):
+        BatchConfig(image=DEFAULT_IMAGE, base_image="python:3.11-slim")
+    assert BatchConfig(packages=["a==1", "b"]).packages == ("a==1", "b")
+
+
+def test_environment_lists_come_from_the_environment_split_like_pip() -> None:
+    cfg = BatchConfig.from_env(
+        environ={
+            "JOBLIB_AZUREBATCH_PACKAGES": "lightgbm==4.5.0, xgboost  polars",
+            "JOBLIB_AZUREBATCH_EXTRA_INDEX_URLS": "https://a.example/simple https://b.example",
+        }
+    )
+    assert cfg.packages == ("lightgbm==4.5.0", "xgboost", "polars")
+    assert cfg.extra_index_urls == ("https://a.example/simple", "https://b.example")
