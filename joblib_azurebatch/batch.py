@@ -32,7 +32,7 @@ import logging
 import shlex
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -813,21 +813,12 @@ class BatchService:
         return text
 
     def _read_node_file(self, pool_id: str, node_id: str, path: str, tail_bytes: int) -> str:
-        try:
-            props = self._client.get_node_file_properties(pool_id, node_id, path)
-            size = int(props.content_length or 0)
-            if size <= 0:
-                return ""
-            start = max(0, size - tail_bytes)
-            data = b"".join(
-                self._client.download_node_file(
-                    pool_id, node_id, path, ocp_range=f"bytes={start}-{size - 1}"
-                )
-            )
-        except AzureError as e:
-            _log.debug("could not read %s of node %s/%s: %s", path, pool_id, node_id, e)
-            return ""
-        return data.decode("utf-8", errors="replace")
+        return _file_tail(
+            lambda: self._client.get_node_file_properties(pool_id, node_id, path),
+            lambda span: self._client.download_node_file(pool_id, node_id, path, ocp_range=span),
+            tail_bytes=tail_bytes,
+            where=f"{path} of the node {pool_id}/{node_id}",
+        )
 
     def delete_pool(self, pool_id: str) -> None:
         """Start deleting the pool (the service finishes it in the background)."""
@@ -1095,18 +1086,30 @@ class BatchService:
 
         Used to explain a failure, so it never raises: a second error would hide the first.
         """
-        try:
-            props = self._client.get_task_file_properties(job_id, task_id, path)
-            size = int(props.content_length or 0)
-            if size <= 0:
-                return ""
-            start = max(0, size - tail_bytes)
-            data = b"".join(
-                self._client.download_task_file(
-                    job_id, task_id, path, ocp_range=f"bytes={start}-{size - 1}"
-                )
-            )
-        except AzureError as e:
-            _log.debug("could not read %s of task %s/%s: %s", path, job_id, task_id, e)
+        return _file_tail(
+            lambda: self._client.get_task_file_properties(job_id, task_id, path),
+            lambda span: self._client.download_task_file(job_id, task_id, path, ocp_range=span),
+            tail_bytes=tail_bytes,
+            where=f"{path} of the task {job_id}/{task_id}",
+        )
+
+
+def _file_tail(
+    properties: Callable[[], Any],
+    download: Callable[[str], Iterable[bytes]],
+    *,
+    tail_bytes: int,
+    where: str,
+) -> str:
+    """The last ``tail_bytes`` of a task or node file, or "" if absent or unreadable: it
+    explains a failure, so it never raises (a second error would hide the first)."""
+    try:
+        size = int(properties().content_length or 0)
+        if size <= 0:
             return ""
-        return data.decode("utf-8", errors="replace")
+        start = max(0, size - tail_bytes)
+        data = b"".join(download(f"bytes={start}-{size - 1}"))
+    except AzureError as e:
+        _log.debug("could not read %s: %s", where, e)
+        return ""
+    return data.decode("utf-8", errors="replace")

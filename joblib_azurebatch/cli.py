@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import os
 import re
 import shlex
 import signal
@@ -23,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from joblib_azurebatch.errors import AzureBatchError
@@ -232,6 +235,13 @@ def _run_demo(
     return 0 if remote.scores == local.scores else 1
 
 
+def _demo_nodes_dir() -> Path:
+    """Where the demo's local nodes keep their disks (one per interpreter)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    tag = hashlib.sha256(sys.executable.encode()).hexdigest()[:12]
+    return Path(base) / "joblib-azurebatch" / "demo-nodes" / tag
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     _require_demo_extra()
     import joblib_azurebatch  # noqa: F401  (registers the "azurebatch" backend)
@@ -242,11 +252,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _run_demo(cfg, folds=args.folds, trees=args.trees, where=where, out=sys.stdout)
 
     LocalBatch = _local_batch_class()
-    with LocalBatch(nodes=args.nodes, slots_per_node=args.slots) as local:
+    # Bare nodes, as a real pool's public python:X.Y-slim image: the start task installs
+    # this interpreter's environment. The nodes' disks are kept between demos (as a pool
+    # kept with keep_pool=True keeps its nodes), so only the first demo pays the install.
+    root = None if args.fresh_nodes else _demo_nodes_dir()
+    with LocalBatch(
+        nodes=args.nodes, slots_per_node=args.slots, bare_nodes=True, root=root
+    ) as local:
         cfg = local.config(pool_id=args.pool_id or "demo")
         where = (
-            f"local emulated Batch account: {args.nodes} nodes x {args.slots} slots "
-            f"(Batch {local.batch_url}, blobs {local.blob_url})"
+            f"local emulated Batch account: {args.nodes} bare nodes x {args.slots} slots "
+            f"(Batch {local.batch_url}, blobs {local.blob_url}); the pool's start task "
+            "installs this interpreter's environment on each node"
+            + ("" if root is None else f", kept in {root}")
         )
         return _run_demo(
             cfg, folds=args.folds, trees=args.trees, where=where, out=sys.stdout, note=LOCAL_NOTE
@@ -462,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--trees", type=int, default=50, help="trees in the forest (default 50)")
     demo.add_argument("--nodes", type=int, default=2, help="local account: nodes (default 2)")
     demo.add_argument("--slots", type=int, default=2, help="local account: slots per node (2)")
+    demo.add_argument(
+        "--fresh-nodes",
+        action="store_true",
+        help="local account: nodes with empty disks, so the start task installs the "
+        "environment again (by default the demo's nodes keep their disks between runs)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     emu = sub.add_parser(

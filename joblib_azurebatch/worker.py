@@ -222,6 +222,22 @@ def _add_note(error: BaseException, note: str) -> None:
         add_note(note)
 
 
+def _hint_relative_path(error: BaseException) -> None:
+    """A relative path that works on the client is looked up in the task's own working
+    folder on the node: say so, since the traceback alone suggests a missing file."""
+    name = getattr(error, "filename", None)
+    if isinstance(error, OSError) and isinstance(name, (str, bytes)) and name:
+        path = os.fsdecode(name)
+        if not os.path.isabs(path):
+            _add_note(
+                error,
+                f"{path!r} is a relative path: on a Batch node it is looked up in the task's "
+                f"working folder ({os.getcwd()}), not in the folder your script ran in. Pass "
+                "the data itself as an argument (large arrays and frames are uploaded once per "
+                "job), or read it from a blob or URL inside the function.",
+            )
+
+
 def _run(
     envelope: TaskEnvelope, cache: ObjectCache, out: TextIO
 ) -> tuple[Any, BaseException | None, dict[str, float]]:
@@ -252,8 +268,9 @@ def _run(
         if isinstance(e, ImportError):
             _add_note(
                 e,
-                "The worker image lacks a module that the task needs: install it in the image "
-                "(FROM the standard image, then pip install; see docker/README.md).",
+                "The node lacks a module that the task needs. On the default path (no "
+                "image=), add its distribution with BatchConfig(packages=[...]); with your "
+                "own image, pip install it there (see docker/README.md).",
             )
         _log(out, f"the calls could not be unpickled: {type(e).__name__}: {e}")
         return None, e, timings
@@ -269,6 +286,7 @@ def _run(
         # or SIGKILL, never SIGINT, so this cannot swallow a real interruption of the node.
         timings["run"] = time.perf_counter() - start
         _log(out, f"the function raised {type(e).__name__} after {timings['run']:.3f} s")
+        _hint_relative_path(e)
         return None, e, timings
     timings["run"] = time.perf_counter() - start
     _log(out, f"ran the calls in {timings['run']:.3f} s")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,10 @@ class LocalBatch:
     prefetches it goes ``unusable``). With ``bare_nodes=True`` every node is a fresh
     ``python:X.Y-slim``: a virtualenv with pip and no third-party package, made once when
     the account starts, so that what a start task installs is all the nodes have.
+    ``root`` is the folder of the nodes' disks (default: a temporary one). Node ids follow
+    from the pool id and the node's number, so a later account on the same ``root`` finds
+    its nodes' disks as it left them, as a pool kept with ``keep_pool=True`` keeps its
+    nodes: an environment installed there is ready at once.
     ``max_processes`` caps the task processes running at once, and
     ``allocation_delay`` makes new nodes take that many seconds to become idle. With
     ``tls=True`` both endpoints are https with one self-signed certificate (trust
@@ -55,6 +60,7 @@ class LocalBatch:
         azurite_executable: str | None = None,
         tls: bool = False,
         bare_nodes: bool = False,
+        root: str | Path | None = None,
     ) -> None:
         if nodes < 0 or spot_nodes < 0 or nodes + spot_nodes < 1:
             raise ValueError("LocalBatch needs at least one node: nodes + spot_nodes >= 1")
@@ -74,6 +80,7 @@ class LocalBatch:
             allocation_delay=allocation_delay,
             tls=tls,
             bare_nodes=bare_nodes,
+            root=root,
         )
         self._running = False
 

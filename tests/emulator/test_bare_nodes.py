@@ -16,12 +16,9 @@ import shlex
 import subprocess
 import sys
 import sysconfig
-import time
-import uuid
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from azure.batch import BatchClient
@@ -31,29 +28,9 @@ from azure.core.credentials import AzureNamedKeyCredential
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.execution import host_settings
 from joblib_azurebatch.emulator.images import slim_image
+from tests.helpers.waiting import FAST, sh, unique, wait_for
 
-FAST = 0.05
 SLIM = slim_image()
-
-
-def wait_for(what: str, probe: Callable[[], Any], *, timeout: float = 60.0) -> Any:
-    """Poll ``probe`` until it returns something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(FAST)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def sh(script: str) -> str:
-    return f"/bin/sh -c {shlex.quote(script)}"
 
 
 def py(code: str) -> str:
@@ -116,6 +93,7 @@ def run(client: BatchClient, job_id: str, command: str, image: str | None = SLIM
     wait_for(
         f"task {task_id}",
         lambda: client.get_task(job_id, task_id).state == m.BatchTaskState.COMPLETED,
+        timeout=60.0,
     )
     return client.get_task(job_id, task_id)
 

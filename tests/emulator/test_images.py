@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,26 +24,10 @@ from joblib_azurebatch.config import default_image
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.images import parse_reference, resolve, slim_image
 from joblib_azurebatch.emulator.schema import response_errors
+from tests.helpers.waiting import FAST, unique, wait_for
 
-FAST = 0.05
 SLIM = slim_image()
 NO_SUCH_IMAGE = "myregistry.azurecr.io/never-pushed:1.0"
-
-
-def wait_for(what: str, probe: Callable[[], Any], *, timeout: float = 30.0) -> Any:
-    """Poll ``probe`` until it returns something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(FAST)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def vm(images: list[str] | None = None) -> m.VirtualMachineConfiguration:

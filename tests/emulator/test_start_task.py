@@ -14,11 +14,8 @@ import datetime as dt
 import os
 import shlex
 import time
-import uuid
-from collections.abc import Callable
 from typing import Any
 
-import pytest
 from azure.batch import BatchClient
 from azure.batch import models as m
 from azure.batch.models._models import BatchNodeRebootOptions  # not re-exported by 15.1
@@ -27,30 +24,9 @@ from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, gener
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.images import slim_image
 from joblib_azurebatch.emulator.schema import find_operation, response_errors
+from tests.helpers.waiting import FAST, sh, unique, wait_for
 
-FAST = 0.05
 SLIM = slim_image()
-
-
-def wait_for(what: str, probe: Callable[[], Any], *, timeout: float = 30.0) -> Any:
-    """Poll ``probe`` until it returns something true; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(FAST)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def sh(script: str) -> str:
-    """A command line that runs ``script`` in a shell (a Batch command line has none)."""
-    return f"/bin/sh -c {shlex.quote(script)}"
 
 
 class Wire:

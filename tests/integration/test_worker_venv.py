@@ -185,5 +185,5 @@ def test_a_module_the_image_lacks_is_named_with_the_fix(
     assert done.returncode == 0, done.stderr  # reported as the task's result: no retry
     with pytest.raises(ModuleNotFoundError, match="No module named '_pytest'") as info:
         read_result(store.download(task.result_blob), KEY).result()
-    assert "The worker image lacks a module" in "\n".join(getattr(info.value, "__notes__", []))
+    assert "The node lacks a module" in "\n".join(getattr(info.value, "__notes__", []))
     assert isinstance(info.value.__cause__, payload.RemoteTraceback)
