@@ -67,8 +67,10 @@ _NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
     ),
 }
 
-#: Features whose attributes joblib sets only in ``Parallel.__call__`` after ``configure``.
-_LATE = frozenset({"call_identity", "n_jobs", "pre_dispatch"})
+#: Features whose attributes joblib may set only after ``configure``: in
+#: ``Parallel.__call__``, which runs after ``configure`` when the backend is managed
+#: (``with Parallel(...) as parallel:``, as scikit-learn's searches do).
+_LATE = frozenset(set(_NEEDS) - {"end_detection"})
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+from . import staging
 from .auth import SharedKeyVerifier
 from .errors import BatchServiceError, batch_error
 from .execution import Executor
@@ -192,6 +193,7 @@ class BatchEmulator:
             cert, key = self_signed_certificate(Path(self._tls_dir.name))
             self.ca_cert, self.tls_key = cert, key
             self.executor.ca_bundle = cert
+            staging.trust(cert)
             ssl = {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
         config = uvicorn.Config(
             app,

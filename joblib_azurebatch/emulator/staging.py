@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import glob
 import os
+import ssl
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -42,9 +44,30 @@ def _inside(base: Path, rel: str) -> Path:
     return target
 
 
+#: Certificates the node agent trusts besides the system's: the local account's own, when
+#: it serves https (a real node trusts Azure Storage's public certificates).
+_TRUSTED: set[str] = set()
+_trust_lock = threading.Lock()
+
+
+def trust(cafile: str | Path) -> None:
+    """Trust ``cafile`` for resource and output files, as a node trusts Azure's certificates."""
+    with _trust_lock:
+        _TRUSTED.add(str(cafile))
+
+
+def _context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    with _trust_lock:
+        for cafile in sorted(_TRUSTED):
+            if os.path.exists(cafile):  # an account that stopped took its certificate along
+                context.load_verify_locations(cafile=cafile)
+    return context
+
+
 def _http_get(url: str) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp:
+        with urllib.request.urlopen(url, timeout=60, context=_context()) as resp:
             data: bytes = resp.read()
             return data
     except urllib.error.HTTPError as e:
@@ -174,7 +197,7 @@ def _put(container_url: str, name: str, data: bytes, headers: Sequence[Mapping[s
     for h in headers:
         req.add_header(str(h.get("name")), str(h.get("value", "")))
     try:
-        with urllib.request.urlopen(req, timeout=60):
+        with urllib.request.urlopen(req, timeout=60, context=_context()):
             pass
     except urllib.error.HTTPError as e:
         code = {

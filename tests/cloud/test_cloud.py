@@ -3,8 +3,10 @@
 What the emulator cannot prove: that the real service accepts what the backend sends
 (pool with a container configuration, spot nodes, tasks in the worker image), that the
 worker image pulls and runs on a node, that SAS URLs signed here open blobs there, and that
-a run leaves no job and no blob behind. Skipped unless switched on (see conftest.py and
-docs/cloud-tests.md).
+a run leaves no job and no blob behind. And, for the default path a first user takes (no
+image): that the public python:X.Y-slim image pulls, that the pool's start task installs the
+client's environment in its container where the tasks' containers see it, and that the pool
+is gone afterwards. Skipped unless switched on (see conftest.py and docs/cloud-tests.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import secrets
 import sys
 import time
 from datetime import timedelta
@@ -20,14 +23,18 @@ from typing import Any
 import cloudpickle
 import joblib
 import pytest
+import sklearn
 from joblib import Parallel, delayed
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold, cross_val_score
+from sklearn.tree import DecisionTreeClassifier
 
 from joblib_azurebatch import BatchConfig
 from joblib_azurebatch.batch import BatchService
+from joblib_azurebatch.bootstrap import BUNDLE_ENV, ENV_ID_ENV
 from joblib_azurebatch.payload import PAYLOAD_URL_ENV, RESULT_URL_ENV, SIGNING_KEY_ENV, versions
+from joblib_azurebatch.provision import ENVS_PREFIX
 from joblib_azurebatch.storage import BlobStore, download_url
 
 # This module is not in the worker image: its functions travel by value.
@@ -154,3 +161,102 @@ def test_user_exception_comes_back_and_the_job_is_cleaned_up(
         Parallel(n_jobs=-1, batch_size=1)(delayed(fails_on_two)(x) for x in range(4))
     assert "fails_on_two" in str(info.value.__cause__)
     assert_no_job_or_blob_left(batch_service, blob_store, cloud_config)
+
+
+# ---------------------------------------------------------------------- the default path
+
+#: The variables that shape the session's shared pool of the worker image, or keep what a
+#: run creates: the first-run test leaves them out, as a first user has none of them set.
+#: The others (VM size, container, a base image mirror, timeouts, ...) still apply.
+_SHARED_POOL_FIELDS = (
+    "image",
+    "registry_server",
+    "registry_username",
+    "registry_password",
+    "pool_id",
+    "dedicated_nodes",
+    "spot_nodes",
+    "task_slots_per_node",
+    "keep_pool",
+    "keep_job",
+    "keep_blobs",
+    "job_id",
+)
+
+
+def first_run_environ() -> dict[str, str]:
+    """The environment without the settings of the shared pool (see _SHARED_POOL_FIELDS)."""
+    dropped = {v for name in _SHARED_POOL_FIELDS for v in BatchConfig.ENV_VARS[name]}
+    return {k: v for k, v in os.environ.items() if k not in dropped}
+
+
+def first_run_score(seed: int) -> dict[str, Any]:
+    """A call as a first user writes it: a scikit-learn fit; and where it ran."""
+    X, y = load_iris(return_X_y=True)
+    model = DecisionTreeClassifier(random_state=seed, max_depth=1 + seed % 4)
+    cv = KFold(3, shuffle=True, random_state=seed)
+    return {
+        "score": float(cross_val_score(model, X, y, cv=cv).mean()),
+        "sklearn": sklearn.__version__,
+        "python": platform.python_version(),
+        "prefix": sys.prefix,
+        "env_id": os.environ.get(ENV_ID_ENV, ""),
+        "node": os.environ.get("AZ_BATCH_NODE_ID", ""),
+        "pool": os.environ.get("AZ_BATCH_POOL_ID", ""),
+        "variables": sorted(os.environ),
+    }
+
+
+def test_first_run_without_an_image_installs_the_environment_and_deletes_the_pool(
+    batch_service: BatchService, blob_store: BlobStore
+) -> None:
+    """docs/azure.md's first run: the default config, a pool of its own, no Docker anywhere."""
+    pool_id = f"joblib-azurebatch-first-run-{secrets.token_hex(3)}"
+    cfg = BatchConfig.from_env(
+        environ=first_run_environ(), pool_id=pool_id, dedicated_nodes=1, job_id=pool_id
+    )
+    if os.environ.get("JOBLIB_AZUREBATCH_CLOUD_ENTRA", "").strip() == "1":
+        cfg = cfg.replace(batch_key=None, storage_key=None, storage_connection_string=None)
+    cfg = cfg.validate()
+    assert cfg.image is None
+    assert cfg.installs_environment
+    assert batch_service.get_pool(pool_id) is None
+    seeds = list(range(6))
+    try:
+        with joblib.parallel_config(backend="azurebatch", config=cfg):
+            remote = Parallel(n_jobs=-1)(delayed(first_run_score)(s) for s in seeds)
+    finally:
+        # The run deletes the pool it created; should it have failed before that, the test
+        # still leaves nothing billing.
+        left = batch_service.get_pool(pool_id)
+        if left is not None and left.state != "deleting":
+            batch_service.delete_pool(pool_id)
+
+    local = [first_run_score(s) for s in seeds]
+    assert [r["score"] for r in remote] == [r["score"] for r in local]
+    assert {r["sklearn"] for r in remote} == {sklearn.__version__}
+    assert {r["python"].rsplit(".", 1)[0] for r in remote} == {versions()["python"]}
+    assert all(r["node"] for r in remote), "a call ran outside a Batch node"
+    assert {r["pool"] for r in remote} == {pool_id}
+    # Every call ran in the environment the start task installed in the node's shared folder.
+    (env_id,) = {r["env_id"] for r in remote}
+    assert all(r["prefix"].endswith(f"/joblib-azurebatch/envs/{env_id}") for r in remote)
+    # No account credential reaches a node: SAS URLs, the job's key and the environment's id.
+    variables = {name for r in remote for name in r["variables"]}
+    assert variables & CREDENTIAL_VARIABLES == set()
+    assert {v for v in variables if v.startswith("JOBLIB_AZUREBATCH_")} == {
+        PAYLOAD_URL_ENV,
+        RESULT_URL_ENV,
+        SIGNING_KEY_ENV,
+        BUNDLE_ENV,
+        ENV_ID_ENV,
+    }
+    # The environment stays in the container for the next run; the job and its blobs go.
+    assert sorted(blob_store.list_names(f"{ENVS_PREFIX}{env_id}/")) == [
+        f"{ENVS_PREFIX}{env_id}/bootstrap.py",
+        f"{ENVS_PREFIX}{env_id}/bundle.zip",
+    ]
+    assert_no_job_or_blob_left(batch_service, blob_store, cfg)
+    # The pool this run created is deleted (the service finishes the deletion on its own).
+    left = batch_service.get_pool(pool_id)
+    assert left is None or left.state == "deleting", f"the pool {pool_id} was not deleted"

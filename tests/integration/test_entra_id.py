@@ -31,7 +31,7 @@ from joblib import Parallel, delayed
 
 import joblib_azurebatch  # noqa: F401  (registers the "azurebatch" backend)
 from joblib_azurebatch.batch import BatchService
-from joblib_azurebatch.config import BatchConfig
+from joblib_azurebatch.config import DEFAULT_IMAGE, BatchConfig
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.azurite import Azurite
 from joblib_azurebatch.errors import ConfigError
@@ -91,11 +91,19 @@ def _cert(local: LocalBatch) -> str:
 
 
 def _token_config(
-    local: LocalBatch, credential: Any, name: str, *, ca_bundle: bool = True
+    local: LocalBatch,
+    credential: Any,
+    name: str,
+    *,
+    ca_bundle: bool = True,
+    image: str | None = DEFAULT_IMAGE,
 ) -> BatchConfig:
     # Built from nothing but endpoints and the credential: the local account's keys and
-    # connection string are not passed, so no code path can fall back to them.
+    # connection string are not passed, so no code path can fall back to them. Most tests
+    # name the worker image (the nodes hold everything); one takes the default path, where
+    # the start task fetches the environment through user delegation SAS URLs over https.
     return BatchConfig(
+        image=image,
         batch_url=local.batch_url,
         storage_url=local.blob_url,
         storage_account=local.storage_account,
@@ -163,7 +171,7 @@ def test_azurite_takes_tokens_only_over_https(tmp_path: Path) -> None:
 def test_parallel_with_token_credentials_only(entra: LocalBatch, no_trust_env: None) -> None:
     credential = RecordingCredential(entra.token_credential())
     name = _name("run")
-    cfg = _token_config(entra, credential, name)
+    cfg = _token_config(entra, credential, name, image=None)
     entra.emulator.log.clear()
     with joblib.parallel_config(backend="azurebatch", config=cfg):
         out = Parallel(n_jobs=-1, batch_size=1)(

@@ -68,6 +68,19 @@ def test_this_joblib_has_every_attribute_joblib_azurebatch_reads():
     assert backend.features.on == set(compat._NEEDS)
 
 
+def test_a_managed_parallel_warns_about_nothing():
+    """``with Parallel() as p`` configures the backend before ``__call__`` sets its flags
+    (scikit-learn's GridSearchCV does this)."""
+    backend = Probing()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", compat.JoblibCompatWarning)
+        with Parallel(n_jobs=2, backend=backend) as parallel:
+            first = parallel(delayed(abs)(-x) for x in range(3))
+            second = parallel(delayed(abs)(-x) for x in range(2))
+    assert (first, second) == ([0, 1, 2], [0, 1])
+    assert backend.features.on == set(compat._NEEDS)
+
+
 def test_missing_attributes_turn_features_off_with_one_warning_naming_the_version():
     parallel = Bare()
     with pytest.warns(compat.JoblibCompatWarning) as caught:
