@@ -153,10 +153,12 @@ def check_versions(client: Mapping[str, str]) -> None:
     raise VersionMismatchError(
         f"The worker image runs {show(mine)} but the client runs {show(client)} "
         f"(different: {', '.join(differs)}); cloudpickle cannot move code between them. "
-        f"Run tasks in an image built for the client: `docker build --build-arg "
+        f"Leave BatchConfig(image=...) unset to let the nodes install the client's own "
+        f"versions (base_image=, if set, must be Python {client.get('python', '?')}); or "
+        f"build your image for the client: `docker build --build-arg "
         f"PYTHON_VERSION={client.get('python', '?')} -f docker/Dockerfile .` (see "
-        f"docker/README.md), or in your own image `pip install {pins}` on Python "
-        f"{client.get('python', '?')}, and pass it as BatchConfig(image=...)."
+        f"docker/README.md), or `pip install {pins}` in it on Python "
+        f"{client.get('python', '?')}."
     )
 
 

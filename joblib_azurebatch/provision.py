@@ -102,7 +102,9 @@ def environment_of(calls: Any, writer: PayloadWriter, cfg: BatchConfig) -> env_m
     """The environment the nodes need for ``calls``; local modules are sent by value."""
     modules = _modules_of(writer, calls)
     if env_mod.prepare_by_value(modules):
-        modules = _modules_of(writer, calls)
+        # Sent by value now, the local code shows what it imports itself; what the first
+        # look found stays needed (a local function's own imports, say).
+        modules |= _modules_of(writer, calls)
     requirements = cfg.requirements_file
     stamp: Any = None
     if requirements is not None:

@@ -319,6 +319,10 @@ class Tracker:
             _log.exception("the completion callback of task %s raised", done.task_id)
 
 
+#: How bootstrap.py starts the one line that says why it failed.
+_BOOTSTRAP_ERROR = "[joblib-azurebatch bootstrap] error:"
+
+
 def _image_hint(stderr_tail: str, exit_code: int | None) -> str:
     """Name the usual cause when the task never reached the worker: an image without it.
 
@@ -326,6 +330,14 @@ def _image_hint(stderr_tail: str, exit_code: int | None) -> str:
     image locally) fails every task the same way, and the stderr tail alone does not say
     what to change.
     """
+    verdict = [ln for ln in stderr_tail.splitlines() if ln.startswith(_BOOTSTRAP_ERROR)]
+    if verdict:
+        # The default path: the node could not install the client's environment.
+        return (
+            f" The node could not install the environment: {verdict[-1][len(_BOOTSTRAP_ERROR) :]}"
+            " Check packages=, requirements_file= and the index URLs in your BatchConfig "
+            "(docs/troubleshooting.md, 'The start task failed')."
+        )
     if (
         "No module named 'joblib_azurebatch'" in stderr_tail
         or "No module named joblib_azurebatch" in stderr_tail

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,6 @@ ENABLE = "JOBLIB_AZUREBATCH_CLOUD_TESTS"
 ENTRA = "JOBLIB_AZUREBATCH_CLOUD_ENTRA"
 #: The pool the tests share unless JOBLIB_AZUREBATCH_POOL_ID names another one.
 DEFAULT_POOL_ID = "joblib-azurebatch-tests"
-#: The worker image; a private registry is JOBLIB_AZUREBATCH_REGISTRY_SERVER/_USERNAME/_PASSWORD.
-(IMAGE,) = BatchConfig.ENV_VARS["image"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,9 +57,8 @@ def missing_settings(environ: Mapping[str, str]) -> list[str]:
             missing.append("STORAGE_ACCOUNT_NAME (or AZURE_STORAGE_CONNECTION_STRING)")
         if not _is_set(environ, "STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_KEY"):
             missing.append("STORAGE_ACCOUNT_KEY (or AZURE_STORAGE_CONNECTION_STRING)")
-    if not _is_set(environ, IMAGE):
-        python = f"{sys.version_info.major}.{sys.version_info.minor}"
-        missing.append(f"{IMAGE} (a worker image built from docker/ for Python {python})")
+    # JOBLIB_AZUREBATCH_IMAGE is optional: without it every test takes the default path
+    # (the public python:X.Y-slim image and the client's environment installed on the nodes).
     return missing
 
 

@@ -333,6 +333,25 @@ def test_non_zero_exit_fails_the_task_and_names_a_missing_worker(
     assert "joblib-azurebatch is not installed in the task's image" in str(error)
 
 
+def test_an_environment_that_does_not_install_is_named_with_the_fix(
+    tracker: Tracker, batch: FakeBatch, done: Done
+) -> None:
+    watch(tracker, batch, done, "t1")
+    batch.complete(
+        JOB,
+        "t1",
+        exit_code=97,
+        stderr="pip noise\n[joblib-azurebatch bootstrap] error: pip could not install environment "
+        "abc (exit code 1): ERROR: No matching distribution found for nope==1\n",
+    )
+    tracker.poll_once()
+    error = done.one("t1").error
+    assert isinstance(error, TaskFailedError)
+    assert "The node could not install the environment:" in str(error)
+    assert "No matching distribution found for nope==1" in str(error).split("---")[0]
+    assert "packages=" in str(error)
+
+
 # ----------------------------------------------------------------------------- service errors
 
 
