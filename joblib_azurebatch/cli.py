@@ -259,7 +259,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with LocalBatch(
         nodes=args.nodes, slots_per_node=args.slots, bare_nodes=True, root=root
     ) as local:
-        cfg = local.config(pool_id=args.pool_id or "demo")
+        # keep_pool: the pool outlives the run, so the emulator leaves its nodes' disks.
+        cfg = local.config(pool_id=args.pool_id or "demo", keep_pool=root is not None)
         where = (
             f"local emulated Batch account: {args.nodes} bare nodes x {args.slots} slots "
             f"(Batch {local.batch_url}, blobs {local.blob_url}); the pool's start task "
