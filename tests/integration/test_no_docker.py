@@ -162,3 +162,20 @@ def test_a_package_that_does_not_exist_fails_fast_explained_and_leaves_nothing(
         assert time.monotonic() < deadline, pools
         time.sleep(0.2)
     assert not [j for j in client.list_jobs() if j.pool_info.pool_id == pool_id]
+
+
+def test_an_image_nobody_publishes_fails_fast_with_the_pull_error(bare, client, project):
+    pool_id = "no-docker-bad-image"
+    started = time.monotonic()
+    out = run_script(
+        bare,
+        project,
+        JOBLIB_AZUREBATCH_POOL_ID=pool_id,
+        JOBLIB_AZUREBATCH_BASE_IMAGE="myregistry.azurecr.io/never-pushed:3.11",
+    )
+    assert out.returncode != 0
+    error = next(line for line in reversed(out.stderr.splitlines()) if "ServiceError" in line)
+    assert pool_id in error
+    assert "ContainerInvalidImage" in error
+    assert time.monotonic() - started < 120
+    assert not [j for j in client.list_jobs() if j.pool_info.pool_id == pool_id]
