@@ -348,5 +348,19 @@ def main(
         return e.code
 
 
+def _exit(code: int) -> None:
+    """End the process with ``code`` now, whatever threads the user's code left running.
+
+    ``sys.exit`` waits for every non-daemon thread, so a function that started one (a
+    forgotten ``ThreadPoolExecutor``, a logging handler's thread) would keep the task, and
+    its node slot, busy until Batch's wall-clock limit. The result is uploaded (or the
+    failure reported) by then, and the streams are flushed here.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -319,3 +319,31 @@ def test_keyboard_interrupt_in_the_function_is_its_result(store: BlobStore, tmp_
     assert (code, err) == (0, "")
     with pytest.raises(KeyboardInterrupt, match="raised by the function"):
         read_result(store.download(task.result_blob), KEY).result()
+
+
+def test_the_worker_ends_after_the_result_whatever_threads_the_function_left(
+    store: BlobStore, tmp_path: Path
+) -> None:
+    def leaves_a_thread_behind(x: int) -> int:  # local: cloudpickle sends it by value
+        import threading
+        import time
+
+        threading.Thread(target=time.sleep, args=(600,), daemon=False).start()
+        return x + 1
+
+    task = _writer(store).prepare("t-threads", _batch((leaves_a_thread_behind, (1,), {})))
+    env = {"PATH": os.environ.get("PATH", ""), **_node_env(task, tmp_path)}
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "joblib_azurebatch.worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 60  # not the thread's 600 s
+    assert "uploaded the result" in done.stdout  # flushed before the process ended
+    assert read_result(store.download(task.result_blob), KEY).result() == [2]
