@@ -53,6 +53,8 @@ MAX_POLL_FAILURES = 5
 #: A result blob missing right after its task completed is looked for again this often.
 RESULT_ATTEMPTS = 3
 RESULT_RETRY_DELAY = 0.5
+#: Seconds a result download is retried through storage errors before its task fails.
+DOWNLOAD_BUDGET = 300.0
 STDERR_TAIL_BYTES = 4096
 
 
@@ -263,17 +265,45 @@ class Tracker:
             self._fire(done)
             self._drain_inbox()
 
+    def _download(self, task_id: str) -> bytes | None:
+        """The result blob, or None if it is still missing after ``RESULT_ATTEMPTS`` looks.
+
+        A storage error that outlived the SDK's own retries (throttling, an outage) is
+        retried for up to ``DOWNLOAD_BUDGET`` seconds: the result is safe in the blob, and
+        failing the task for a passing outage would lose it. A refused credential is not
+        retried: it will not pass.
+        """
+        missing = 0
+        deadline = self._clock.monotonic() + DOWNLOAD_BUDGET
+        delay = RESULT_RETRY_DELAY
+        while True:
+            try:
+                return self._fetch(task_id)
+            except FileNotFoundError:
+                missing += 1
+                if missing >= RESULT_ATTEMPTS:
+                    return None
+                self._clock.sleep(RESULT_RETRY_DELAY)
+            except CredentialError:
+                raise
+            except AzureBatchError as e:
+                if self._stopping.is_set() or self._clock.monotonic() + delay > deadline:
+                    raise
+                _log.warning(
+                    "downloading the result of task %s failed, retrying in %.1f s: %s",
+                    task_id,
+                    delay,
+                    e,
+                )
+                self._clock.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
     def _collect(self, outcome: TaskOutcome) -> TaskDone:
         """Download a finished task's result, or explain why there is none (worker thread)."""
         if outcome.succeeded:
-            for attempt in range(RESULT_ATTEMPTS):
-                try:
-                    return TaskDone(
-                        task_id=outcome.task_id, outcome=outcome, data=self._fetch(outcome.task_id)
-                    )
-                except FileNotFoundError:
-                    if attempt + 1 < RESULT_ATTEMPTS:
-                        self._clock.sleep(RESULT_RETRY_DELAY)
+            data = self._download(outcome.task_id)
+            if data is not None:
+                return TaskDone(task_id=outcome.task_id, outcome=outcome, data=data)
             reason = "it exited with code 0 but uploaded no result"
         elif outcome.failure:
             reason = f"it failed with {outcome.failure}"

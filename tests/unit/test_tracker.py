@@ -281,6 +281,56 @@ def test_result_missing_at_first_is_fetched_again(
     assert clock.sleeps == [RESULT_RETRY_DELAY]
 
 
+class Flaky:
+    """A fetch that fails with a storage error ``failures`` times, then answers."""
+
+    def __init__(self, failures: int, error: Exception) -> None:
+        self.failures, self.error, self.calls = failures, error, 0
+
+    def __call__(self, task_id: str) -> bytes:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.error
+        return b"result"
+
+
+def test_a_storage_outage_while_downloading_costs_time_not_the_result(
+    batch: FakeBatch, done: Done, clock: FakeClock
+) -> None:
+    fetch = Flaky(4, ServiceError("503 ServerBusy"))
+    tracker = Tracker(batch, JOB, fetch=fetch, poll_interval=1.0, clock=clock)
+    watch(tracker, batch, done, "t1")
+    batch.complete(JOB, "t1")
+    tracker.poll_once()
+    got = done.one("t1")
+    assert (got.data, got.error) == (b"result", None)
+    assert fetch.calls == 5
+    assert clock.sleeps == [0.5, 1.0, 2.0, 4.0]  # backing off, on the tracker's clock
+    tracker.stop()
+
+
+def test_a_storage_outage_longer_than_the_budget_fails_the_task_and_a_refused_key_at_once(
+    batch: FakeBatch, done: Done, clock: FakeClock
+) -> None:
+    endless = Flaky(10**6, ServiceError("503 ServerBusy"))
+    tracker = Tracker(batch, JOB, fetch=endless, poll_interval=1.0, clock=clock)
+    watch(tracker, batch, done, "t1")
+    batch.complete(JOB, "t1")
+    tracker.poll_once()
+    assert isinstance(done.one("t1").error, ServiceError)
+    assert sum(clock.sleeps) <= tracker_module.DOWNLOAD_BUDGET
+    tracker.stop()
+
+    refused = Flaky(10**6, CredentialError("403"))
+    other = Tracker(batch, JOB, fetch=refused, poll_interval=1.0, clock=clock)
+    watch(other, batch, done, "t2")
+    batch.complete(JOB, "t2")
+    other.poll_once()
+    assert isinstance(done.one("t2").error, CredentialError)
+    assert refused.calls == 1
+    other.stop()
+
+
 def test_result_missing_after_every_attempt_fails_with_the_stderr_tail(
     tracker: Tracker, batch: FakeBatch, done: Done, blobs: FakeBlobs, clock: FakeClock
 ) -> None:
