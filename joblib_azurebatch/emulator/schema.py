@@ -19,7 +19,14 @@ How to call it::
                                                             # service could have sent
 
 ``request_errors`` answers in the service's terms. The service parses a body with an OData
-reader before it looks at any value, so what the reader cannot read fails first:
+reader before it looks at any value, so what the reader cannot read fails first. That reader
+also takes a JSON string where the definition says integer, number or boolean, as long as the
+string holds such a value (the Azure CLI sends ``"targetDedicatedNodes": "1"``):
+``request_errors`` first converts those strings in place, in the body it is given
+(``coerce_request`` does only that), so that a handler reading the body after the check finds
+``1``, not ``"1"``. An integer is ``-?digits`` (then held to its int32 range), a number is
+written as JSON writes one, a boolean is ``true`` or ``false`` in any casing; any other string
+stays as it came and is refused as below:
 
 * ``InvalidRequestBody`` (values ``PropertyName``, ``Reason``): a property the definition does
   not declare, a JSON value of the wrong type, a malformed date-time or duration, an int32
@@ -47,6 +54,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +68,7 @@ __all__ = [
     "SPEC_RESOURCE",
     "Operation",
     "RequestError",
+    "coerce_request",
     "find_operation",
     "operation",
     "operations",
@@ -94,6 +103,11 @@ _DURATION = re.compile(
 )
 _INT64_TEXT = re.compile(r"^-?\d+$")
 _INT32 = (-(2**31), 2**31 - 1)
+
+# The strings the service's reader takes for a value of these types.
+_INTEGER_TEXT = re.compile(r"-?\d+")
+_NUMBER_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_BOOLEAN_TEXT = {"true": True, "false": False}
 
 #: Marker that ties each definition to its name, for the messages and the id rule.
 _NAME_KEY = "x-joblib-azurebatch-definition"
@@ -366,6 +380,65 @@ def _without_nulls(value: Any) -> Any:
     return value
 
 
+def _from_text(text: str, kind: object) -> Any:
+    """The value ``text`` stands for where the definition says ``kind``; ``text`` if none."""
+    if kind == "integer" and _INTEGER_TEXT.fullmatch(text):
+        return int(text)
+    if kind == "number" and _NUMBER_TEXT.fullmatch(text):
+        number = json.loads(text)
+        return number if math.isfinite(number) else text
+    if kind == "boolean":
+        return _BOOLEAN_TEXT.get(text.casefold(), text)
+    return text
+
+
+def _coerced(value: Any, schema: Mapping[str, Any]) -> Any:
+    """``value`` with the strings its ``schema`` reads as numbers or booleans converted.
+
+    Containers are changed in place (and returned); a string comes back converted or as it
+    was, and what the schema does not describe is left alone for the validator to judge.
+    """
+    definitions = spec()["definitions"]
+    seen: set[str] = set()
+    while isinstance(schema.get("$ref"), str) and schema["$ref"] not in seen:
+        seen.add(schema["$ref"])
+        target = definitions.get(schema["$ref"].rsplit("/", 1)[-1])
+        if not isinstance(target, Mapping):
+            return value
+        schema = target
+    for part in schema.get("allOf", ()):
+        if isinstance(part, Mapping):
+            value = _coerced(value, part)
+    if isinstance(value, str):
+        return _from_text(value, schema.get("type"))
+    if isinstance(value, dict):
+        properties = schema.get("properties")
+        declared = properties if isinstance(properties, Mapping) else {}
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = declared.get(key, extra)
+            if isinstance(sub, Mapping):
+                value[key] = _coerced(item, sub)
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        for index, item in enumerate(value):
+            value[index] = _coerced(item, schema["items"])
+    return value
+
+
+def coerce_request(operation_id: str, body: object) -> object:
+    """Convert, in place, the strings of ``body`` that the service reads as numbers or booleans.
+
+    Where the definition of ``operation_id``'s body says integer, number or boolean, a JSON
+    string that holds such a value (``"1"``, ``"-3"``, ``"2.5"`` for a number, ``"True"``)
+    becomes that value; every other string is left as it came, for ``request_errors`` to
+    refuse. Returns ``body`` (the same object when it is a JSON object or array).
+    """
+    definition = operation(operation_id).body_definition
+    if definition is None or body is None:
+        return body
+    return _coerced(body, {"$ref": f"#/definitions/{definition}"})
+
+
 def _leaf_name(path: tuple[str | int, ...], fallback: str) -> str:
     for part in reversed(path):
         if isinstance(part, str):
@@ -407,7 +480,9 @@ def request_errors(operation_id: str, body: object) -> list[RequestError]:
     """Why the service would refuse ``body`` for ``operation_id``; ``[]`` if it would accept it.
 
     ``body`` is the parsed JSON (``None`` for no body). The first error is the one to answer
-    with; the others help a test or a log say everything that is wrong at once.
+    with; the others help a test or a log say everything that is wrong at once. The strings
+    the service reads as numbers or booleans are first converted in ``body`` itself
+    (``coerce_request``), so that what a caller reads from it afterwards is the typed value.
     """
     op = operation(operation_id)
     if op.body_definition is None:
@@ -421,6 +496,7 @@ def request_errors(operation_id: str, body: object) -> list[RequestError]:
                 {"Reason": f"{operation_id} needs a JSON body ({op.body_definition})"},
             )
         ]
+    body = coerce_request(operation_id, body)
     validator = _validator(op.body_definition, for_request=True)
     found = [
         _as_request_error(e, op.body_definition)

@@ -212,7 +212,7 @@ def test_null_counts_as_missing() -> None:
 
 
 def test_wrong_type_is_an_unreadable_body() -> None:
-    (error,) = request_errors("Pools_CreatePool", _pool(targetDedicatedNodes="2"))
+    (error,) = request_errors("Pools_CreatePool", _pool(targetDedicatedNodes="two"))
     assert error.code == "InvalidRequestBody"
     assert error.values["PropertyName"] == "targetDedicatedNodes"
     assert "integer" in error.reason
