@@ -334,6 +334,10 @@ class Tracker:
             self._fire(TaskDone(task_id=task_id, error=error))
 
     def _fire(self, done: TaskDone) -> None:
+        if self._stopping.is_set():
+            # stop() promises that no callback fires after it: the run has cancelled what
+            # was left, and an error here (the download pool already shut down) is not news.
+            return
         with self._lock:
             on_done = self._watched.pop(done.task_id, None)
             if on_done is None:

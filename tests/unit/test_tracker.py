@@ -552,3 +552,15 @@ def test_the_started_thread_fires_every_callback_from_itself(
     finally:
         t.stop()
     assert seen == [True] * 10
+
+
+def test_no_callback_fires_after_stop(
+    tracker: Tracker, batch: FakeBatch, blobs: FakeBlobs, done: Done
+) -> None:
+    watch(tracker, batch, done, "t1", "t2")
+    blobs.put("t1", b"one")
+    batch.complete(JOB, "t1")
+    tracker.stop()
+    tracker.deliver("t2", ServiceError("late"))
+    tracker.poll_once()
+    assert done.got == {}
