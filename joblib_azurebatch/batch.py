@@ -18,7 +18,9 @@ Why it looks the way it does:
   which honours ``Retry-After``; what is still refused after the retries becomes a
   :class:`~joblib_azurebatch.errors.ThrottledError`, a reached account quota a
   :class:`~joblib_azurebatch.errors.QuotaError`, with the status, the service's error code
-  and the operation as fields.
+  and the operation as fields. Adding tasks is retried here instead, against a time budget
+  (``BatchConfig.retry_budget``) rather than a count: a throttled submission costs time, not
+  the run, and the SDK's own retries are switched off for it so that the two do not stack.
 * Every call goes through :meth:`BatchService._call`, which also swallows the answers that
   mean "already done" (a 404 on delete, ``PoolExists`` on create), so that each method says
   which those are in one line instead of its own ``try`` ladder.
@@ -27,8 +29,10 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import datetime as _dt
+import email.utils
 import json
 import logging
+import random
 import shlex
 import threading
 import time
@@ -94,8 +98,15 @@ MAX_TASKS_PER_CALL = 100
 MAX_BODY_BYTES = 900_000
 #: How many addtaskcollection calls run at once.
 SUBMIT_CONCURRENCY = 4
-#: Attempts for one chunk whose tasks got a server error or whose request failed.
-SUBMIT_ATTEMPTS = 5
+#: Without ``Retry-After``, the first wait before resending a chunk; it doubles each time.
+SUBMIT_BACKOFF_FIRST = 0.25
+#: The longest wait between two attempts without ``Retry-After``.
+SUBMIT_BACKOFF_MAX = 30.0
+#: The longest wait a ``Retry-After`` is honoured for in one go: a longer one is waited out
+#: in steps of this, each followed by an attempt.
+RETRY_AFTER_MAX = 60.0
+#: Seconds a chunk is retried by default (``BatchConfig.retry_budget``).
+DEFAULT_RETRY_BUDGET = 600.0
 
 _READY_NODE_STATES = frozenset({"idle", "running"})
 
@@ -339,6 +350,43 @@ def _error_message(e: AzureError) -> str:
     return str(e.message or e).splitlines()[0] if str(e) else type(e).__name__
 
 
+def _retry_after(e: HttpResponseError) -> float | None:
+    """Seconds the answer asks to wait, if it says: ``Retry-After`` as seconds or as an HTTP
+    date, else ``retry-after-ms`` (which azure-core reads too, for waits under a second)."""
+    response = getattr(e, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    found = {str(k).lower(): str(v).strip() for k, v in headers.items()}
+    text = found.get("retry-after", "")
+    if not text:
+        millis = found.get("retry-after-ms") or found.get("x-ms-retry-after-ms")
+        try:
+            return max(float(millis), 0.0) / 1000 if millis else None
+        except ValueError:
+            return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            moment = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=_dt.timezone.utc)
+        seconds = (moment - _dt.datetime.now(_dt.timezone.utc)).total_seconds()
+    return max(seconds, 0.0)
+
+
+def _backoff(retry: int) -> float:
+    """The wait before the ``retry``-th resend (from 1) when the service gave no
+    ``Retry-After``: doubling from ``SUBMIT_BACKOFF_FIRST`` up to ``SUBMIT_BACKOFF_MAX``, of
+    which the lower half is random so that the four submission threads and other clients
+    throttled at the same moment do not all come back at the same moment."""
+    ceiling = min(SUBMIT_BACKOFF_FIRST * 2 ** (retry - 1), SUBMIT_BACKOFF_MAX)
+    return random.uniform(ceiling / 2, ceiling)
+
+
 def _task_body_size(task: bm.BatchTaskCreateOptions) -> int:
     return len(json.dumps(task.as_dict(), default=str)) + 2
 
@@ -390,8 +438,10 @@ class BatchService:
         uses_key: bool,
         poll_interval: float = 2.0,
         credential_lease: CredentialLease | None = None,
+        retry_budget: float = DEFAULT_RETRY_BUDGET,
     ) -> None:
         self._client = client
+        self._retry_budget = retry_budget
         # Released by close(): a credential this library created is closed by the last
         # client that holds it (see joblib_azurebatch.credentials).
         self._credential_lease = credential_lease
@@ -469,6 +519,7 @@ class BatchService:
             uses_key=uses_key,
             poll_interval=cfg.poll_interval,
             credential_lease=lease,
+            retry_budget=cfg.retry_budget,
         )
 
     def close(self) -> None:
@@ -924,9 +975,13 @@ class BatchService:
 
         Every per-task status is read case-insensitively. ``TaskExists`` counts as success:
         task ids are unique within a run, so an existing id can only come from an earlier
-        attempt of this same submission (ours, or the SDK's own transparent retry of a
-        request whose response was lost). Server errors are retried; any other per-task
-        error raises a :class:`ServiceError` naming the task.
+        attempt of this same submission (a resend of a request whose response was lost).
+
+        Throttling (429, 503), timeouts (408), other server errors (5xx), connection errors
+        and per-task server errors are retried until the retry budget is spent, waiting as
+        the service's ``Retry-After`` asks (at most ``RETRY_AFTER_MAX`` at a time) or else
+        with a jittered exponential back-off; a resend carries only the tasks not added yet.
+        Any other per-task error raises a :class:`ServiceError` naming the task.
         """
         options = [self._task_options(t) for t in tasks]
         chunks = list(_chunks(options))
@@ -948,17 +1003,21 @@ class BatchService:
 
     def _add_chunk(self, job_id: str, chunk: list[bm.BatchTaskCreateOptions]) -> None:
         pending = {t.id: t for t in chunk}
+        started = time.monotonic()
+        attempts = 0
+        # What the last retried failure said, for the error if the budget runs out.
         last_problem = ""
-        # What the last retried failure said, for the fields of the error if all fail.
         last_status: int | None = None
         last_code = ""
-        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
-            if attempt > 1:
-                time.sleep(min(0.25 * 2 ** (attempt - 2), 5.0))
+        while True:
+            attempts += 1
             self.submit_calls += 1
+            wait: float | None = None  # the service's Retry-After, when it sent one
             try:
+                # retry_total=0: this loop is the only retry, so the SDK's RetryPolicy (and
+                # its own count and waits) does not multiply the attempts of this one.
                 result = self._client.create_task_collection(
-                    job_id, bm.BatchTaskGroup(task_values=list(pending.values()))
+                    job_id, bm.BatchTaskGroup(task_values=list(pending.values())), retry_total=0
                 )
             except HttpResponseError as e:
                 code = _error_code(e)
@@ -969,51 +1028,88 @@ class BatchService:
                     self._add_chunk(job_id, items[:half])
                     self._add_chunk(job_id, items[half:])
                     return
-                if status >= 500 or status in (408, 429):
-                    last_problem = f"{status} {code}: {_error_message(e)}"
-                    last_status, last_code = status, code
-                    continue
-                raise self._translate(e, f"add {len(pending)} tasks to the job {job_id}") from e
+                if not (status >= 500 or status in (408, 429)):
+                    raise self._translate(e, f"add {len(pending)} tasks to the job {job_id}") from e
+                last_problem = f"{status} {code}: {_error_message(e)}"
+                last_status, last_code = status, code
+                wait = _retry_after(e)
             except (ServiceRequestError, ServiceResponseError) as e:
                 last_problem = _error_message(e)
                 last_status, last_code = None, ""
-                continue
             except AzureError as e:
                 raise self._translate(e, f"add {len(pending)} tasks to the job {job_id}") from e
-            for item in result.result_values or ():
-                status_text = _enum_text(item.status)
-                code = (item.error.code or "") if item.error is not None else ""
-                msg = item.error.message.value if item.error and item.error.message else ""
-                if status_text == "success" or code == "TaskExists":
-                    pending.pop(item.task_id, None)
-                elif status_text == "servererror":
-                    last_problem = f"task {item.task_id}: {code} {msg}".strip()
-                    last_status, last_code = None, code
-                else:
-                    details = ""
-                    if item.error is not None and item.error.error_values:
-                        details = (
-                            " ("
-                            + ", ".join(f"{d.key}={d.value}" for d in item.error.error_values)
-                            + ")"
-                        )
-                    raise service_error(
-                        f"the Batch service refused the task {item.task_id} of the job "
-                        f"{job_id}: {code}: {msg}{details}",
-                        None,
-                        code,
-                        f"add the task {item.task_id} to the job {job_id}",
-                    )
-            if not pending:
-                return
+            else:
+                self._settle(job_id, pending, result)
+                if not pending:
+                    return
+                last_problem, last_status, last_code = self._last_server_error(result)
+            delay = min(wait, RETRY_AFTER_MAX) if wait is not None else _backoff(attempts)
+            spent = time.monotonic() - started
+            if spent + delay > self._retry_budget:
+                break
+            _log.debug(
+                "adding %d tasks to the job %s failed (%s), retrying in %.1f s",
+                len(pending),
+                job_id,
+                last_problem,
+                delay,
+            )
+            time.sleep(delay)
         raise service_error(
             f"could not add the tasks {', '.join(sorted(pending)[:5])}"
-            f"{' ...' if len(pending) > 5 else ''} to the job {job_id} after "
-            f"{SUBMIT_ATTEMPTS} attempts: {last_problem}",
+            f"{' ...' if len(pending) > 5 else ''} to the job {job_id}: the Batch service still "
+            f"failed after {attempts} attempts in {spent:.0f} s (retry_budget is "
+            f"{self._retry_budget:g} s): {last_problem}",
             last_status,
             last_code,
             f"add {len(pending)} tasks to the job {job_id}",
         )
+
+    @staticmethod
+    def _settle(
+        job_id: str,
+        pending: dict[str, bm.BatchTaskCreateOptions],
+        result: bm.BatchCreateTaskCollectionResult,
+    ) -> None:
+        """Drop the tasks the answer says were added from ``pending``; raise for a refusal.
+
+        A per-task server error leaves the task pending (it is resent); so does a task the
+        answer does not mention.
+        """
+        for item in result.result_values or ():
+            status_text = _enum_text(item.status)
+            code = (item.error.code or "") if item.error is not None else ""
+            msg = item.error.message.value if item.error and item.error.message else ""
+            if status_text == "success" or code == "TaskExists":
+                pending.pop(item.task_id, None)
+            elif status_text != "servererror":
+                details = ""
+                if item.error is not None and item.error.error_values:
+                    details = (
+                        " ("
+                        + ", ".join(f"{d.key}={d.value}" for d in item.error.error_values)
+                        + ")"
+                    )
+                raise service_error(
+                    f"the Batch service refused the task {item.task_id} of the job "
+                    f"{job_id}: {code}: {msg}{details}",
+                    None,
+                    code,
+                    f"add the task {item.task_id} to the job {job_id}",
+                )
+
+    @staticmethod
+    def _last_server_error(
+        result: bm.BatchCreateTaskCollectionResult,
+    ) -> tuple[str, int | None, str]:
+        """``(problem, status, code)`` of the last per-task server error in the answer."""
+        problem, code = "", ""
+        for item in result.result_values or ():
+            if _enum_text(item.status) == "servererror":
+                code = (item.error.code or "") if item.error is not None else ""
+                msg = item.error.message.value if item.error and item.error.message else ""
+                problem = f"task {item.task_id}: {code} {msg}".strip()
+        return problem or "some tasks were missing from the answer", None, code
 
     def task_counts(self, job_id: str) -> TaskCounts:
         with self._call(f"read the task counts of the job {job_id}"):

@@ -199,6 +199,7 @@ class BatchConfig:
     sas_expiry: float = 86400.0
     poll_interval: float = 2.0
     pool_timeout: float = 1800.0
+    retry_budget: float = 600.0
     inline_threshold: int = 65536
     progress: bool | None = None
 
@@ -310,7 +311,7 @@ class BatchConfig:
             )
         _check_int("max_task_retries", self.max_task_retries, minimum=-1)
         _check_int("inline_threshold", self.inline_threshold, minimum=0)
-        for name in ("sas_expiry", "poll_interval", "pool_timeout"):
+        for name in ("sas_expiry", "poll_interval", "pool_timeout", "retry_budget"):
             _check_positive(name, getattr(self, name))
         if self.task_timeout is not None:
             _check_positive("task_timeout", self.task_timeout)

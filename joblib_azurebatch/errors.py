@@ -134,7 +134,8 @@ class ServiceError(AzureBatchError):
 
 class ThrottledError(ServiceError):
     """The service kept answering 429 (too many requests) or 503 (unavailable) after the
-    SDK's retries, which honour ``Retry-After``: waiting and trying again later can work."""
+    retries, which honour ``Retry-After`` (the SDK's, or ``BatchConfig.retry_budget``
+    seconds of them when adding tasks): waiting and trying again later can work."""
 
 
 class QuotaError(ServiceError):

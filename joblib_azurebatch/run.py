@@ -271,6 +271,7 @@ class JobRun:
             fetch=lambda task_id: store.download(_result_blob(self.job_id, task_id)),
             poll_interval=cfg.poll_interval,
             max_task_retries=cfg.max_task_retries,
+            retry_budget=cfg.retry_budget,
         )
         self._tracker.start()
         self._submitter.start()

@@ -48,8 +48,9 @@ DEFAULT_OVERLAP = 5.0
 #: List completed tasks at least this often even when the counts did not move (the counts
 #: are eventually consistent and may lag the listing).
 RELIST_EVERY = 30.0
-#: Consecutive failed polls (each already retried by the SDK) before pending tasks fail.
-MAX_POLL_FAILURES = 5
+#: Seconds polls may keep failing (each already retried by the SDK) before pending tasks
+#: fail, unless the tracker is given another budget (``BatchConfig.retry_budget``).
+DEFAULT_RETRY_BUDGET = 600.0
 #: A result blob missing right after its task completed is looked for again this often.
 RESULT_ATTEMPTS = 3
 RESULT_RETRY_DELAY = 0.5
@@ -101,8 +102,10 @@ class Tracker:
         overlap: float = DEFAULT_OVERLAP,
         download_workers: int = 8,
         clock: Clock | None = None,
+        retry_budget: float = DEFAULT_RETRY_BUDGET,
     ) -> None:
         self._service = service
+        self._retry_budget = retry_budget
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._job_id = job_id
         self._fetch = fetch
@@ -115,7 +118,7 @@ class Tracker:
         self._seen_completed: set[str] = set()
         self._newest: _dt.datetime | None = None
         # Polling state carried from one poll to the next.
-        self._failures = 0
+        self._failing_since: float | None = None  # clock time of the first failed poll in a row
         self._last_listing: float | None = None  # clock time; None lists at the first poll
         self._listed_count = -1
         self._inbox: queue.SimpleQueue[TaskDone] = queue.SimpleQueue()
@@ -207,17 +210,27 @@ class Tracker:
                 self._list_and_resolve(full=full)
                 self._last_listing = self._clock.monotonic()
                 self._listed_count = counts.completed
-            self._failures = 0
+            self._failing_since = None
         except CredentialError as e:
             self._fail_all(e)
         except AzureBatchError as e:
-            self._failures += 1
+            # A throttled or unreachable service costs time, not the run: the tasks keep
+            # running and their results wait in blobs, so only an outage that outlasts the
+            # budget fails what is pending.
+            now = self._clock.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now
+            failing = now - self._failing_since
             _log.warning(
-                "polling the job %s failed (%d in a row): %s", self._job_id, self._failures, e
+                "polling the job %s failed (failing for %.0f s of a %g s budget): %s",
+                self._job_id,
+                failing,
+                self._retry_budget,
+                e,
             )
-            if self._failures >= MAX_POLL_FAILURES:
+            if failing >= self._retry_budget:
                 self._fail_all(e)
-                self._failures = 0
+                self._failing_since = None
         except Exception as e:  # a bug must not leave the caller waiting forever
             _log.exception("the tracker of the job %s failed", self._job_id)
             self._fail_all(e)

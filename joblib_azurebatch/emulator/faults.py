@@ -1,6 +1,7 @@
 """Fault plans and observation: what tests inject, and what they count afterwards.
 
-A test says what should go wrong (``throttle("Tasks_CreateTaskCollection", times=2)``) and
+A test says what should go wrong (``throttle("Tasks_CreateTaskCollection", times=2)``, or
+``throttle_share(0.2)`` for a random fifth of every request) and
 later reads what the client did (``counters["Tasks_CreateTaskCollection"]``, ``log``). Both
 are keyed by the specification's operationId, the one name every test, benchmark and log
 line shares.
@@ -8,6 +9,7 @@ line shares.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -38,6 +40,10 @@ class _Rule:
     status: int
     retry_after: float | None
     after_commit: bool
+    #: The chance that a matching request is answered by this rule; 1.0 takes every one.
+    share: float = 1.0
+    #: Draws the requests a share rule answers, seeded so that a test can replay a run.
+    rng: random.Random | None = None
 
 
 @dataclass
@@ -55,10 +61,21 @@ class FaultPlan:
         status: int,
         retry_after: float | None,
         after_commit: bool,
+        share: float = 1.0,
+        seed: int | None = None,
     ) -> None:
-        """Queue ``times`` faulty answers for ``operation_id``."""
+        """Queue ``times`` faulty answers for ``operation_id``.
+
+        With ``share`` below 1 each matching request is answered by the fault with that
+        chance (drawn from ``seed``), until ``times`` such answers have been given.
+        """
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"share must be in (0, 1], not {share}")
+        rng = random.Random(seed) if share < 1.0 else None
         with self._lock:
-            self._rules.append(_Rule(operation_id, times, status, retry_after, after_commit))
+            self._rules.append(
+                _Rule(operation_id, times, status, retry_after, after_commit, share, rng)
+            )
 
     def take(self, operation_id: str, *, after_commit: bool) -> _Rule | None:
         """The rule that applies to this request now, if any (and count it used)."""
@@ -68,6 +85,7 @@ class FaultPlan:
                     rule.remaining > 0
                     and rule.after_commit == after_commit
                     and rule.operation_id in (operation_id, "*")
+                    and (rule.rng is None or rule.rng.random() < rule.share)
                 ):
                     rule.remaining -= 1
                     return rule

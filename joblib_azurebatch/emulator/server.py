@@ -284,6 +284,33 @@ class BatchEmulator:
             operation_id, times=times, status=status, retry_after=retry_after, after_commit=False
         )
 
+    def throttle_share(
+        self,
+        share: float,
+        operation_id: str = "*",
+        *,
+        times: int = 1000,
+        status: int = 429,
+        retry_after: float | None = 1.0,
+        seed: int | None = 0,
+    ) -> None:
+        """Answer a random ``share`` of the requests of ``operation_id`` with ``status``.
+
+        A busy account throttles some requests of every kind, not the next few of one: this
+        is how a client's retries are tried across a whole run. ``times`` bounds the faulty
+        answers so that a test that forgets ``faults.clear()`` cannot throttle the rest of
+        the session forever; ``seed`` makes the draw repeatable.
+        """
+        self.faults.add(
+            operation_id,
+            times=times,
+            status=status,
+            retry_after=retry_after,
+            after_commit=False,
+            share=share,
+            seed=seed,
+        )
+
     def fail_after_commit(
         self, operation_id: str = "Tasks_CreateTaskCollection", *, times: int = 1, status: int = 500
     ) -> None:

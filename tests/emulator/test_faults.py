@@ -284,3 +284,22 @@ def test_killed_node_requeues_tasks_onto_another_node() -> None:
         task = completed(client, "j", "t")
         assert task.node_info.node_id != killed
         assert task.execution_info.exit_code == 0
+
+
+def test_a_share_of_requests_is_throttled_until_its_answers_are_used_up(
+    local: LocalBatch, batch_client: BatchClient, pool: str
+) -> None:
+    emu = local.emulator
+    before = len(emu.requests("Pools_GetPool"))
+    emu.throttle_share(0.5, "Pools_GetPool", times=3, status=503, retry_after=0.05, seed=1)
+    try:
+        for _ in range(12):
+            assert batch_client.get_pool(pool).id == pool
+    finally:
+        emu.faults.clear()
+    statuses = [r.status for r in emu.requests("Pools_GetPool")[before:]]
+    # Some requests, not the next few in a row, and never more than the three asked for.
+    assert statuses.count(503) == 3
+    assert statuses.count(200) == 12
+    first, last = statuses.index(503), len(statuses) - 1 - statuses[::-1].index(503)
+    assert 200 in statuses[first:last]

@@ -8,7 +8,9 @@ each ``addtaskcollection`` call from a script and records the task ids it was se
 from __future__ import annotations
 
 import base64
+import email.utils
 import json
+import random
 import socket
 import threading
 import time
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 from azure.batch import BatchClient
 from azure.core.credentials import AzureNamedKeyCredential
+from azure.core.pipeline.policies import RetryPolicy
 
 from joblib_azurebatch import batch
 from joblib_azurebatch.batch import BatchService, TaskSpec
@@ -27,8 +30,12 @@ from tests.unit.canned_http import Answer, CannedServer, Seen, batch_error, cann
 KEY = base64.b64encode(b"k" * 32).decode()
 ACCOUNT = "acct"
 JOB = "j"
-#: The backoff before attempts 2, 3, 4 and 5 of one chunk.
-BACKOFF = [0.25, 0.5, 1.0, 2.0]
+#: The retry budget of the services under test: small, so that giving up takes few requests.
+BUDGET = 10.0
+#: The backoff before attempts 2, 3, ... of one chunk, at the top of its jitter.
+BACKOFF = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+#: Attempts within BUDGET: the five waits of 0.25 to 4 s fit, the sixth (8 s) would not.
+ATTEMPTS = 6
 
 #: How the server answers one request, given the ids of the tasks it carries.
 Step = Answer | Callable[[list[str]], Answer]
@@ -79,15 +86,16 @@ class Wire:
         self._steps: list[Step] = [OK]
         self._answered = 0
         self._lock = threading.Lock()
-        # The azure-core RetryPolicy retries a POST answered 500/503/504 (or any answer with
-        # Retry-After) itself, with exponential sleeps. retry_total=0 turns that off, so that
-        # every answer below is exactly one attempt of _add_chunk and nothing really sleeps.
+        # The client retries as BatchService.from_config's does: the azure-core RetryPolicy
+        # would resend a POST answered 500/503/504 (or any answer with Retry-After) itself,
+        # sleeping for real. add_tasks turns it off per call, so every answer below is
+        # exactly one attempt of _add_chunk, and nothing really sleeps.
         client = BatchClient(
             endpoint=server.url,
             credential=AzureNamedKeyCredential(ACCOUNT, KEY),
-            retry_total=0,
+            retry_policy=RetryPolicy(retry_total=8, retry_backoff_factor=0.5, retry_backoff_max=30),
         )
-        self.service = BatchService(client, account=ACCOUNT, uses_key=True)
+        self.service = BatchService(client, account=ACCOUNT, uses_key=True, retry_budget=BUDGET)
 
     def script(self, *steps: Step) -> None:
         """Answer the n-th request with the n-th step; the last step answers the rest."""
@@ -141,22 +149,37 @@ def wire(_server: tuple[CannedServer, _Switchboard]) -> Iterator[Wire]:
 
 
 class _Clock:
-    """Stands in for the time module in batch.py: records the backoff instead of sleeping."""
+    """Stands in for the time module in batch.py: records the backoff instead of sleeping,
+    and its monotonic time moves only by what was slept, so the budget is spent exactly."""
 
     def __init__(self) -> None:
         self.slept: list[float] = []
+        self.now = 1000.0
 
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
+
+
+class _TopOfJitter:
+    """Stands in for the random module in batch.py: every jittered wait is its longest."""
+
+    @staticmethod
+    def uniform(low: float, high: float) -> float:
+        return high
 
 
 @pytest.fixture(autouse=True)
 def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
     fake = _Clock()
     monkeypatch.setattr(batch, "time", fake)
+    monkeypatch.setattr(batch, "random", _TopOfJitter())
     return fake
 
 
@@ -358,7 +381,7 @@ def test_a_task_missing_from_the_answer_is_resent(wire: Wire) -> None:
     ],
     ids=["503", "429", "500", "408"],
 )
-def test_a_request_that_keeps_failing_is_an_error_naming_the_tasks(
+def test_a_request_that_keeps_failing_is_an_error_naming_the_tasks_once_the_budget_is_spent(
     wire: Wire, clock: _Clock, failure: Answer, expected: type[ServiceError]
 ) -> None:
     wire.script(failure)
@@ -366,14 +389,16 @@ def test_a_request_that_keeps_failing_is_an_error_naming_the_tasks(
         wire.service.add_tasks(JOB, _specs(3))
     error = info.value
     assert type(error) is expected
-    assert wire.sent() == [_names(0, 1, 2)] * batch.SUBMIT_ATTEMPTS
-    assert clock.slept == BACKOFF
+    # No wait that would end past the budget: the last attempt comes after 7.75 s of 10.
+    assert wire.sent() == [_names(0, 1, 2)] * ATTEMPTS
+    assert clock.slept == BACKOFF[: ATTEMPTS - 1]
     code = json.loads(failure.body)["code"]
     assert (error.status_code, error.error_code) == (failure.status, code)
     assert error.operation == f"add 3 tasks to the job {JOB}"
     assert str(error).startswith(
-        f"could not add the tasks t000, t001, t002 to the job {JOB} "
-        f"after {batch.SUBMIT_ATTEMPTS} attempts: {failure.status} {code}: refused"
+        f"could not add the tasks t000, t001, t002 to the job {JOB}: the Batch service still "
+        f"failed after {ATTEMPTS} attempts in 8 s (retry_budget is 10 s): "
+        f"{failure.status} {code}: refused"
     )
 
 
@@ -387,12 +412,13 @@ def test_the_error_names_only_the_tasks_still_pending(wire: Wire, clock: _Clock)
     assert type(error) is ServiceError
     assert (error.status_code, error.error_code) == (None, "ServerBusy")
     assert str(error).startswith(
-        "could not add the tasks t002, t003, t004, t005, t006 ... to the job j after 5 attempts"
+        "could not add the tasks t002, t003, t004, t005, t006 ... to the job j: the Batch "
+        f"service still failed after {ATTEMPTS} attempts"
     )
-    assert str(error).endswith("attempts: task t009: ServerBusy ServerBusy for t009")
+    assert str(error).endswith("s): task t009: ServerBusy ServerBusy for t009")
     assert error.operation == "add 8 tasks to the job j"
-    assert wire.sent()[1:] == [_names(*range(2, 10))] * (batch.SUBMIT_ATTEMPTS - 1)
-    assert clock.slept == BACKOFF
+    assert wire.sent()[1:] == [_names(*range(2, 10))] * (ATTEMPTS - 1)
+    assert clock.slept == BACKOFF[: ATTEMPTS - 1]
 
 
 @pytest.mark.parametrize(
@@ -417,12 +443,77 @@ def test_the_error_names_only_the_tasks_still_pending(wire: Wire, clock: _Clock)
 def test_the_class_of_the_error_follows_the_last_failure(
     wire: Wire, first: Step, last: Step, expected: type[ServiceError], status: int | None
 ) -> None:
-    wire.script(*[first] * (batch.SUBMIT_ATTEMPTS - 1), last)
+    wire.script(*[first] * (ATTEMPTS - 1), last)
     with pytest.raises(ServiceError) as info:
         wire.service.add_tasks(JOB, _specs(1))
     assert type(info.value) is expected
     assert info.value.status_code == status
-    assert len(wire.sent()) == batch.SUBMIT_ATTEMPTS
+    assert len(wire.sent()) == ATTEMPTS
+
+
+def test_a_longer_budget_keeps_retrying_with_waits_capped_at_30_s(
+    wire: Wire, clock: _Clock
+) -> None:
+    wire.service._retry_budget = 150.0
+    wire.script(batch_error(503, "ServerBusy"))
+    with pytest.raises(
+        ThrottledError, match=r"after 11 attempts in 122 s \(retry_budget is 150 s\)"
+    ):
+        wire.service.add_tasks(JOB, _specs(1))
+    assert clock.slept == [*BACKOFF, 30.0]
+    assert len(wire.sent()) == 11
+
+
+def test_the_backoff_is_jittered_below_its_ceiling(
+    wire: Wire, clock: _Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch, "random", random)
+    wire.script(*[batch_error(503, "ServerBusy")] * 4, OK)
+    wire.service.add_tasks(JOB, _specs(1))
+    assert len(clock.slept) == 4
+    for slept, ceiling in zip(clock.slept, BACKOFF, strict=False):
+        assert ceiling / 2 <= slept <= ceiling
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retry_after_in_seconds_is_waited_instead_of_the_backoff(
+    wire: Wire, clock: _Clock, status: int
+) -> None:
+    wire.script(batch_error(status, "ServerBusy", **{"Retry-After": "3"}), OK)
+    wire.service.add_tasks(JOB, _specs(2))
+    assert wire.sent() == [_names(0, 1)] * 2
+    assert clock.slept == [3.0]
+
+
+def test_retry_after_as_an_http_date_is_waited_until_that_time(wire: Wire, clock: _Clock) -> None:
+    when = email.utils.formatdate(time.time() + 6, usegmt=True)
+    wire.script(batch_error(429, "TooManyRequests", **{"Retry-After": when}), OK)
+    wire.service.add_tasks(JOB, _specs(1))
+    (slept,) = clock.slept
+    assert 4.0 <= slept <= 6.0  # the date has whole seconds, and a moment has passed
+
+
+def test_retry_after_ms_is_read_when_there_is_no_retry_after(wire: Wire, clock: _Clock) -> None:
+    wire.script(batch_error(503, "ServerBusy", **{"retry-after-ms": "300"}), OK)
+    wire.service.add_tasks(JOB, _specs(1))
+    assert clock.slept == [0.3]
+
+
+def test_a_long_retry_after_is_waited_in_steps_of_60_s(wire: Wire, clock: _Clock) -> None:
+    wire.service._retry_budget = 600.0
+    slow = batch_error(503, "ServerBusy", **{"Retry-After": "300"})
+    wire.script(slow, slow, OK)
+    wire.service.add_tasks(JOB, _specs(1))
+    assert clock.slept == [60.0, 60.0]
+    assert len(wire.sent()) == 3
+
+
+def test_a_retry_after_past_the_budget_gives_up_without_waiting(wire: Wire, clock: _Clock) -> None:
+    wire.script(batch_error(429, "TooManyRequests", **{"Retry-After": "11"}), OK)
+    with pytest.raises(ThrottledError, match=r"after 1 attempts in 0 s"):
+        wire.service.add_tasks(JOB, _specs(1))
+    assert clock.slept == []
+    assert len(wire.sent()) == 1
 
 
 def test_an_account_that_does_not_answer_is_retried_then_a_service_error(
@@ -434,9 +525,8 @@ def test_an_account_that_does_not_answer_is_retried_then_a_service_error(
     client = BatchClient(
         endpoint=f"http://127.0.0.1:{port}",
         credential=AzureNamedKeyCredential(ACCOUNT, KEY),
-        retry_total=0,
     )
-    service = BatchService(client, account=ACCOUNT, uses_key=True)
+    service = BatchService(client, account=ACCOUNT, uses_key=True, retry_budget=BUDGET)
     try:
         with pytest.raises(ServiceError, match="could not add the tasks t000 ") as info:
             service.add_tasks(JOB, _specs(1))
@@ -444,8 +534,8 @@ def test_an_account_that_does_not_answer_is_retried_then_a_service_error(
         service.close()
     assert type(info.value) is ServiceError
     assert info.value.status_code is None
-    assert service.submit_calls == batch.SUBMIT_ATTEMPTS
-    assert clock.slept == BACKOFF
+    assert service.submit_calls == ATTEMPTS
+    assert clock.slept == BACKOFF[: ATTEMPTS - 1]
 
 
 # ---------------------------------------------------------------------- per-task statuses
@@ -513,3 +603,16 @@ def test_a_refusal_in_one_of_several_chunks_reaches_the_caller(wire: Wire) -> No
     with pytest.raises(ServiceError, match="refused the task t150 of the job j"):
         wire.service.add_tasks(JOB, _specs(250))
     assert sorted(len(ids) for ids in wire.sent()) == [50, 100, 100]
+
+
+def test_the_service_built_from_a_config_keeps_its_retry_budget() -> None:
+    from joblib_azurebatch.config import BatchConfig
+
+    cfg = BatchConfig(
+        batch_url="http://127.0.0.1:1", batch_account=ACCOUNT, batch_key=KEY, retry_budget=42.0
+    )
+    service = BatchService.from_config(cfg)
+    try:
+        assert service._retry_budget == 42.0
+    finally:
+        service.close()

@@ -268,6 +268,7 @@ def test_bad_environment_values_name_the_variable(env: dict[str, str], message: 
         ({"sas_expiry": -5.0}, "sas_expiry"),
         ({"poll_interval": 0.0}, "poll_interval"),
         ({"pool_timeout": True}, "pool_timeout"),
+        ({"retry_budget": 0.0}, "retry_budget"),
         ({"inline_threshold": -1}, "inline_threshold"),
         ({"batch_url": "batch.azure.com"}, "batch_url .* must be an http"),
         ({"storage_url": "ftp://x"}, "storage_url"),
@@ -439,3 +440,9 @@ def test_environment_lists_come_from_the_environment_split_like_pip() -> None:
     )
     assert cfg.packages == ("lightgbm==4.5.0", "xgboost", "polars")
     assert cfg.extra_index_urls == ("https://a.example/simple", "https://b.example")
+
+
+def test_the_retry_budget_is_ten_minutes_unless_the_environment_says_otherwise() -> None:
+    assert BatchConfig().retry_budget == 600.0
+    env = {"JOBLIB_AZUREBATCH_RETRY_BUDGET": "1800"}
+    assert BatchConfig.from_env(environ=env).retry_budget == 1800.0

@@ -18,7 +18,7 @@ import pytest
 from joblib_azurebatch import tracker as tracker_module
 from joblib_azurebatch.errors import CredentialError, ServiceError, TaskFailedError
 from joblib_azurebatch.tracker import (
-    MAX_POLL_FAILURES,
+    DEFAULT_RETRY_BUDGET,
     RELIST_EVERY,
     RESULT_ATTEMPTS,
     RESULT_RETRY_DELAY,
@@ -405,41 +405,62 @@ def test_an_environment_that_does_not_install_is_named_with_the_fix(
 # ----------------------------------------------------------------------------- service errors
 
 
-def test_fewer_than_max_poll_failures_in_a_row_fail_nothing(
-    tracker: Tracker, batch: FakeBatch, blobs: FakeBlobs, done: Done
+def test_polls_failing_for_less_than_the_budget_fail_nothing(
+    tracker: Tracker, batch: FakeBatch, blobs: FakeBlobs, done: Done, clock: FakeClock
 ) -> None:
     watch(tracker, batch, done, "t1")
-    batch.fail("task_counts", ServiceError("503 ServerBusy"), times=MAX_POLL_FAILURES - 1)
-    for _ in range(MAX_POLL_FAILURES - 1):
+    # Many failed polls, however many, spread over less than the budget.
+    batch.fail("task_counts", ServiceError("503 ServerBusy"), times=20)
+    for _ in range(20):
         tracker.poll_once()
-    tracker.poll_once()  # a good poll resets the count
-    batch.fail("completed_tasks", ServiceError("503 ServerBusy"), times=MAX_POLL_FAILURES - 1)
+        clock.advance(DEFAULT_RETRY_BUDGET / 20 - 1)
+    tracker.poll_once()  # a good poll starts the budget afresh
+    batch.fail("completed_tasks", ServiceError("503 ServerBusy"), times=2)
     succeed(batch, blobs, "t1")
-    for _ in range(MAX_POLL_FAILURES - 1):
-        tracker.poll_once()
+    tracker.poll_once()
+    clock.advance(DEFAULT_RETRY_BUDGET - 1)
+    tracker.poll_once()
     assert done.got == {}
     assert tracker.pending() == ["t1"]
     tracker.poll_once()
     assert done.one("t1").data == b"result of t1"
 
 
-def test_max_poll_failures_in_a_row_fail_every_pending_task(
-    tracker: Tracker, batch: FakeBatch, blobs: FakeBlobs, done: Done
+def test_polls_failing_for_the_whole_budget_fail_every_pending_task(
+    tracker: Tracker, batch: FakeBatch, blobs: FakeBlobs, done: Done, clock: FakeClock
 ) -> None:
     watch(tracker, batch, done, "t1", "t2", "t3")
     succeed(batch, blobs, "t3")
     tracker.poll_once()
     assert list(done.got) == ["t3"]
     broken = ServiceError("the Batch account did not answer")
-    batch.fail("task_counts", broken, times=MAX_POLL_FAILURES)
-    for _ in range(MAX_POLL_FAILURES - 1):
-        tracker.poll_once()
+    batch.fail("task_counts", broken, times=3)
+    tracker.poll_once()  # the first failure starts the clock
+    clock.advance(DEFAULT_RETRY_BUDGET - 0.5)
+    tracker.poll_once()
     assert set(done.got) == {"t3"}
+    clock.advance(0.5)
     tracker.poll_once()
     assert done.one("t1").error is broken
     assert done.one("t2").error is broken
     assert len(done.got["t3"]) == 1
     assert tracker.pending() == []
+
+
+def test_the_budget_is_the_trackers_own(
+    batch: FakeBatch, blobs: FakeBlobs, done: Done, clock: FakeClock
+) -> None:
+    t = Tracker(batch, JOB, fetch=blobs, poll_interval=1.0, clock=clock, retry_budget=10.0)
+    try:
+        watch(t, batch, done, "t1")
+        broken = ServiceError("503 ServerBusy")
+        batch.fail("task_counts", broken, times=2)
+        t.poll_once()
+        clock.advance(10.0)
+        t.poll_once()
+        assert done.one("t1").error is broken
+    finally:
+        t.stop()
 
 
 def test_a_refused_credential_fails_every_pending_task_at_once(
