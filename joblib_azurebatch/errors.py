@@ -67,17 +67,10 @@ class AzureBatchError(Exception):
     """Base class of every error this library raises on its own behalf."""
 
 
-class ConfigError(AzureBatchError, ValueError):
-    """The configuration is invalid or incomplete; the message says what to set."""
+class _ServiceFields(Exception):
+    """The fields a refusal by a service carries, kept in ``args`` so that they pickle.
 
-
-class CredentialError(ConfigError):
-    """A credential is missing, malformed or refused (for example a wrong account key).
-
-    ``args`` are ``(message, status_code, error_code, operation)``, like
-    :class:`ServiceError`'s: a refusal by the service fills them (403 ``AuthenticationFailed``
-    while trying to "create the pool p"), a check of the config before any request leaves
-    them at ``None``, ``""`` and ``""``.
+    ``args`` are ``(message, status_code, error_code, operation)``; ``str()`` is the message.
     """
 
     def __init__(
@@ -95,6 +88,20 @@ class CredentialError(ConfigError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ConfigError(AzureBatchError, ValueError):
+    """The configuration is invalid or incomplete; the message says what to set."""
+
+
+class CredentialError(_ServiceFields, ConfigError):
+    """A credential is missing, malformed or refused (for example a wrong account key).
+
+    ``args`` are ``(message, status_code, error_code, operation)``, like
+    :class:`ServiceError`'s: a refusal by the service fills them (403 ``AuthenticationFailed``
+    while trying to "create the pool p"), a check of the config before any request leaves
+    them at ``None``, ``""`` and ``""``.
+    """
 
 
 class PayloadError(AzureBatchError):
@@ -106,7 +113,7 @@ class VersionMismatchError(PayloadError):
     unpickling (Python minor version, cloudpickle, joblib)."""
 
 
-class ServiceError(AzureBatchError):
+class ServiceError(_ServiceFields, AzureBatchError):
     """A request to Azure Batch or Azure Storage failed after the SDK's retries.
 
     ``args`` are ``(message, status_code, error_code, operation)`` so that the error pickles
@@ -114,22 +121,6 @@ class ServiceError(AzureBatchError):
     came, for example a connection error), the service's error code (``""`` when it sent
     none) and what was being attempted (``"create the job j on the pool p"``).
     """
-
-    def __init__(
-        self,
-        message: str,
-        status_code: int | None = None,
-        error_code: str = "",
-        operation: str = "",
-        /,
-    ) -> None:
-        super().__init__(message, status_code, error_code, operation)
-        self.status_code = status_code
-        self.error_code = error_code
-        self.operation = operation
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class ThrottledError(ServiceError):

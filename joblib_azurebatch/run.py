@@ -41,7 +41,7 @@ from .batch import PoolSpec, TaskCounts
 from .errors import AzureBatchError, TaskFailedError
 from .payload import PayloadWriter, RemoteTraceback, job_prefix, new_signing_key, read_result
 from .payload import result_blob as _result_blob
-from .pools import POOLS, PoolLease, capacity_progress
+from .pools import POOLS, PoolLease, PoolRegistry, capacity_progress
 from .progress import CallProgress, progress_enabled
 from .sizing import BatchSizer
 from .submitter import Part, Submitter, Task, TaskTemplate
@@ -126,7 +126,7 @@ class JobRun:
         sizer: BatchSizer,
         scheduling_latency: float,
         features: Features,
-        pools: Any = None,
+        pools: PoolRegistry | None = None,
     ) -> None:
         self.account = account
         self.cfg = account.cfg

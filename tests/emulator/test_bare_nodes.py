@@ -28,7 +28,7 @@ from azure.core.credentials import AzureNamedKeyCredential
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.execution import host_settings
 from joblib_azurebatch.emulator.images import slim_image
-from tests.helpers.waiting import FAST, sh, unique, wait_for
+from tests.helpers.waiting import FAST, sh, unique, vm, wait_for
 
 SLIM = slim_image()
 
@@ -55,15 +55,7 @@ def _pool(client: BatchClient, pool_id: str, start: m.BatchStartTask | None = No
             vm_size="standard_d2s_v3",
             target_dedicated_nodes=1,
             task_slots_per_node=2,
-            virtual_machine_configuration=m.VirtualMachineConfiguration(
-                image_reference=m.BatchVmImageReference(
-                    publisher="microsoft-dsvm", offer="ubuntu-hpc", sku="2204"
-                ),
-                node_agent_sku_id="batch.node.ubuntu 22.04",
-                container_configuration=m.BatchContainerConfiguration(
-                    type=m.ContainerType.DOCKER_COMPATIBLE, container_image_names=[SLIM]
-                ),
-            ),
+            virtual_machine_configuration=vm([SLIM]),
             start_task=start,
         )
     )

@@ -24,25 +24,10 @@ from joblib_azurebatch.config import default_image
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.images import parse_reference, resolve, slim_image
 from joblib_azurebatch.emulator.schema import response_errors
-from tests.helpers.waiting import FAST, unique, wait_for
+from tests.helpers.waiting import FAST, unique, vm, wait_for
 
 SLIM = slim_image()
 NO_SUCH_IMAGE = "myregistry.azurecr.io/never-pushed:1.0"
-
-
-def vm(images: list[str] | None = None) -> m.VirtualMachineConfiguration:
-    container = None
-    if images is not None:
-        container = m.BatchContainerConfiguration(
-            type=m.ContainerType.DOCKER_COMPATIBLE, container_image_names=images
-        )
-    return m.VirtualMachineConfiguration(
-        image_reference=m.BatchVmImageReference(
-            publisher="microsoft-dsvm", offer="ubuntu-hpc", sku="2204"
-        ),
-        node_agent_sku_id="batch.node.ubuntu 22.04",
-        container_configuration=container,
-    )
 
 
 class Wire:

@@ -24,7 +24,7 @@ from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, gener
 from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.images import slim_image
 from joblib_azurebatch.emulator.schema import find_operation, response_errors
-from tests.helpers.waiting import FAST, sh, unique, wait_for
+from tests.helpers.waiting import FAST, sh, unique, vm, wait_for
 
 SLIM = slim_image()
 
@@ -61,15 +61,7 @@ def create_pool(
             vm_size="standard_d2s_v3",
             target_dedicated_nodes=nodes,
             task_slots_per_node=1,
-            virtual_machine_configuration=m.VirtualMachineConfiguration(
-                image_reference=m.BatchVmImageReference(
-                    publisher="microsoft-dsvm", offer="ubuntu-hpc", sku="2204"
-                ),
-                node_agent_sku_id="batch.node.ubuntu 22.04",
-                container_configuration=m.BatchContainerConfiguration(
-                    type=m.ContainerType.DOCKER_COMPATIBLE, container_image_names=[SLIM]
-                ),
-            ),
+            virtual_machine_configuration=vm([SLIM]),
             start_task=start,
         )
     )

@@ -247,29 +247,27 @@ def test_missing_payload_and_refused_result_upload(store: BlobStore, tmp_path: P
     assert "does not exist" in err
 
 
+def _run_module(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m joblib_azurebatch.worker`` in its own process, as a task runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "joblib_azurebatch.worker"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_runs_as_a_module(store: BlobStore, tmp_path: Path) -> None:
     task = _writer(store).prepare("t", _batch((sum, ([1, 2, 3],), {})))
     env = {"PATH": os.environ.get("PATH", ""), **_node_env(task, tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-m", "joblib_azurebatch.worker"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _run_module(env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "[joblib-azurebatch worker]" in done.stdout
     assert read_result(store.download(task.result_blob), KEY).result() == [6]
-    done = subprocess.run(
-        [sys.executable, "-m", "joblib_azurebatch.worker"],
-        env={"PATH": env["PATH"]},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _run_module({"PATH": env["PATH"]}, tmp_path)
     assert done.returncode == worker.EXIT_BAD_ENVIRONMENT
     assert "JOBLIB_AZUREBATCH_PAYLOAD_URL" in done.stderr
 
