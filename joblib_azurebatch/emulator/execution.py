@@ -228,6 +228,7 @@ class Executor:
             while not self._stopping:
                 try:
                     self._fire_timers()
+                    self._retire_drained()
                     self._enforce_wall_clock()
                     self._schedule()
                     self._complete_jobs()
@@ -248,14 +249,28 @@ class Executor:
 
     # -- pools and nodes --------------------------------------------------------------------
 
-    def reconcile(self, pool: Pool) -> None:
-        """Grow or shrink ``pool`` towards its targets (lock held)."""
+    def reconcile(self, pool: Pool, *, deallocation: str = "requeue") -> None:
+        """Grow or shrink ``pool`` towards its targets (lock held).
+
+        ``deallocation`` is what happens to the tasks of a node that goes (the
+        ``nodeDeallocationOption`` of a resize, ``$NodeDeallocationOption`` of an autoscale
+        formula): ``requeue`` them, ``terminate`` them, or let them finish first
+        (``taskcompletion``, ``retaineddata``): the node then leaves when it is idle, and no
+        task is placed on it meanwhile. A node still finishing its tasks is kept, rather
+        than a new one created, when the target grows again.
+        """
         if pool.state != "active":
             return
         changed = False
         for dedicated, target in ((True, pool.target_dedicated), (False, pool.target_spot)):
-            live = pool.live_nodes(dedicated=dedicated)
-            for _ in range(target - len(live)):
+            live = [n for n in pool.live_nodes(dedicated=dedicated) if not n.draining]
+            draining = [n for n in pool.live_nodes(dedicated=dedicated) if n.draining]
+            missing = target - len(live)
+            for node in draining[: max(0, missing)]:
+                node.draining = False
+                missing -= 1
+                changed = True
+            for _ in range(missing):
                 node = self.account.new_node(pool, dedicated=dedicated, state="creating")
                 self._boot(pool, node)
                 changed = True
@@ -263,17 +278,41 @@ class Executor:
             if excess > 0:
                 victims = sorted(live, key=lambda n: (n.state != "idle", n.used_slots))
                 for node in victims[:excess]:
-                    self.remove_node(pool, node, requeue=True)
+                    self._deallocate(pool, node, deallocation)
                     changed = True
         if changed:
             pool.move_allocation("resizing")
         self._maybe_steady(pool)
 
+    def _deallocate(self, pool: Pool, node: Node, option: str) -> None:
+        """Take ``node`` out of ``pool`` as the deallocation ``option`` says."""
+        option = option.lower()
+        if option in ("taskcompletion", "retaineddata") and node.running:
+            node.draining = True
+            return
+        if option == "terminate":
+            for job_id, task_id in list(node.running):
+                job = self.account.jobs.get(job_id)
+                task = job.tasks.get(task_id) if job else None
+                if task is not None:
+                    self.terminate_task(task)
+        self.remove_node(pool, node, requeue=True)
+
+    def _retire_drained(self) -> None:
+        """Remove the draining nodes whose last task has ended."""
+        for pool in list(self.account.pools.values()):
+            done = [n for n in pool.nodes.values() if n.draining and not n.running]
+            for node in done:
+                self.remove_node(pool, node, requeue=True)
+            if done:
+                self._maybe_steady(pool)
+                self.account.notify()
+
     def _maybe_steady(self, pool: Pool) -> None:
         if pool.allocation_state == "steady":
             return
         settling = {"creating", "starting", "waitingforstarttask"}
-        if not any(n.state in settling for n in pool.nodes.values()):
+        if not any(n.state in settling or n.draining for n in pool.nodes.values()):
             pool.move_allocation("steady")
             pool.touch()
 
@@ -334,6 +373,7 @@ class Executor:
 
     def remove_node(self, pool: Pool, node: Node, *, requeue: bool) -> None:
         """Take ``node`` out of ``pool``; its running tasks go back to the queue."""
+        node.draining = False
         self._evict(node, requeue=requeue)
         if node.id in self._start_runs:
             self._kill(self._start_runs[node.id], "requeue")
@@ -532,7 +572,7 @@ class Executor:
             limit = int(job.spec.get("maxParallelTasks", -1))
             running = sum(1 for t in job.tasks.values() if t.state in ("running", "preparing"))
             for task in job.tasks.values():
-                if task.state != "active" or not self._dependencies_met(job, task):
+                if task.state != "active" or not self.dependencies_met(job, task):
                     continue
                 if len(self._runs) >= self.max_processes:
                     return
@@ -545,7 +585,7 @@ class Executor:
                 running += 1
 
     @staticmethod
-    def _dependencies_met(job: Job, task: Task) -> bool:
+    def dependencies_met(job: Job, task: Task) -> bool:
         """A task with ``dependsOn`` waits until each task it names has succeeded."""
         deps = task.spec.get("dependsOn")
         if not deps:

@@ -1,10 +1,11 @@
 """Fault plans and observation: what tests inject, and what they count afterwards.
 
-A test says what should go wrong (``throttle("Tasks_CreateTaskCollection", times=2)``, or
-``throttle_share(0.2)`` for a random fifth of every request) and
-later reads what the client did (``counters["Tasks_CreateTaskCollection"]``, ``log``). Both
-are keyed by the specification's operationId, the one name every test, benchmark and log
-line shares.
+A test says what should go wrong (``throttle("Tasks_CreateTaskCollection", times=2)``,
+``throttle_share(0.2)`` for a random fifth of every request, or ``fail("Jobs_CreateJob",
+status=409, code="ActiveJobAndScheduleQuotaReached")`` for any refusal) and later reads what
+the client did (``counters["Tasks_CreateTaskCollection"]``, ``log``). Both are keyed by the
+specification's operationId, the one name every test, benchmark and log line shares (the
+blob proxy, :mod:`.blobproxy`, names blob requests after the Blob service's operations).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class _Rule:
     share: float = 1.0
     #: Draws the requests a share rule answers, seeded so that a test can replay a run.
     rng: random.Random | None = None
+    #: The service's error code to answer with; None: the usual one for ``status``.
+    code: str | None = None
 
 
 @dataclass
@@ -63,18 +66,20 @@ class FaultPlan:
         after_commit: bool,
         share: float = 1.0,
         seed: int | None = None,
+        code: str | None = None,
     ) -> None:
         """Queue ``times`` faulty answers for ``operation_id``.
 
         With ``share`` below 1 each matching request is answered by the fault with that
-        chance (drawn from ``seed``), until ``times`` such answers have been given.
+        chance (drawn from ``seed``), until ``times`` such answers have been given. ``code``
+        is the error code the answer carries (None: the usual one for ``status``).
         """
         if not 0.0 < share <= 1.0:
             raise ValueError(f"share must be in (0, 1], not {share}")
         rng = random.Random(seed) if share < 1.0 else None
         with self._lock:
             self._rules.append(
-                _Rule(operation_id, times, status, retry_after, after_commit, share, rng)
+                _Rule(operation_id, times, status, retry_after, after_commit, share, rng, code)
             )
 
     def take(self, operation_id: str, *, after_commit: bool) -> _Rule | None:

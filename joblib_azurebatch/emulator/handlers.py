@@ -29,6 +29,7 @@ from .odata import parse_filter, select_fields
 from .wire import format_time, http_date, utcnow
 
 if TYPE_CHECKING:
+    from .autoscale import AutoScaler
     from .execution import Executor
 
 __all__ = ["HANDLERS", "Context", "Reply"]
@@ -56,6 +57,7 @@ class Context:
     account: Account
     executor: Executor
     request_errors: Callable[[str, Any], list[Any]] | None = None
+    autoscale: AutoScaler | None = None
 
 
 @dataclass
@@ -197,6 +199,12 @@ def _require_body(ctx: Context) -> JSON:
     return ctx.body
 
 
+def _autoscale(ctx: Context) -> AutoScaler:
+    if ctx.autoscale is None:
+        raise batch_error("UnsupportedOperation", "This emulator runs no autoscale formulas.")
+    return ctx.autoscale
+
+
 # -- pools ------------------------------------------------------------------------------------
 
 
@@ -209,9 +217,11 @@ def create_pool(ctx: Context) -> Reply:
     if pool_id in acc.pools:
         existing = acc.pools[pool_id]
         raise batch_error("PoolBeingDeleted" if existing.state == "deleting" else "PoolExists")
+    _autoscale(ctx).check_create(spec)
     pool = Pool(id=pool_id, state="active", spec=spec)
     acc.pools[pool_id] = pool
     ctx.executor.reconcile(pool)
+    _autoscale(ctx).created(pool)
     acc.notify()
     return _created(f"{ctx.base_url}/pools/{pool_id}", pool.etag, pool.last_modified)
 
@@ -253,15 +263,47 @@ def resize_pool(ctx: Context) -> Reply:
     _check_conditions(ctx, pool.etag, pool.last_modified)
     if pool.state == "deleting":
         raise batch_error("PoolBeingDeleted")
+    _autoscale(ctx).check_resize(pool)
     if pool.allocation_state != "steady":
         raise batch_error("PoolNotSteady")
     for key in ("targetDedicatedNodes", "targetLowPriorityNodes", "resizeTimeout"):
         if key in body:
             pool.spec[key] = body[key]
     pool.touch()
-    ctx.executor.reconcile(pool)
+    ctx.executor.reconcile(pool, deallocation=str(body.get("nodeDeallocationOption", "requeue")))
     ctx.account.notify()
     return _accepted(ctx, etag=pool.etag, last_modified=pool.last_modified)
+
+
+@handles("Pools_EnablePoolAutoScale")
+def enable_pool_auto_scale(ctx: Context) -> Reply:
+    _validate(ctx)
+    body = _require_body(ctx)
+    pool = ctx.account.pool(ctx.params["poolId"])
+    _check_conditions(ctx, pool.etag, pool.last_modified)
+    _autoscale(ctx).enable(pool, body)
+    return _accepted(ctx, status=200, etag=pool.etag, last_modified=pool.last_modified)
+
+
+@handles("Pools_DisablePoolAutoScale")
+def disable_pool_auto_scale(ctx: Context) -> Reply:
+    pool = ctx.account.pool(ctx.params["poolId"])
+    _autoscale(ctx).disable(pool)
+    return _accepted(ctx, status=200, etag=pool.etag, last_modified=pool.last_modified)
+
+
+@handles("Pools_EvaluatePoolAutoScale")
+def evaluate_pool_auto_scale(ctx: Context) -> Reply:
+    _validate(ctx)
+    body = _require_body(ctx)
+    pool = ctx.account.pool(ctx.params["poolId"])
+    run = _autoscale(ctx).evaluate(pool, body)
+    metadata = f"{ctx.base_url}/$metadata#Microsoft.Azure.Batch.Protocol.Entities.AutoScaleRun"
+    return Reply(
+        200,
+        json={"odata.metadata": metadata, **run},
+        headers={"DataServiceId": f"{ctx.base_url}{ctx.path}"},
+    )
 
 
 @handles("Pools_StopPoolResize")
@@ -457,9 +499,11 @@ def _create_auto_pool(ctx: Context, auto: JSON) -> str:
     pool_id = f"{prefix}_{guid}" if prefix else guid
     pool_spec = copy.deepcopy(auto.get("pool", {}))
     pool_spec["id"] = pool_id
+    _autoscale(ctx).check_create(pool_spec)
     pool = Pool(id=pool_id, state="active", spec=pool_spec)
     ctx.account.pools[pool_id] = pool
     ctx.executor.reconcile(pool)
+    _autoscale(ctx).created(pool)
     return pool_id
 
 

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from .azurite import Azurite
+from .blobproxy import BlobProxy
 from .server import BatchEmulator
 
 if TYPE_CHECKING:
@@ -44,7 +46,13 @@ class LocalBatch:
     ``tls=True`` both endpoints are https with one self-signed certificate (trust
     :attr:`batch_ca_cert`, e.g. through ``REQUESTS_CA_BUNDLE``; task processes are given it),
     and both accept the Entra ID tokens of :meth:`token_credential` besides the keys, as an
-    account whose clients use ``DefaultAzureCredential``.
+    account whose clients use ``DefaultAzureCredential``. With ``blob_faults=True`` (http
+    only) the blob endpoint handed out is a :class:`~.blobproxy.BlobProxy` in front of
+    Azurite, so that :attr:`blob_faults` can throttle the blob requests of clients and
+    nodes alike (``local.blob_faults.throttle_share(0.2)``).
+    ``autoscale_speedup`` makes the clock that autoscale formulas run on go that many times
+    faster than real time (see :class:`~joblib_azurebatch.emulator.server.BatchEmulator`), so
+    that a pool left idle drains in seconds instead of minutes.
     """
 
     def __init__(
@@ -61,7 +69,11 @@ class LocalBatch:
         tls: bool = False,
         bare_nodes: bool = False,
         root: str | Path | None = None,
+        blob_faults: bool = False,
+        autoscale_speedup: float = 1.0,
     ) -> None:
+        if blob_faults and tls:
+            raise ValueError("blob_faults=True needs tls=False: the blob proxy speaks http")
         if nodes < 0 or spot_nodes < 0 or nodes + spot_nodes < 1:
             raise ValueError("LocalBatch needs at least one node: nodes + spot_nodes >= 1")
         if slots_per_node < 1:
@@ -81,7 +93,10 @@ class LocalBatch:
             tls=tls,
             bare_nodes=bare_nodes,
             root=root,
+            autoscale_speedup=autoscale_speedup,
         )
+        self._wants_blob_faults = blob_faults
+        self._blob_proxy: BlobProxy | None = None
         self._running = False
 
     # -- endpoints --------------------------------------------------------------------------
@@ -123,8 +138,21 @@ class LocalBatch:
 
     @property
     def blob_url(self) -> str:
-        """The storage account's blob endpoint."""
+        """The storage account's blob endpoint (the blob proxy's, with ``blob_faults``)."""
+        if self._blob_proxy is not None:
+            return f"{self._blob_proxy.url}/{self.azurite.account_name}"
         return self.azurite.blob_url
+
+    @property
+    def blob_faults(self) -> BlobProxy:
+        """With ``blob_faults=True``, the proxy in front of Azurite: its ``throttle``,
+        ``throttle_share`` and ``fail`` refuse blob requests, ``counters`` and ``requests()``
+        show them."""
+        if self._blob_proxy is None:
+            raise RuntimeError(
+                "blob faults need LocalBatch(blob_faults=True), started (a with block)"
+            )
+        return self._blob_proxy
 
     @property
     def storage_account(self) -> str:
@@ -139,7 +167,7 @@ class LocalBatch:
     @property
     def storage_connection_string(self) -> str:
         """A connection string for azure-storage-blob."""
-        return self.azurite.connection_string
+        return self.azurite.connection_string.replace(self.azurite.blob_url, self.blob_url)
 
     def environment(self) -> dict[str, str]:
         """The environment variables that point a client at this local account."""
@@ -200,6 +228,9 @@ class LocalBatch:
                 self.azurite.start()
             else:
                 self.azurite.start()
+                if self._wants_blob_faults:
+                    origin = urlsplit(self.azurite.blob_url)
+                    self._blob_proxy = BlobProxy(f"{origin.scheme}://{origin.netloc}").start()
                 self.emulator.start()
         except BaseException:
             self.stop()
@@ -213,6 +244,10 @@ class LocalBatch:
         try:
             self.emulator.stop()
         finally:
+            if self._blob_proxy is not None:
+                with contextlib.suppress(Exception):
+                    self._blob_proxy.stop()
+                self._blob_proxy = None
             with contextlib.suppress(Exception):
                 self.azurite.stop()
 

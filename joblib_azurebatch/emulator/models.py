@@ -16,6 +16,8 @@ import copy
 import datetime as _dt
 import hashlib
 import threading
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ __all__ = [
 ]
 
 JSON = dict[str, Any]
+
+#: Metric samples an autoscale pool keeps (a day of them, one every 30 seconds).
+SAMPLE_HISTORY = 2880
 
 TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     "active": frozenset({"preparing", "running", "completed"}),
@@ -160,6 +165,9 @@ class Node:
     #: pool prefetches that could not be pulled).
     errors: list[JSON] = field(default_factory=list)
     generation: int = 0
+    #: Leaving the pool once its running tasks end (``taskcompletion`` / ``retaineddata``
+    #: deallocation): no new task is placed on it meanwhile.
+    draining: bool = False
 
     def move(self, new: str) -> None:
         """Change state if Batch allows that change."""
@@ -179,7 +187,7 @@ class Node:
     @property
     def schedulable(self) -> bool:
         """Whether the scheduler may place tasks on this node now."""
-        return self.state in ("idle", "running")
+        return self.state in ("idle", "running") and not self.draining
 
     def to_wire(self, base_url: str, pool: Pool) -> JSON:
         out: JSON = {
@@ -243,6 +251,18 @@ class Pool(_Stamped):
     allocation_state_transition_time: _dt.datetime = field(default_factory=utcnow)
     nodes: dict[str, Node] = field(default_factory=dict)
     node_counter: int = 0
+    #: The last evaluation of the autoscale formula, as ``autoScaleRun`` on the wire.
+    autoscale_run: JSON | None = None
+    #: When (``time.monotonic``) EnableAutoScale last succeeded: the service takes one such
+    #: call per pool every 30 seconds.
+    autoscale_enabled_at: float | None = None
+    #: Bumped whenever the evaluation schedule restarts or stops, so that stale timers do
+    #: nothing.
+    autoscale_epoch: int = 0
+    #: ``(time, {metric: value})`` samples for the autoscale formula, oldest first.
+    samples: deque[tuple[float, Mapping[str, float]]] = field(
+        default_factory=lambda: deque(maxlen=SAMPLE_HISTORY)
+    )
 
     def move(self, new: str) -> None:
         """Change the pool state if Batch allows it."""
@@ -354,11 +374,16 @@ class Pool(_Stamped):
             "metadata",
             "mountConfiguration",
             "upgradePolicy",
-            "autoScaleFormula",
-            "autoScaleEvaluationInterval",
         ):
             if key in s:
                 out[key] = copy.deepcopy(s[key])
+        # The service sends these only while the pool scales automatically.
+        if s.get("enableAutoScale"):
+            for key in ("autoScaleFormula", "autoScaleEvaluationInterval"):
+                if key in s:
+                    out[key] = s[key]
+            if self.autoscale_run is not None:
+                out["autoScaleRun"] = copy.deepcopy(self.autoscale_run)
         if "startTask" in s:
             out["startTask"] = self.wire_start_task()
         return out

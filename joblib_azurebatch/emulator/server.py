@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, unquote
 
 from . import staging
 from .auth import SharedKeyVerifier
+from .autoscale import AutoScaler
 from .errors import BatchServiceError, batch_error
 from .execution import Executor
 from .faults import FaultPlan, RequestLog, RequestRecord
@@ -41,6 +42,13 @@ from .tls import LocalTokenCredential, TokenRegistry, self_signed_certificate
 __all__ = ["BatchEmulator"]
 
 _JSON_TYPE = "application/json; odata=minimalmetadata"
+
+#: The service's messages for codes that only injected faults answer with.
+_FAULT_MESSAGES = {
+    "ActiveJobAndScheduleQuotaReached": (
+        "Active job and job schedule quota for the account has been reached."
+    ),
+}
 
 try:
     from . import schema as _schema
@@ -65,7 +73,8 @@ class BatchEmulator:
     """An emulated Azure Batch account served over HTTP on 127.0.0.1.
 
     Use it as a context manager or call :meth:`start` / :meth:`stop`. Fault injection
-    (:meth:`throttle`, :meth:`fail_after_commit`, :meth:`preempt_node`, :meth:`kill_node`)
+    (:meth:`throttle`, :meth:`throttle_share`, :meth:`fail`, :meth:`fail_after_commit`,
+    :meth:`preempt_node`, :meth:`kill_node`)
     and observation (:attr:`counters`, :meth:`requests`) are plain Python calls.
 
     ``images`` maps container image references to the local interpreters that stand in for
@@ -75,6 +84,12 @@ class BatchEmulator:
     With ``bare_nodes`` every node is a fresh ``python:X.Y-slim`` (Python and pip, nothing
     else), made once at :meth:`start`: that image, and every run outside a container, use
     it instead of ``default_python``.
+
+    Pools that scale automatically run their formulas on an autoscale clock that goes
+    ``autoscale_speedup`` times faster than real time (see :mod:`.autoscale`): with 60, the
+    service's minimum evaluation interval of 5 minutes passes in 5 seconds, samples are
+    taken every half second, and a formula's ``time() - time("...")`` grows a minute per
+    second. The 30-second limit between two EnableAutoScale calls stays in real time.
     """
 
     def __init__(
@@ -92,6 +107,7 @@ class BatchEmulator:
         validate_requests: bool = True,
         tls: bool = False,
         bare_nodes: bool = False,
+        autoscale_speedup: float = 1.0,
     ) -> None:
         self.account_name = account
         self.key = key or base64.b64encode(secrets.token_bytes(64)).decode()
@@ -124,6 +140,8 @@ class BatchEmulator:
             allocation_delay=allocation_delay,
             bare=bare,
         )
+        #: Samples, evaluates and applies the autoscale formulas of the account's pools.
+        self.autoscale = AutoScaler(self.account, self.executor, speedup=autoscale_speedup)
         self.faults = FaultPlan()
         self.log = RequestLog()
         self._validate = validate_requests and _schema is not None
@@ -221,6 +239,7 @@ class BatchEmulator:
             time.sleep(0.01)
         self._port = int(self._server.servers[0].sockets[0].getsockname()[1])
         self.executor.start()
+        self.autoscale.start()
         return self
 
     def stop(self) -> None:
@@ -230,6 +249,7 @@ class BatchEmulator:
         if self._thread is not None:
             self._thread.join(10)
             self._thread = None
+        self.autoscale.stop()
         self.executor.stop()
         for folder in (self._tmp, self._tls_dir):
             if folder is not None:
@@ -309,6 +329,28 @@ class BatchEmulator:
             after_commit=False,
             share=share,
             seed=seed,
+        )
+
+    def fail(
+        self,
+        operation_id: str,
+        *,
+        status: int,
+        code: str,
+        times: int = 1,
+        retry_after: float | None = None,
+    ) -> None:
+        """Refuse the next ``times`` requests of ``operation_id`` with ``status`` and the Batch
+        error ``code``, changing nothing: a reached quota (409
+        ``ActiveJobAndScheduleQuotaReached`` on ``Jobs_CreateJob``), an outage (500
+        ``InternalError``), any refusal the service can give."""
+        self.faults.add(
+            operation_id,
+            times=times,
+            status=status,
+            retry_after=retry_after,
+            after_commit=False,
+            code=code,
         )
 
     def fail_after_commit(
@@ -421,8 +463,8 @@ class BatchEmulator:
         try:
             rule = self.faults.take(operation_id, after_commit=False)
             if rule is not None:
-                fault = f"injected {rule.status}"
-                raise self._fault_error(rule.status, rule.retry_after)
+                fault = f"injected {rule.status}" + (f" {rule.code}" if rule.code else "")
+                raise self._fault_error(rule.status, rule.retry_after, rule.code)
             self._authenticate(method, raw_path, query_string, headers)
             if "api-version" not in query:
                 raise batch_error("MissingRequiredQueryParameter", QueryParameterName="api-version")
@@ -453,6 +495,7 @@ class BatchEmulator:
                 account=self.account,
                 executor=self.executor,
                 request_errors=_schema.request_errors if self._validate and _schema else None,
+                autoscale=self.autoscale,
             )
             with self.account.lock:
                 reply = HANDLERS[operation_id](ctx)
@@ -509,8 +552,10 @@ class BatchEmulator:
         )
 
     @staticmethod
-    def _fault_error(status: int, retry_after: float | None) -> BatchServiceError:
-        code = {429: "TooManyRequests", 503: "ServerBusy"}.get(status, "InternalError")
+    def _fault_error(
+        status: int, retry_after: float | None, code: str | None = None
+    ) -> BatchServiceError:
+        code = code or {429: "TooManyRequests", 503: "ServerBusy"}.get(status, "InternalError")
         headers: dict[str, str] = {}
         if retry_after is not None:
             # Whole seconds go in Retry-After, as the service sends them; a fraction (to keep
@@ -518,7 +563,7 @@ class BatchEmulator:
             if float(retry_after).is_integer():
                 headers["Retry-After"] = str(int(retry_after))
             headers["retry-after-ms"] = str(math.ceil(retry_after * 1000))
-        return BatchServiceError(code, status=status, headers=headers)
+        return BatchServiceError(code, _FAULT_MESSAGES.get(code), status=status, headers=headers)
 
     @staticmethod
     def _render(reply: Reply) -> tuple[int, dict[str, str], bytes]:
