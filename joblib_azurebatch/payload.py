@@ -8,6 +8,15 @@ types, read with an unpickler that refuses every global; the user's objects insi
 cloudpickle bytes that are only unpickled after the Python, cloudpickle and joblib versions
 were found equal on both sides. See docs/internals.md for the fields.
 
+Both envelopes are bound to their task. A task envelope names its job and task, and the
+worker refuses one whose ids differ from the ``AZ_BATCH_JOB_ID`` and ``AZ_BATCH_TASK_ID``
+that Batch sets on the node (`check_task_binding`); a result envelope names the job, the
+task and the attempt that wrote it, and the client refuses one read for another task
+(`read_result`). The MAC alone proves only that the envelope comes from this job: without
+the binding, whoever may write to the container could swap two tasks' payload blobs (each
+task would run the other's calls) or two result blobs (the client would hand back the
+wrong values), and every signature would still verify.
+
 Large arguments (numpy arrays, bytes, and through their arrays pandas objects) are not
 copied into every task: a cloudpickle `Pickler` replaces each one at or above
 ``inline_threshold`` bytes by the persistent id ``("joblib-azurebatch-object", sha256)``,
@@ -34,7 +43,7 @@ import threading
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 import cloudpickle
@@ -56,11 +65,13 @@ __all__ = [
     "RemoteTraceback",
     "ResultEnvelope",
     "TaskEnvelope",
+    "check_task_binding",
     "check_versions",
     "decode_task",
     "encode_result",
     "job_prefix",
     "load_calls",
+    "new_attempt",
     "new_signing_key",
     "object_blob",
     "payload_blob",
@@ -71,7 +82,9 @@ __all__ = [
 
 TASK_MAGIC = b"JABT"
 RESULT_MAGIC = b"JABR"
-ENVELOPE_VERSION = 1
+#: 2: a result envelope names its job and attempt, and both envelopes are checked
+#: against the task they are read for (1 had neither check).
+ENVELOPE_VERSION = 2
 OBJECT_TAG = "joblib-azurebatch-object"
 _HEADER = 4 + 1 + 32
 # The body of an envelope is plain data; protocol 4 keeps it readable by any Python >= 3.8.
@@ -184,10 +197,12 @@ def _unseal(magic: bytes, data: bytes, key: bytes, *, what: str) -> dict[str, An
         raise PayloadError(f"This is not a joblib-azurebatch {what} (wrong magic bytes)")
     version = data[4]
     if version != ENVELOPE_VERSION:
+        age = "an older" if version < ENVELOPE_VERSION else "a newer"
         raise PayloadError(
             f"The {what} has envelope version {version}, this side reads version "
-            f"{ENVELOPE_VERSION}: the client and the worker image run different releases "
-            "of joblib-azurebatch; install the same release in both"
+            f"{ENVELOPE_VERSION} ({age} release of joblib-azurebatch wrote it): the client "
+            "and the worker image run different releases of joblib-azurebatch; install the "
+            "same release in both. Nothing in it was unpickled"
         )
     mac, body = data[5:_HEADER], data[_HEADER:]
     expected = hmac.new(key, data[:5] + body, hashlib.sha256).digest()
@@ -506,6 +521,25 @@ class TaskEnvelope:
     calls: bytes = field(repr=False)
 
 
+def check_task_binding(envelope: TaskEnvelope, *, job_id: str, task_id: str) -> None:
+    """Raise `PayloadError` unless ``envelope`` was written for task ``task_id`` of ``job_id``.
+
+    The worker passes the ``AZ_BATCH_JOB_ID`` and ``AZ_BATCH_TASK_ID`` that Batch sets on
+    the node. A verified payload of another task means its blob was replaced (by someone
+    who may write to the container) with the payload of another task of the same job:
+    running it would compute that task's calls and report them as this task's.
+    """
+    if (envelope.job_id, envelope.task_id) == (job_id, task_id):
+        return
+    raise PayloadError(
+        f"The task payload was written for task {envelope.task_id} of job "
+        f"{envelope.job_id}, but this is task {task_id} of job {job_id}: its blob was "
+        "replaced with another task's payload (someone with write access to the blob "
+        "container). None of its calls were unpickled; check who may write to the storage "
+        "account (docs/security.md)"
+    )
+
+
 def decode_task(data: bytes, key: bytes) -> TaskEnvelope:
     """Verify a task envelope; `PayloadError` if it does not verify. Unpickles no user code."""
     body = _unseal(TASK_MAGIC, data, key, what="task payload")
@@ -553,16 +587,38 @@ def load_calls(envelope: TaskEnvelope, load_object: Callable[[str], bytes]) -> A
     return _ObjectUnpickler(io.BytesIO(envelope.calls), load).load()
 
 
+def new_attempt(node_id: str = "") -> dict[str, str]:
+    """What tells one run of a task from another: node, start time and a random nonce.
+
+    Batch sets no retry counter on the node (its ``AZ_BATCH_*`` variables name the
+    account, pool, node, job and task, never the attempt; ``executionInfo.retryCount`` is
+    only readable through the Batch API, which a node has no credential for). So an
+    attempt is recorded as the ``AZ_BATCH_NODE_ID`` it ran on, the UTC time the worker
+    started, and 16 random hex digits that keep two attempts apart even on one node
+    within one second. The client does not compare it with anything: it is there to tell,
+    in a kept blob or a log, which run of a retried or requeued task wrote the result.
+    """
+    return {
+        "node_id": node_id,
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "nonce": secrets.token_hex(8),
+    }
+
+
 def encode_result(
     *,
+    job_id: str,
     task_id: str,
     key: bytes,
+    attempt: Mapping[str, str] | None = None,
     value: Any = None,
     error: BaseException | None = None,
     timings: Mapping[str, float] | None = None,
 ) -> bytes:
     """The signed result envelope: the pickled value, or the exception and its traceback.
 
+    ``job_id`` and ``task_id`` are those of the task that ran (the client refuses the
+    result for any other task); ``attempt`` is `new_attempt` (a fresh one when omitted).
     A value that does not pickle becomes a `PayloadError` result, and an exception that
     does not survive a pickle round trip here (a keyword-only ``__init__``, a lock in its
     attributes) travels as type, message and traceback only, for `RemoteError`.
@@ -589,7 +645,9 @@ def encode_result(
         except Exception:
             exception_bytes = None
     body = {
+        "job_id": job_id,
         "task_id": task_id,
+        "attempt": {str(k): str(v) for k, v in (attempt or new_attempt()).items()},
         "ok": error is None,
         "value": value_bytes,
         "exception": exception_bytes,
@@ -625,9 +683,15 @@ class RemoteTraceback(Exception):
 
 @dataclass(frozen=True)
 class ResultEnvelope:
-    """A verified result; `result` gives the values or raises the task's exception."""
+    """A verified result; `result` gives the values or raises the task's exception.
 
+    ``job_id`` and ``task_id`` name the task that wrote it (`read_result` has checked that
+    they are the ones expected); ``attempt`` is that run's `new_attempt`.
+    """
+
+    job_id: str
     task_id: str
+    attempt: dict[str, str]
     ok: bool
     value: bytes | None = field(repr=False)
     exception_bytes: bytes | None = field(repr=False)
@@ -673,12 +737,19 @@ class ResultEnvelope:
             ) from e
 
 
-def read_result(data: bytes, key: bytes) -> ResultEnvelope:
-    """Verify a result envelope (`PayloadError` if it does not) without unpickling user data."""
+def read_result(data: bytes, key: bytes, *, job_id: str, task_id: str) -> ResultEnvelope:
+    """Verify the result of task ``task_id`` of ``job_id`` without unpickling user data.
+
+    `PayloadError` if it fails the MAC, has another envelope version, or was written by
+    another task or job: a result blob swapped with another task's verifies (same job,
+    same key), and only the binding keeps the client from handing back its values.
+    """
     body = _unseal(RESULT_MAGIC, data, key, what="task result")
     try:
-        return ResultEnvelope(
+        envelope = ResultEnvelope(
+            job_id=str(body["job_id"]),
             task_id=str(body["task_id"]),
+            attempt={str(k): str(v) for k, v in body["attempt"].items()},
             ok=bool(body["ok"]),
             value=body["value"],
             exception_bytes=body["exception"],
@@ -690,3 +761,12 @@ def read_result(data: bytes, key: bytes) -> ResultEnvelope:
         )
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         raise PayloadError(f"The task result lacks a field: {e}") from e
+    if (envelope.job_id, envelope.task_id) != (job_id, task_id):
+        raise PayloadError(
+            f"The result read for task {task_id} of job {job_id} was written by task "
+            f"{envelope.task_id} of job {envelope.job_id}: its blob was replaced with "
+            "another task's result (someone with write access to the blob container). "
+            "It was not used; check who may write to the storage account "
+            "(docs/security.md)"
+        )
+    return envelope

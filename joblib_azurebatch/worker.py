@@ -9,6 +9,14 @@ of the node, runs the calls and uploads a signed result envelope.
 The exit code tells Batch whether to retry: 0 whenever a result was uploaded, including
 when the user's function raised (the client re-raises it) or the versions differ (a retry
 would not help); non-zero only when the infrastructure failed, and then stderr says why.
+
+Two of those failures are refusals, not accidents. A payload that verifies but names
+another task or job than the ``AZ_BATCH_TASK_ID`` and ``AZ_BATCH_JOB_ID`` Batch sets on the
+node is another task's payload put in this task's blob; nothing of it runs
+(`EXIT_WRONG_TASK`). And SAS URLs have an expiry (``se=``): a task that starts, or
+finishes, after it (a long queue, a long run) exits with `EXIT_URLS_EXPIRED` and a line
+saying when they expired, so that the client can prepare the task again with fresh URLs
+instead of reading it as a broken node.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import sys
 import tempfile
@@ -23,20 +32,24 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import parse_qs, urlsplit
 
 from joblib_azurebatch.environment import check_pins, current_environment
-from joblib_azurebatch.errors import AzureBatchError, PayloadError
+from joblib_azurebatch.errors import AzureBatchError, CredentialError, PayloadError
 from joblib_azurebatch.payload import (
     PAYLOAD_URL_ENV,
     RESULT_URL_ENV,
     SIGNING_KEY_ENV,
     TaskEnvelope,
+    check_task_binding,
     check_versions,
     decode_task,
     encode_result,
     load_calls,
+    new_attempt,
 )
 from joblib_azurebatch.storage import download_url, redact_url, upload_url
 
@@ -47,8 +60,14 @@ __all__ = [
     "EXIT_OK",
     "EXIT_UNVERIFIED",
     "EXIT_UPLOAD_FAILED",
+    "EXIT_URLS_EXPIRED",
+    "EXIT_WRONG_TASK",
+    "JOB_ID_ENV",
+    "NODE_ID_ENV",
+    "TASK_ID_ENV",
     "ObjectCache",
     "main",
+    "url_expiry",
 ]
 
 EXIT_OK = 0
@@ -57,6 +76,17 @@ EXIT_DOWNLOAD_FAILED = 3
 EXIT_UNVERIFIED = 4
 EXIT_OBJECT_FAILED = 5
 EXIT_UPLOAD_FAILED = 6
+#: The payload verifies but was written for another task or job (its blob was replaced).
+EXIT_WRONG_TASK = 7
+#: A SAS URL of the task expired before the worker could use it: not a broken node, the
+#: task needs fresh URLs. 75 is ``EX_TEMPFAIL`` of sysexits.h, "try again later".
+EXIT_URLS_EXPIRED = 75
+
+#: Set by Batch on every task (not on a start task); the payload must name the same ids.
+JOB_ID_ENV = "AZ_BATCH_JOB_ID"
+TASK_ID_ENV = "AZ_BATCH_TASK_ID"
+#: Set by Batch on every task; recorded in the result's attempt.
+NODE_ID_ENV = "AZ_BATCH_NODE_ID"
 
 _PREFIX = "[joblib-azurebatch worker]"
 # Cached objects unused for a week go; so do temporary files of downloads that died.
@@ -70,6 +100,89 @@ class _InfrastructureError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _UrlsExpired(_InfrastructureError):
+    """A SAS URL of the task is past its ``se=`` (or its delegation key's ``ske=``)."""
+
+    def __init__(self, expiry: datetime) -> None:
+        super().__init__(
+            EXIT_URLS_EXPIRED,
+            f"the task's URLs expired at {expiry:%Y-%m-%dT%H:%M:%SZ}; it must be prepared "
+            "again with fresh URLs (BatchConfig(sas_expiry=...) sets how long they last: "
+            "longer than a task may wait in the queue plus its run)",
+        )
+        self.expiry = expiry
+
+
+# ``YYYY-MM-DD``, optionally ``Thh:mm``, ``:ss`` and a fraction, in UTC ("Z"): the forms
+# a SAS ``se``/``ske`` takes.
+_SAS_TIME = re.compile(r"(\d{4})-(\d{2})-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?)?Z?")
+
+
+def url_expiry(url: str) -> datetime | None:
+    """When a SAS URL stops working (UTC), or None if it has no readable expiry.
+
+    That is its ``se=``, or its user delegation key's ``ske=`` when that comes first (a
+    user delegation SAS is refused once its key expired).
+    """
+    query = parse_qs(urlsplit(url).query)
+    found: list[datetime] = []
+    for name in ("se", "ske"):
+        for text in query.get(name, []):
+            match = _SAS_TIME.fullmatch(text.strip())
+            if match is None:
+                continue
+            year, month, day, hour, minute, second = (int(p or 0) for p in match.groups())
+            try:
+                found.append(datetime(year, month, day, hour, minute, second, tzinfo=timezone.utc))
+            except ValueError:
+                continue
+    return min(found) if found else None
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _ensure_fresh(*urls: str) -> None:
+    """Raise `_UrlsExpired` before a request that the service would refuse anyway."""
+    now = _now()
+    expired = [e for e in map(url_expiry, urls) if e is not None and e <= now]
+    if expired:
+        raise _UrlsExpired(min(expired))
+
+
+def _expired_refusal(error: CredentialError, url: str) -> _UrlsExpired | None:
+    """The refusal as an expiry. Azure Storage answers an expired SAS with 403
+    ``AuthenticationFailed`` (Azurite with 403 ``AuthorizationFailure``), answers that also
+    mean a wrong permission or signature: the URL's own expiry, now past, tells them apart."""
+    expiry = url_expiry(url)
+    if error.status_code == 403 and expiry is not None and expiry <= _now():
+        return _UrlsExpired(expiry)
+    return None
+
+
+def _download(url: str) -> bytes:
+    _ensure_fresh(url)
+    try:
+        return download_url(url)
+    except CredentialError as e:
+        expired = _expired_refusal(e, url)
+        if expired is not None:
+            raise expired from e
+        raise
+
+
+def _upload(url: str, data: bytes) -> None:
+    _ensure_fresh(url)
+    try:
+        upload_url(url, data)
+    except CredentialError as e:
+        expired = _expired_refusal(e, url)
+        if expired is not None:
+            raise expired from e
+        raise
 
 
 class ObjectCache:
@@ -163,7 +276,7 @@ class ObjectCache:
             with self._locked(sha):
                 data = self._read_verified(path, sha)
                 if data is None:
-                    data = download_url(url)
+                    data = _download(url)
                     if hashlib.sha256(data).hexdigest() != sha:
                         raise PayloadError(
                             f"object {sha} downloaded from {redact_url(url)} does not match "
@@ -185,9 +298,10 @@ def _log(out: TextIO, message: str) -> None:
 
 
 def _read_environment(environ: Mapping[str, str]) -> tuple[str, str, bytes]:
-    missing = [
-        name for name in (PAYLOAD_URL_ENV, RESULT_URL_ENV, SIGNING_KEY_ENV) if not environ.get(name)
-    ]
+    """The task's URLs and key; refuses to run without the ids Batch sets on every task,
+    since without them a payload swapped in from another task could not be told apart."""
+    names = (PAYLOAD_URL_ENV, RESULT_URL_ENV, SIGNING_KEY_ENV, JOB_ID_ENV, TASK_ID_ENV)
+    missing = [name for name in names if not environ.get(name)]
     if missing:
         raise _InfrastructureError(
             EXIT_BAD_ENVIRONMENT,
@@ -303,12 +417,15 @@ def main(
     environ = os.environ if environ is None else environ
     out = stdout or sys.stdout
     err = stderr or sys.stderr
+    attempt = new_attempt(environ.get(NODE_ID_ENV, ""))
     try:
         payload_url, result_url, key = _read_environment(environ)
+        # Nothing is worth downloading or running if the result could not be uploaded.
+        _ensure_fresh(payload_url, result_url)
         _log(out, f"downloading the payload {redact_url(payload_url)}")
         start = time.perf_counter()
         try:
-            data = download_url(payload_url)
+            data = _download(payload_url)
         except (AzureBatchError, OSError) as e:
             raise _InfrastructureError(
                 EXIT_DOWNLOAD_FAILED, f"downloading the payload failed: {e}"
@@ -318,6 +435,10 @@ def main(
             envelope = decode_task(data, key)
         except PayloadError as e:
             raise _InfrastructureError(EXIT_UNVERIFIED, str(e)) from e
+        try:
+            check_task_binding(envelope, job_id=environ[JOB_ID_ENV], task_id=environ[TASK_ID_ENV])
+        except PayloadError as e:
+            raise _InfrastructureError(EXIT_WRONG_TASK, str(e)) from e
         _log(
             out,
             f"task {envelope.task_id} of job {envelope.job_id}: {len(data)} bytes in "
@@ -330,11 +451,17 @@ def main(
         value, error, timings = _run(envelope, cache, out)
         timings["download"] = timings.get("download", 0.0) + elapsed
         result = encode_result(
-            task_id=envelope.task_id, key=key, value=value, error=error, timings=timings
+            job_id=envelope.job_id,
+            task_id=envelope.task_id,
+            key=key,
+            attempt=attempt,
+            value=value,
+            error=error,
+            timings=timings,
         )
         start = time.perf_counter()
         try:
-            upload_url(result_url, result)
+            _upload(result_url, result)
         except (AzureBatchError, OSError) as e:
             raise _InfrastructureError(
                 EXIT_UPLOAD_FAILED, f"uploading the result failed: {e}"

@@ -19,9 +19,9 @@ from joblib._parallel_backends import SequentialBackend
 from joblib.parallel import BatchedCalls
 
 from joblib_azurebatch import payload, worker
-from joblib_azurebatch.errors import VersionMismatchError
+from joblib_azurebatch.errors import CredentialError, VersionMismatchError
 from joblib_azurebatch.payload import PayloadWriter, read_result
-from joblib_azurebatch.storage import BlobStore
+from joblib_azurebatch.storage import BlobStore, download_url
 
 KEY = b"k" * 32
 JOB = "job-w"
@@ -74,6 +74,10 @@ def _node_env(task: payload.PreparedTask, node: Path) -> dict[str, str]:
     }
 
 
+def _result(store: BlobStore, task: payload.PreparedTask) -> payload.ResultEnvelope:
+    return read_result(store.download(task.result_blob), KEY, job_id=JOB, task_id=task.task_id)
+
+
 def _run(env: dict[str, str]) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = worker.main(env, stdout=out, stderr=err)
@@ -89,7 +93,7 @@ def test_runs_a_batch_with_a_shared_array_and_uploads_the_result(
     assert not any("KEY" in name and "SIGNING" not in name for name in env)
     code, out, err = _run(env)
     assert (code, err) == (0, "")
-    result = read_result(store.download(task.result_blob), KEY)
+    result = _result(store, task)
     assert result.ok
     assert result.result() == [X.sum() * 2.0, 2]
     assert set(result.timings) == {"download", "load", "run"}
@@ -111,7 +115,7 @@ def test_second_task_on_the_node_reads_the_cache(store: BlobStore, tmp_path: Pat
     code, out, _ = _run(_node_env(second, tmp_path))
     assert code == 0
     assert "0 downloaded, 1 from the node cache" in out
-    assert read_result(store.download(second.result_blob), KEY).result() == [15000.0]
+    assert _result(store, second).result() == [15000.0]
 
 
 def test_a_new_node_without_the_object_fails_as_infrastructure(
@@ -171,7 +175,7 @@ def test_user_exception_is_a_result_and_exit_0(store: BlobStore, tmp_path: Path)
     assert (code, err) == (0, "")
     assert "raised WorkerError" in out
     with pytest.raises(WorkerError, match="no good: 3") as info:
-        read_result(store.download(task.result_blob), KEY).result()
+        _result(store, task).result()
     assert "raise_worker_error" in str(info.value.__cause__)
 
 
@@ -187,7 +191,7 @@ def test_version_mismatch_is_reported_in_the_result(
     assert (code, err) == (0, "")
     assert not marker.exists()  # the calls were never unpickled
     with pytest.raises(VersionMismatchError, match=r"PYTHON_VERSION=3\.99"):
-        read_result(store.download(task.result_blob), KEY).result()
+        _result(store, task).result()
 
 
 def test_tampered_payload_exits_non_zero_and_unpickles_nothing(
@@ -215,11 +219,56 @@ def test_payload_signed_with_another_key_is_refused(store: BlobStore, tmp_path: 
     assert _run(env)[0] == worker.EXIT_UNVERIFIED
 
 
+def test_another_tasks_payload_in_the_blob_is_refused(store: BlobStore, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    w = _writer(store)
+    a = w.prepare("t-a", _batch((len, (_Marker(str(marker)),), {})))
+    b = w.prepare("t-b", _batch((len, (_Marker(str(marker)),), {})))
+    payload_a, payload_b = store.download(a.payload_blob), store.download(b.payload_blob)
+    store.upload(a.payload_blob, payload_b)  # both verify: signed with the job's key
+    store.upload(b.payload_blob, payload_a)
+    code, _, err = _run(_node_env(a, tmp_path))
+    assert code == worker.EXIT_WRONG_TASK
+    assert "written for task t-b of job job-w, but this is task t-a of job job-w" in err
+    assert not marker.exists()
+    assert not store.exists(a.result_blob)
+
+
+def test_an_expired_sas_url_is_refused_by_storage_and_reported(
+    store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = PayloadWriter(store, job_id=JOB, signing_key=KEY, sas_expiry=1.0)
+    task = w.prepare("t-late", _batch((len, ([1],), {})))
+    env = _node_env(task, tmp_path)
+    expiry = worker.url_expiry(env[payload.PAYLOAD_URL_ENV])
+    assert expiry is not None
+    while worker._now() <= expiry + timedelta(seconds=1):
+        time.sleep(0.1)
+    # An expired SAS URL gets 403: Azure Storage says AuthenticationFailed, Azurite 3.37
+    # AuthorizationFailure, so the worker goes by the status and the URL's own expiry.
+    with pytest.raises(CredentialError) as refused:
+        download_url(env[payload.PAYLOAD_URL_ENV])
+    assert refused.value.status_code == 403
+    assert refused.value.error_code in {"AuthenticationFailed", "AuthorizationFailure"}
+    # The worker does not even ask...
+    code, _, err = _run(env)
+    assert code == worker.EXIT_URLS_EXPIRED
+    assert f"the task's URLs expired at {expiry:%Y-%m-%dT%H:%M:%SZ}" in err
+    # ...and when it does (its clock behind the service's), it reads the refusal the same way.
+    monkeypatch.setattr(worker, "_ensure_fresh", lambda *urls: None)
+    code, _, err = _run(env)
+    assert code == worker.EXIT_URLS_EXPIRED
+    assert err.startswith("[joblib-azurebatch worker] error: the task's URLs expired at ")
+
+
 @pytest.mark.parametrize(
     ("drop", "code"),
     [
         (payload.PAYLOAD_URL_ENV, worker.EXIT_BAD_ENVIRONMENT),
         (payload.SIGNING_KEY_ENV, worker.EXIT_BAD_ENVIRONMENT),
+        # Batch sets both on every task; without them a swapped payload would pass.
+        (worker.JOB_ID_ENV, worker.EXIT_BAD_ENVIRONMENT),
+        (worker.TASK_ID_ENV, worker.EXIT_BAD_ENVIRONMENT),
     ],
 )
 def test_missing_environment_is_an_infrastructure_failure(
@@ -266,7 +315,7 @@ def test_runs_as_a_module(store: BlobStore, tmp_path: Path) -> None:
     done = _run_module(env, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "[joblib-azurebatch worker]" in done.stdout
-    assert read_result(store.download(task.result_blob), KEY).result() == [6]
+    assert _result(store, task).result() == [6]
     done = _run_module({"PATH": env["PATH"]}, tmp_path)
     assert done.returncode == worker.EXIT_BAD_ENVIRONMENT
     assert "JOBLIB_AZUREBATCH_PAYLOAD_URL" in done.stderr
@@ -303,7 +352,7 @@ def test_sys_exit_in_the_function_is_its_result(store: BlobStore, tmp_path: Path
     code, _, err = _run(_node_env(task, tmp_path))
     assert (code, err) == (0, "")  # a deterministic exit is not retried by Batch
     with pytest.raises(SystemExit) as info:
-        read_result(store.download(task.result_blob), KEY).result()
+        _result(store, task).result()
     assert info.value.code == 3
 
 
@@ -316,7 +365,7 @@ def test_keyboard_interrupt_in_the_function_is_its_result(store: BlobStore, tmp_
     code, _, err = _run(_node_env(task, tmp_path))
     assert (code, err) == (0, "")
     with pytest.raises(KeyboardInterrupt, match="raised by the function"):
-        read_result(store.download(task.result_blob), KEY).result()
+        _result(store, task).result()
 
 
 def test_the_worker_ends_after_the_result_whatever_threads_the_function_left(
@@ -344,4 +393,4 @@ def test_the_worker_ends_after_the_result_whatever_threads_the_function_left(
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 60  # not the thread's 600 s
     assert "uploaded the result" in done.stdout  # flushed before the process ended
-    assert read_result(store.download(task.result_blob), KEY).result() == [2]
+    assert _result(store, task).result() == [2]

@@ -126,7 +126,7 @@ def test_worker_runs_a_real_payload(venv_python: Path, store: BlobStore, tmp_pat
     done = _run_task(venv_python, task, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "signature verified" in done.stdout
-    result = read_result(store.download(task.result_blob), KEY)
+    result = read_result(store.download(task.result_blob), KEY, job_id=JOB, task_id=task.task_id)
     assert result.worker == payload.versions()
     expected = [fit_coef(X, y, slice(0, 5000)), fit_coef(X, y, slice(5000, None))]
     assert result.result() == expected
@@ -147,7 +147,9 @@ def test_version_mismatch_is_a_clear_result_and_exit_0(
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
     with pytest.raises(VersionMismatchError) as info:
-        read_result(store.download(task.result_blob), KEY).result()
+        read_result(
+            store.download(task.result_blob), KEY, job_id=JOB, task_id=task.task_id
+        ).result()
     message = str(info.value)
     assert "different: cloudpickle" in message
     assert "pip install cloudpickle==2.0.0" in message
@@ -184,6 +186,8 @@ def test_a_module_the_image_lacks_is_named_with_the_fix(
     done = _run_task(venv_python, task, tmp_path)
     assert done.returncode == 0, done.stderr  # reported as the task's result: no retry
     with pytest.raises(ModuleNotFoundError, match="No module named '_pytest'") as info:
-        read_result(store.download(task.result_blob), KEY).result()
+        read_result(
+            store.download(task.result_blob), KEY, job_id=JOB, task_id=task.task_id
+        ).result()
     assert "The node lacks a module" in "\n".join(getattr(info.value, "__notes__", []))
     assert isinstance(info.value.__cause__, payload.RemoteTraceback)

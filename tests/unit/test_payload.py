@@ -30,6 +30,7 @@ from joblib_azurebatch.payload import (
     SIGNING_KEY_ENV,
     PayloadWriter,
     RemoteTraceback,
+    check_task_binding,
     check_versions,
     decode_task,
     encode_result,
@@ -86,9 +87,11 @@ def run_on_worker(store: MemoryStore, task: payload.PreparedTask, key: bytes = K
         value, error = calls(), None
     except Exception as e:
         value, error = None, e
-    return read_result(
-        encode_result(task_id=envelope.task_id, key=key, value=value, error=error), key
+    check_task_binding(envelope, job_id="job1", task_id=task.task_id)
+    data = encode_result(
+        job_id=envelope.job_id, task_id=envelope.task_id, key=key, value=value, error=error
     )
+    return read_result(data, key, job_id="job1", task_id=task.task_id)
 
 
 def writer(store: MemoryStore, threshold: int = 1024) -> PayloadWriter:
@@ -298,16 +301,18 @@ def test_exception_that_does_not_pickle_becomes_remote_error(
 
 
 def test_unpicklable_return_value_is_a_payload_error_result() -> None:
-    data = encode_result(task_id="t", key=KEY, value=[threading.Lock()])
-    result = read_result(data, KEY)
+    data = encode_result(job_id="j", task_id="t", key=KEY, value=[threading.Lock()])
+    result = read_result(data, KEY, job_id="j", task_id="t")
     assert not result.ok
     with pytest.raises(PayloadError, match="return value of task t cannot be pickled"):
         result.result()
 
 
 def test_timings_and_worker_versions_travel() -> None:
-    data = encode_result(task_id="t", key=KEY, value=[1], timings={"run": 1.5, "download": 0.25})
-    result = read_result(data, KEY)
+    data = encode_result(
+        job_id="j", task_id="t", key=KEY, value=[1], timings={"run": 1.5, "download": 0.25}
+    )
+    result = read_result(data, KEY, job_id="j", task_id="t")
     assert result.timings == {"run": 1.5, "download": 0.25}
     assert result.worker == payload.versions()
     assert result.result() == [1]
@@ -339,7 +344,7 @@ def test_wrong_key_truncation_and_wrong_kind_are_refused() -> None:
     with pytest.raises(PayloadError):
         decode_task(data[:20], KEY)
     with pytest.raises(PayloadError, match="wrong magic"):
-        read_result(data, KEY)  # a task envelope is not a result envelope
+        read_result(data, KEY, job_id="job1", task_id="t")  # a task envelope is not a result
     assert decode_task(data, KEY).task_id == "t"
 
 
@@ -348,6 +353,100 @@ def test_unknown_envelope_version_is_refused() -> None:
     data[4] = 99
     with pytest.raises(PayloadError, match="envelope version 99"):
         decode_task(bytes(data), KEY)
+
+
+def _sealed_as_version(magic: bytes, body: dict[str, Any], version: int) -> bytes:
+    """An envelope as a release writing ``version`` would seal it, with the same key."""
+    data = pickle.dumps(body, protocol=4)
+    head = magic + bytes([version])
+    return head + hmac.new(KEY, head + data, hashlib.sha256).digest() + data
+
+
+def test_an_envelope_of_the_previous_format_is_refused_on_both_sides() -> None:
+    old_result = {"task_id": "t", "ok": True, "value": pickle.dumps([1]), "exception": None}
+    data = _sealed_as_version(payload.RESULT_MAGIC, old_result, 1)
+    with pytest.raises(PayloadError) as info:
+        read_result(data, KEY, job_id="j", task_id="t")
+    message = str(info.value)
+    assert "task result has envelope version 1, this side reads version 2" in message
+    assert "an older release of joblib-azurebatch wrote it" in message
+    assert "install the same release in both" in message
+    newer = bytearray(_sealed())
+    newer[4] = payload.ENVELOPE_VERSION + 1
+    with pytest.raises(PayloadError, match="a newer release of joblib-azurebatch wrote it"):
+        decode_task(bytes(newer), KEY)
+
+
+# ---------------------------------------------------------------------- binding to the task
+
+
+def test_a_payload_swapped_into_another_tasks_blob_is_refused_by_the_worker_check() -> None:
+    store = MemoryStore()
+    w = writer(store)
+    a = w.prepare("task-a", batch((add, (1,), {})))
+    b = w.prepare("task-b", batch((add, (2,), {})))
+    # Someone who may write to the container swaps the two payload blobs: both still
+    # verify, since they were signed with the job's key.
+    blobs = store.blobs
+    blobs[a.payload_blob], blobs[b.payload_blob] = blobs[b.payload_blob], blobs[a.payload_blob]
+    reached_a = decode_task(blobs[a.payload_blob], KEY)
+    assert reached_a.task_id == "task-b"
+    with pytest.raises(PayloadError) as info:
+        check_task_binding(reached_a, job_id="job1", task_id="task-a")
+    message = str(info.value)
+    assert "written for task task-b of job job1, but this is task task-a of job job1" in message
+    assert "replaced with another task's payload" in message
+    with pytest.raises(PayloadError, match="written for task task-a of job job1"):
+        check_task_binding(decode_task(blobs[b.payload_blob], KEY), job_id="job1", task_id="task-b")
+    # Unswapped, each payload passes the check on its own task.
+    c = w.prepare("task-c", batch((add, (3,), {})))
+    check_task_binding(decode_task(blobs[c.payload_blob], KEY), job_id="job1", task_id="task-c")
+
+
+def test_a_payload_of_another_job_is_refused_by_the_worker_check() -> None:
+    store = MemoryStore()
+    other = PayloadWriter(store, job_id="job2", signing_key=KEY, sas_expiry=600.0)
+    envelope = decode_task(
+        store.blobs[other.prepare("t", batch((add, (1,), {}))).payload_blob], KEY
+    )
+    with pytest.raises(
+        PayloadError, match="written for task t of job job2, but this is task t of job job1"
+    ):
+        check_task_binding(envelope, job_id="job1", task_id="t")
+
+
+def test_a_result_of_task_b_read_as_task_a_is_refused() -> None:
+    data = encode_result(job_id="job1", task_id="task-b", key=KEY, value=[2])
+    assert read_result(data, KEY, job_id="job1", task_id="task-b").result() == [2]
+    with pytest.raises(PayloadError) as info:
+        read_result(data, KEY, job_id="job1", task_id="task-a")
+    message = str(info.value)
+    assert "result read for task task-a of job job1 was written by task task-b of job job1" in (
+        message
+    )
+    assert "replaced with another task's result" in message
+
+
+def test_a_result_of_another_job_is_refused() -> None:
+    # Two jobs of one client never share a key, but the check does not rely on it.
+    data = encode_result(job_id="job2", task_id="t", key=KEY, value=[2])
+    with pytest.raises(PayloadError, match="written by task t of job job2"):
+        read_result(data, KEY, job_id="job1", task_id="t")
+
+
+def test_a_result_names_the_attempt_that_wrote_it() -> None:
+    attempt = payload.new_attempt("tvm-7")
+    data = encode_result(job_id="j", task_id="t", key=KEY, attempt=attempt, value=[1])
+    result = read_result(data, KEY, job_id="j", task_id="t")
+    assert (result.job_id, result.task_id, result.attempt) == ("j", "t", attempt)
+    assert attempt["node_id"] == "tvm-7"
+    assert attempt["started"].endswith("Z")
+    # Two runs of one task on one node, started in the same second, still differ.
+    assert payload.new_attempt("tvm-7")["nonce"] != attempt["nonce"]
+    unnamed = read_result(
+        encode_result(job_id="j", task_id="t", key=KEY, value=[1]), KEY, job_id="j", task_id="t"
+    )
+    assert set(unnamed.attempt) == {"node_id", "started", "nonce"}
 
 
 class _Boom:
@@ -419,9 +518,9 @@ def test_version_mismatch_says_what_to_build_or_install(change: dict[str, str], 
 def test_version_mismatch_result_raises_on_the_client() -> None:
     with pytest.raises(VersionMismatchError) as mismatch:
         check_versions({**payload.versions(), "python": "2.7"})
-    data = encode_result(task_id="t", key=KEY, error=mismatch.value)
+    data = encode_result(job_id="j", task_id="t", key=KEY, error=mismatch.value)
     with pytest.raises(VersionMismatchError, match=r"PYTHON_VERSION=2\.7"):
-        read_result(data, KEY).result()
+        read_result(data, KEY, job_id="j", task_id="t").result()
 
 
 def _class_in_a_module_the_client_lacks(name: str) -> dict[str, Any]:
@@ -435,10 +534,12 @@ def _class_in_a_module_the_client_lacks(name: str) -> dict[str, Any]:
 def test_exception_whose_class_the_client_lacks_becomes_remote_error() -> None:
     namespace = _class_in_a_module_the_client_lacks("only_on_the_node")
     try:
-        data = encode_result(task_id="t", key=KEY, error=namespace["Gone"]("from the node"))
+        data = encode_result(
+            job_id="j", task_id="t", key=KEY, error=namespace["Gone"]("from the node")
+        )
     finally:
         del sys.modules["only_on_the_node"]
-    result = read_result(data, KEY)
+    result = read_result(data, KEY, job_id="j", task_id="t")
     assert result.exception_bytes is not None  # it did pickle on the node
     with pytest.raises(RemoteError) as info:
         result.result()
@@ -449,11 +550,11 @@ def test_exception_whose_class_the_client_lacks_becomes_remote_error() -> None:
 def test_value_whose_class_the_client_lacks_is_a_clear_payload_error() -> None:
     namespace = _class_in_a_module_the_client_lacks("only_on_the_node_too")
     try:
-        data = encode_result(task_id="t9", key=KEY, value=[namespace["Value"]()])
+        data = encode_result(job_id="j", task_id="t9", key=KEY, value=[namespace["Value"]()])
     finally:
         del sys.modules["only_on_the_node_too"]
     with pytest.raises(PayloadError, match="result of task t9 cannot be unpickled here"):
-        read_result(data, KEY).result()
+        read_result(data, KEY, job_id="j", task_id="t9").result()
 
 
 # ---------------------------------------------------------------------- warning filters
