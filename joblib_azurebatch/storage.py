@@ -5,12 +5,14 @@ Entra ID token credential) in a `BlobStore`, uploads what tasks read, and signs 
 scoped to one blob, one permission set and an expiry. A node never sees that credential:
 the worker only calls `download_url` and `upload_url` on the SAS URLs it was given.
 
-Every Azure SDK error is translated at this boundary into the project's errors with
-``raise ... from e``: a refused credential or SAS becomes `CredentialError`, a missing blob
-`FileNotFoundError`, anything else that survives the SDK's own retries `ServiceError`
-(`ThrottledError` for a 429 or 503), with the HTTP status, the service's error code and the
-operation as fields. Messages name the account, container and blob, never a key or a SAS
-signature.
+Every request is retried for a time budget, waiting as ``Retry-After`` asks
+(:mod:`joblib_azurebatch.retries`): ``BatchConfig.retry_budget`` on the client, a few minutes
+on a node. Every Azure SDK error is translated at this boundary into the project's errors
+with ``raise ... from e``: a refused credential or SAS becomes `CredentialError`, a missing
+blob `FileNotFoundError`, anything else that is still failing when the budget is spent
+`ServiceError` (`ThrottledError` for a 429 or 503), with the HTTP status, the service's
+error code and the operation as fields. Messages name the account, container and blob,
+never a key or a SAS signature.
 
 Every client sends a user agent that names this library and its version, in front of the
 SDK's own, so that the account's logs tell its requests apart.
@@ -45,6 +47,7 @@ from azure.storage.blob import (
     generate_container_sas,
 )
 
+from joblib_azurebatch import retries
 from joblib_azurebatch.config import _package_version
 from joblib_azurebatch.credentials import CredentialLease, lease_credential
 from joblib_azurebatch.errors import ConfigError, CredentialError, ServiceError, service_error
@@ -54,14 +57,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BlobStore", "download_url", "redact_url", "upload_url"]
 
-# Storage's default first back-off is 15 s; a job waits on these calls, so retry sooner and
-# more often, still letting the SDK honour throttling and transient 5xx answers.
-_RETRY_KWARGS: dict[str, Any] = {
-    "initial_backoff": 1,
-    "increment_base": 2,
-    "retry_total": 6,
-    "random_jitter_range": 1,
-}
 _CLIENT_KWARGS: dict[str, Any] = {
     "user_agent": f"joblib-azurebatch/{_package_version()}",
     "connection_timeout": 20,
@@ -79,8 +74,74 @@ _CLOCK_SKEW = timedelta(minutes=5)
 _MAX_DELEGATION = timedelta(days=7)
 
 
-def _client_kwargs(ca_bundle: str | None = None) -> dict[str, Any]:
-    kwargs = {**_CLIENT_KWARGS, "retry_policy": ExponentialRetry(**_RETRY_KWARGS)}
+class _BudgetBlobRetry(ExponentialRetry):
+    """azure-storage-blob's retry policy, retrying for a time budget instead of a count,
+    and waiting as ``Retry-After`` asks (its own waits ignore the header).
+
+    The SDK's loop sends the attempts and decides which answers are worth one: 408 and
+    every 5xx but 501 and 505 (Azure Storage throttles with 503 ``ServerBusy`` and 500
+    ``OperationTimedOut``, never 429), and connection errors. :mod:`.retries` decides how
+    long to wait and when to stop. A per-call ``retry_total=0`` still turns retries off.
+    """
+
+    #: Counts that never run out before the budget does.
+    _UNCOUNTED = 1 << 30
+
+    def __init__(self, budget: retries.RetryBudget) -> None:
+        super().__init__(
+            retry_total=self._UNCOUNTED,
+            retry_connect=self._UNCOUNTED,
+            retry_read=self._UNCOUNTED,
+            retry_status=self._UNCOUNTED,
+        )
+        self._budget = budget
+
+    def configure_retries(self, request: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().configure_retries(request)
+        settings["attempts"] = self._budget.start()
+        settings["wait"] = 0.0
+        return settings
+
+    def increment(
+        self,
+        settings: dict[str, Any],
+        request: Any,
+        response: Any = None,
+        error: AzureError | None = None,
+    ) -> bool:
+        if not super().increment(settings, request, response=response, error=error):
+            return False
+        # The path only: a SAS signature never reaches a log line.
+        what = f"{request.method} {urlsplit(str(request.url)).path}"
+        if response is not None:
+            reason = f"{what} answered {response.status_code}"
+            asked = retries.retry_after(response.headers)
+            # Read the refusal (a short XML body) so that its connection goes back to the
+            # pool: a download's answer is streamed, and would otherwise stay unread and
+            # hold its connection until it is garbage-collected.
+            with suppress(Exception):
+                response.body()
+        else:
+            reason = f"{what} failed ({type(error).__name__})"
+            asked = None
+        wait = settings["attempts"].next_wait(asked, reason=reason)
+        if wait is None:
+            return False
+        settings["wait"] = wait
+        return True
+
+    def sleep(self, settings: dict[str, Any], transport: Any) -> None:
+        if settings["wait"] > 0:
+            transport.sleep(settings["wait"])
+
+
+def _client_kwargs(
+    ca_bundle: str | None = None, *, retry_budget: float = retries.DEFAULT_RETRY_BUDGET
+) -> dict[str, Any]:
+    kwargs = {
+        **_CLIENT_KWARGS,
+        "retry_policy": _BudgetBlobRetry(retries.RetryBudget(seconds=retry_budget)),
+    }
     if ca_bundle:
         kwargs["connection_verify"] = ca_bundle
     return kwargs
@@ -211,7 +272,8 @@ class BlobStore:
         if cfg.storage_connection_string:
             try:
                 service = BlobServiceClient.from_connection_string(
-                    cfg.storage_connection_string, **_client_kwargs(cfg.ca_bundle)
+                    cfg.storage_connection_string,
+                    **_client_kwargs(cfg.ca_bundle, retry_budget=cfg.retry_budget),
                 )
             except (ValueError, AzureError) as e:
                 raise CredentialError(
@@ -237,14 +299,16 @@ class BlobStore:
             service = BlobServiceClient(
                 account_url=url,
                 credential={"account_name": cfg.storage_account, "account_key": cfg.storage_key},
-                **_client_kwargs(cfg.ca_bundle),
+                **_client_kwargs(cfg.ca_bundle, retry_budget=cfg.retry_budget),
             )
             return cls(service, cfg.container, account_key=cfg.storage_key)
         lease = lease_credential(cfg, cfg.storage_credential, _default_credential)
         token = lease.credential
         try:
             service = BlobServiceClient(
-                account_url=url, credential=token, **_client_kwargs(cfg.ca_bundle)
+                account_url=url,
+                credential=token,
+                **_client_kwargs(cfg.ca_bundle, retry_budget=cfg.retry_budget),
             )
         except BaseException:
             lease.release()
@@ -465,8 +529,11 @@ class BlobStore:
 
 
 def _blob_client(url: str) -> BlobClient:
+    # A node has no config: its budget is retries.WORKER_RETRY_BUDGET, or what the node's
+    # environment sets (a task that gives up exits non-zero and Batch retries it).
+    kwargs = _client_kwargs(retry_budget=retries.worker_retry_budget())
     try:
-        return BlobClient.from_blob_url(url, **_client_kwargs())
+        return BlobClient.from_blob_url(url, **kwargs)
     except ValueError as e:
         raise ValueError(f"not a blob URL: {redact_url(url)}") from e
 

@@ -7,6 +7,7 @@ import base64
 import pickle
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from azure.batch import BatchClient
@@ -95,8 +96,8 @@ def test_service_error_picks_the_class_from_the_answer(
 # ---------------------------------------------------------------------- Batch
 
 
-def _batch_config(url: str) -> BatchConfig:
-    return BatchConfig(batch_url=url, batch_account=ACCOUNT, batch_key=KEY, pool_id="p")
+def _batch_config(url: str, **fields: Any) -> BatchConfig:
+    return BatchConfig(batch_url=url, batch_account=ACCOUNT, batch_key=KEY, pool_id="p", **fields)
 
 
 def _answering(answer: Answer) -> Callable[[str, str], Answer]:
@@ -165,7 +166,8 @@ def test_a_conflict_that_is_not_listed_is_a_service_error_with_its_fields() -> N
 def test_a_reached_job_quota_is_a_quota_error() -> None:
     answer = batch_error(409, "ActiveJobAndScheduleQuotaReached")
     with canned_server(_answering(answer)) as server:
-        svc = BatchService.from_config(_batch_config(server.url))
+        # A reached quota is waited out for the retry budget; this one is too short to wait.
+        svc = BatchService.from_config(_batch_config(server.url, retry_budget=0.5))
         try:
             with pytest.raises(QuotaError) as info:
                 svc.create_job("j", "p")
@@ -192,10 +194,10 @@ def test_a_refused_key_is_a_credential_error_with_its_fields() -> None:
 
 
 def test_throttling_that_outlasts_the_retries_is_a_throttled_error() -> None:
-    # retry-after-ms keeps the SDK's eight retries to milliseconds.
-    answer = batch_error(429, "TooManyRequests", **{"retry-after-ms": "1"})
+    # retry-after-ms keeps the waits to milliseconds, and the retry budget to half a second.
+    answer = batch_error(429, "TooManyRequests", **{"retry-after-ms": "20"})
     with canned_server(_answering(answer)) as server:
-        svc = BatchService.from_config(_batch_config(server.url))
+        svc = BatchService.from_config(_batch_config(server.url, retry_budget=0.5))
         try:
             with pytest.raises(ThrottledError) as info:
                 svc.get_pool("p")
