@@ -19,6 +19,7 @@ every callback, and ends only the runs whose ``Parallel`` has stopped running.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 from concurrent.futures import Future
@@ -257,8 +258,10 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
     def abort_everything(self, ensure_ready: bool = True) -> None:
         """Terminate the remaining tasks of the run being aborted (its job stays until
         ``stop_call``/``terminate`` deletes it)."""
+        # joblib aborts from inside its exception handler: name a Ctrl-C in the run's line.
+        why = "Ctrl-C" if isinstance(sys.exc_info()[1], KeyboardInterrupt) else ""
         for run in self._finished_runs(aborting=True):
-            run.abort()
+            run.abort(why=why)
 
     def stop_call(self) -> None:
         self._close_finished()

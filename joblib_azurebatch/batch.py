@@ -14,13 +14,16 @@ Why it looks the way it does:
 * Progress is read from the job's task counts and one filtered, ``$select``-ed listing of the
   tasks that completed since the last look; a per-task GET would cost one request per task
   per poll.
-* Throttling (429) and unavailability (503) are retried by the azure-core ``RetryPolicy``,
-  which honours ``Retry-After``; what is still refused after the retries becomes a
-  :class:`~joblib_azurebatch.errors.ThrottledError`, a reached account quota a
-  :class:`~joblib_azurebatch.errors.QuotaError`, with the status, the service's error code
-  and the operation as fields. Adding tasks is retried here instead, against a time budget
-  (``BatchConfig.retry_budget``) rather than a count: a throttled submission costs time, not
-  the run, and the SDK's own retries are switched off for it so that the two do not stack.
+* Throttling (429), unavailability (503), other transient answers and connection errors
+  are retried by azure-core's ``RetryPolicy`` for a time budget (``BatchConfig.retry_budget``)
+  rather than a count, waiting as ``Retry-After`` asks (:mod:`joblib_azurebatch.retries`):
+  a throttled request costs time, not the run. What is still refused when the budget is
+  spent becomes a :class:`~joblib_azurebatch.errors.ThrottledError`, a reached account
+  quota a :class:`~joblib_azurebatch.errors.QuotaError`, with the status, the service's
+  error code and the operation as fields. Adding tasks is retried here instead, with the
+  same budget and waits, because a resend carries only the tasks not added yet; the SDK's
+  own retries are switched off for it so that the two do not stack. Creating a job waits
+  out a reached job quota for the same budget.
 * Every call goes through :meth:`BatchService._call`, which also swallows the answers that
   mean "already done" (a 404 on delete, ``PoolExists`` on create), so that each method says
   which those are in one line instead of its own ``try`` ladder.
@@ -29,7 +32,6 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import datetime as _dt
-import email.utils
 import json
 import logging
 import random
@@ -39,7 +41,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlparse
@@ -62,12 +64,14 @@ from azure.core.exceptions import (
 from azure.core.pipeline.policies import RetryPolicy
 from azure.core.polling import LROPoller
 
+from . import retries
 from .config import _package_version
 from .credentials import CredentialLease, lease_credential
 from .errors import (
     AzureBatchError,
     ConfigError,
     CredentialError,
+    QuotaError,
     ServiceError,
     is_quota_code,
     service_error,
@@ -99,14 +103,23 @@ MAX_BODY_BYTES = 900_000
 #: How many addtaskcollection calls run at once.
 SUBMIT_CONCURRENCY = 4
 #: Without ``Retry-After``, the first wait before resending a chunk; it doubles each time.
-SUBMIT_BACKOFF_FIRST = 0.25
+SUBMIT_BACKOFF_FIRST = retries.BACKOFF_FIRST
 #: The longest wait between two attempts without ``Retry-After``.
-SUBMIT_BACKOFF_MAX = 30.0
+SUBMIT_BACKOFF_MAX = retries.BACKOFF_MAX
 #: The longest wait a ``Retry-After`` is honoured for in one go: a longer one is waited out
 #: in steps of this, each followed by an attempt.
-RETRY_AFTER_MAX = 60.0
+RETRY_AFTER_MAX = retries.RETRY_AFTER_MAX
 #: Seconds a chunk is retried by default (``BatchConfig.retry_budget``).
-DEFAULT_RETRY_BUDGET = 600.0
+DEFAULT_RETRY_BUDGET = retries.DEFAULT_RETRY_BUDGET
+#: The first wait before creating a job again when the account's job quota is reached; it
+#: doubles up to ``QUOTA_WAIT_MAX``. A quota frees up as other runs end, in minutes.
+QUOTA_WAIT_FIRST = 5.0
+QUOTA_WAIT_MAX = 60.0
+#: What each quota error code counts, for messages.
+_QUOTA_NAMES = {
+    "ActiveJobAndScheduleQuotaReached": "active jobs and job schedules",
+    "PoolQuotaReached": "pools",
+}
 
 _READY_NODE_STATES = frozenset({"idle", "running"})
 
@@ -163,6 +176,12 @@ class PoolSpec:
     #: The start task that installs the client's environment (the default, no-image path);
     #: ``start_task_command`` then runs before it, in the same shell.
     start_task: StartTaskSpec | None = None
+    #: Name/value pairs stored on the pool when it is created: who created it, and whether
+    #: the library may delete it once idle (see :mod:`joblib_azurebatch.pools`).
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    #: With a formula, the pool is created autoscaling (the formula sizes it, not the node
+    #: counts): how a pool the library creates stops billing when it is left idle.
+    autoscale_formula: str | None = None
 
     @classmethod
     def from_config(cls, cfg: BatchConfig, *, start_task: StartTaskSpec | None = None) -> PoolSpec:
@@ -207,6 +226,8 @@ class PoolInfo:
     resize_errors: tuple[str, ...] = ()
     #: Node state -> count; only filled by :meth:`BatchService.wait_for_capacity`.
     node_states: Mapping[str, int] = field(default_factory=dict)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    auto_scale: bool = False
 
     @property
     def ready_nodes(self) -> int:
@@ -229,6 +250,13 @@ class JobInfo:
     pool_id: str | None
     state: str
     creation_time: _dt.datetime | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    #: Why the job ended, when it was terminated (``executionInfo.terminateReason``).
+    terminate_reason: str = ""
+
+
+#: What a job listing or read asks for.
+_JOB_FIELDS = ("id", "poolInfo", "state", "creationTime", "metadata", "executionInfo")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,6 +337,33 @@ def pool_differences(info: PoolInfo, spec: PoolSpec) -> list[str]:
 # --------------------------------------------------------------------------- helpers
 
 
+def _metadata(items: Sequence[Any] | None) -> dict[str, str]:
+    """The service's name/value list as a dict."""
+    return {str(m.name): str(m.value or "") for m in items or () if m is not None and m.name}
+
+
+def _metadata_items(values: Mapping[str, str]) -> list[bm.BatchMetadataItem] | None:
+    return [bm.BatchMetadataItem(name=k, value=v) for k, v in values.items()] or None
+
+
+def _holds(have: Mapping[str, str], want: Mapping[str, str]) -> bool:
+    return all(have.get(k) == v for k, v in want.items())
+
+
+def _sizing(spec: PoolSpec) -> dict[str, Any]:
+    """Fixed node counts, or an autoscale formula (the service refuses both at once)."""
+    if spec.autoscale_formula:
+        return {
+            "enable_auto_scale": True,
+            "auto_scale_formula": spec.autoscale_formula,
+            "auto_scale_evaluation_interval": _dt.timedelta(minutes=5),
+        }
+    return {
+        "target_dedicated_nodes": spec.dedicated_nodes,
+        "target_low_priority_nodes": spec.spot_nodes,
+    }
+
+
 def _enum_text(value: Any) -> str:
     """Lower-cased text of an SDK enum or of the raw string the service sent."""
     if value is None:
@@ -351,40 +406,85 @@ def _error_message(e: AzureError) -> str:
 
 
 def _retry_after(e: HttpResponseError) -> float | None:
-    """Seconds the answer asks to wait, if it says: ``Retry-After`` as seconds or as an HTTP
-    date, else ``retry-after-ms`` (which azure-core reads too, for waits under a second)."""
+    """Seconds the answer asks to wait, if it says (see :func:`.retries.retry_after`)."""
     response = getattr(e, "response", None)
-    headers = getattr(response, "headers", None)
-    if not headers:
-        return None
-    found = {str(k).lower(): str(v).strip() for k, v in headers.items()}
-    text = found.get("retry-after", "")
-    if not text:
-        millis = found.get("retry-after-ms") or found.get("x-ms-retry-after-ms")
-        try:
-            return max(float(millis), 0.0) / 1000 if millis else None
-        except ValueError:
-            return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            moment = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=_dt.timezone.utc)
-        seconds = (moment - _dt.datetime.now(_dt.timezone.utc)).total_seconds()
-    return max(seconds, 0.0)
+    return retries.retry_after(getattr(response, "headers", None))
 
 
 def _backoff(retry: int) -> float:
     """The wait before the ``retry``-th resend (from 1) when the service gave no
-    ``Retry-After``: doubling from ``SUBMIT_BACKOFF_FIRST`` up to ``SUBMIT_BACKOFF_MAX``, of
-    which the lower half is random so that the four submission threads and other clients
-    throttled at the same moment do not all come back at the same moment."""
-    ceiling = min(SUBMIT_BACKOFF_FIRST * 2 ** (retry - 1), SUBMIT_BACKOFF_MAX)
-    return random.uniform(ceiling / 2, ceiling)
+    ``Retry-After`` (see :func:`.retries.backoff`): jittered so that the four submission
+    threads and other clients throttled at the same moment do not all come back at once."""
+    return retries.backoff(
+        retry, first=SUBMIT_BACKOFF_FIRST, ceiling=SUBMIT_BACKOFF_MAX, uniform=random.uniform
+    )
+
+
+#: Retries of one poll (task counts, the completed tasks listing): the tracker polls again
+#: a moment later and keeps its own budget, so a poll must not block its thread (and the
+#: watchdog it runs) for the whole retry budget.
+POLL_RETRIES = 2
+
+
+class _BudgetRetryPolicy(RetryPolicy):  # type: ignore[type-arg]
+    """azure-core's ``RetryPolicy``, retrying for a time budget instead of a count.
+
+    azure-core's loop sends the attempts and decides which answers are worth one (408,
+    429, 500, 502, 503, 504, any answer with ``Retry-After``, and connection errors);
+    :mod:`.retries` decides how long to wait and when to stop. POST and PATCH are resent
+    too, which azure-core only does for 500/503/504: every POST this library sends is safe
+    to repeat (a create treats ``PoolExists`` / ``JobExists`` as done, a terminate
+    ``JobBeingTerminated`` / ``JobCompleted``, and adding tasks retries by itself with
+    ``retry_total=0``). A per-call ``retry_total=0`` still turns every retry off.
+
+    azure-core's own ``timeout`` is left alone: when it runs out it raises a bare
+    ``ServiceResponseTimeoutError``, where the budget ends with the service's last answer
+    (its status and error code reach the caller's error).
+    """
+
+    #: Counts that never run out before the budget does.
+    _UNCOUNTED = 1 << 30
+
+    def __init__(self, budget: retries.RetryBudget) -> None:
+        super().__init__(
+            retry_total=self._UNCOUNTED,
+            retry_connect=self._UNCOUNTED,
+            retry_read=self._UNCOUNTED,
+            retry_status=self._UNCOUNTED,
+        )
+        self._budget = budget
+        self._method_whitelist = self._method_whitelist | {"POST", "PATCH"}
+
+    def configure_retries(self, options: dict[str, Any]) -> dict[str, Any]:
+        settings = super().configure_retries(options)
+        settings["attempts"] = self._budget.start()
+        settings["wait"] = 0.0
+        return settings
+
+    def increment(
+        self, settings: dict[str, Any], response: Any = None, error: Exception | None = None
+    ) -> bool:
+        if not super().increment(settings, response=response, error=error):
+            return False
+        answer = getattr(response, "http_response", None)
+        request = getattr(response, "http_request", None)
+        # The path only: no query string reaches a log line.
+        what = f"{getattr(request, 'method', '')} {urlparse(str(getattr(request, 'url', ''))).path}"
+        if answer is not None:
+            reason = f"{what} answered {answer.status_code}"
+            asked = retries.retry_after(answer.headers)
+        else:
+            reason = f"{what} failed ({type(error).__name__})"
+            asked = None
+        wait = cast(retries.Attempts, settings["attempts"]).next_wait(asked, reason=reason)
+        if wait is None:
+            return False
+        settings["wait"] = wait
+        return True
+
+    def sleep(self, settings: dict[str, Any], transport: Any, response: Any = None) -> None:
+        if settings["wait"] > 0:
+            transport.sleep(settings["wait"])
 
 
 def _task_body_size(task: bm.BatchTaskCreateOptions) -> int:
@@ -500,9 +600,7 @@ class BatchService:
             client = BatchClient(
                 endpoint=url,
                 credential=credential,
-                retry_policy=RetryPolicy(
-                    retry_total=8, retry_backoff_factor=0.5, retry_backoff_max=30
-                ),
+                retry_policy=_BudgetRetryPolicy(retries.RetryBudget(seconds=cfg.retry_budget)),
                 connection_timeout=30,
                 read_timeout=120,
                 user_agent=_USER_AGENT,
@@ -629,6 +727,8 @@ class BatchService:
             image_names=images,
             resize_errors=errors,
             node_states=dict(node_states or {}),
+            metadata=_metadata(pool.metadata),
+            auto_scale=bool(pool.enable_auto_scale),
         )
 
     def get_pool(self, pool_id: str) -> PoolInfo | None:
@@ -642,8 +742,13 @@ class BatchService:
         with self._call("list the pools"):
             return [self._pool_info(p) for p in self._client.list_pools()]
 
-    def create_pool(self, spec: PoolSpec) -> None:
-        """Create the pool; a ``PoolExists`` answer (another client won the race) is fine."""
+    def create_pool(self, spec: PoolSpec) -> bool:
+        """Create the pool; True if this request made it.
+
+        ``PoolExists`` is not an error (another client won the race, or this request's
+        first attempt did and its reply was lost): it returns False, and :meth:`ensure_pool`
+        tells the two apart by the pool's metadata.
+        """
         registries = None
         if spec.registry_server:
             registries = [
@@ -671,14 +776,15 @@ class BatchService:
                     container_registries=registries,
                 ),
             ),
-            target_dedicated_nodes=spec.dedicated_nodes,
-            target_low_priority_nodes=spec.spot_nodes,
             task_slots_per_node=spec.task_slots_per_node,
             task_scheduling_policy=bm.BatchTaskSchedulingPolicy(node_fill_type="spread"),
             start_task=start_task,
+            metadata=_metadata_items(spec.metadata),
+            **_sizing(spec),
         )
         with self._call(f"create the pool {spec.pool_id}", ok_codes=("PoolExists",)):
             self._client.create_pool(options)
+            return True
 
     @staticmethod
     def _start_task(spec: PoolSpec) -> bm.BatchStartTask | None:
@@ -727,11 +833,14 @@ class BatchService:
         while True:
             info = self.get_pool(spec.pool_id)
             if info is None:
-                self.create_pool(spec)
+                made = self.create_pool(spec)
                 created = self.get_pool(spec.pool_id)
                 if created is None:
                     raise ServiceError(f"the pool {spec.pool_id} vanished right after creation")
-                return created, True
+                # A lost reply resent gets PoolExists: the pool is still ours if it carries
+                # this spec's metadata (which holds a token no other client has).
+                ours = made or (bool(spec.metadata) and _holds(created.metadata, spec.metadata))
+                return created, ours
             if info.state != "deleting":
                 return info, False
             if time.monotonic() > deadline:
@@ -740,6 +849,19 @@ class BatchService:
                     "wait for it to go or choose another pool_id"
                 )
             time.sleep(max(self._poll_interval, 0.1))
+
+    def pool_status(self, pool_id: str) -> PoolInfo | None:
+        """The pool with the count of its nodes in each state, or None if it is gone."""
+        info = self.get_pool(pool_id)
+        if info is None:
+            return None
+        try:
+            states = self._node_states(pool_id)
+        except ServiceError as e:
+            if e.status_code == 404:
+                return None
+            raise
+        return replace(info, node_states=states)
 
     def _node_states(self, pool_id: str) -> dict[str, int]:
         states: dict[str, int] = {}
@@ -880,30 +1002,144 @@ class BatchService:
         ):
             self._client.begin_delete_pool(pool_id, polling_interval=5)
 
+    def enable_autoscale(self, pool_id: str, formula: str) -> None:
+        """Give the pool ``formula``, evaluated every 5 minutes and, by the service, at once.
+
+        This is how a run wakes a pool that drained while idle (:mod:`.idle`): the formula
+        with a fresh wake time sizes the pool up immediately instead of at its next
+        evaluation.
+
+        The service refuses the call for a pool more than once every 30 seconds
+        (``TooManyEnableAutoScaleRequests``, status 503, in Microsoft's table of Batch error
+        codes). That refusal means another run woke the pool moments ago with an equivalent
+        formula, so it counts as done. azure-core would retry that 503 by itself until the
+        30 seconds are over, so the SDK's retries are off for this call; throttling and
+        transient failures (408, 429, another 503, 5xx, a dropped connection) are retried
+        here instead, for at most 30 seconds: a wake that does not happen only delays the
+        pool until its formula sees the run's pending tasks.
+        """
+        what = f"enable autoscale on the pool {pool_id}"
+        options = bm.BatchPoolEnableAutoScaleOptions(
+            auto_scale_formula=formula,
+            auto_scale_evaluation_interval=_dt.timedelta(minutes=5),
+        )
+        attempts = retries.RetryBudget(
+            seconds=min(self._retry_budget, 30.0), clock=time.monotonic
+        ).start()
+        while True:
+            try:
+                with self._call(what, ok_codes=("TooManyEnableAutoScaleRequests",)):
+                    self._client.enable_pool_auto_scale(pool_id, options, retry_total=0)
+                return
+            except ServiceError as e:
+                status = e.status_code
+                if status is not None and status not in retries.RETRY_STATUSES:
+                    raise
+                cause = e.__cause__
+                asked = _retry_after(cause) if isinstance(cause, HttpResponseError) else None
+                wait = attempts.next_wait(asked, reason=f"{status} while trying to {what}")
+                if wait is None:
+                    raise
+                time.sleep(wait)
+
     # ---- jobs
 
-    def create_job(self, job_id: str, pool_id: str) -> None:
-        """One job per Parallel call; it stays active after its tasks finish (noaction)."""
+    def create_job(
+        self, job_id: str, pool_id: str, *, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        """One job per Parallel call; it stays active after its tasks finish (noaction).
+
+        ``metadata`` becomes the job's name/value metadata. ``JobExists`` is success: job
+        ids are unique per run, so an existing one can only be this call's own, made by an
+        attempt whose answer was lost (the retry policy resends a POST that got no answer).
+
+        A reached account quota (``ActiveJobAndScheduleQuotaReached``: every job that is not
+        completed counts) frees up as other runs end, so it is waited out, with one warning
+        per wait, until the retry budget is spent; then a :class:`QuotaError` names the
+        quota and what frees it.
+        """
         options = bm.BatchJobCreateOptions(
             id=job_id,
             pool_info=bm.BatchPoolInfo(pool_id=pool_id),
             uses_task_dependencies=False,
             all_tasks_complete_mode="noaction",
+            metadata=_metadata_items(metadata or {}),
         )
-        with self._call(f"create the job {job_id} on the pool {pool_id}"):
-            self._client.create_job(options)
-
-    def list_jobs(self) -> list[JobInfo]:
-        with self._call("list the jobs"):
-            return [
-                JobInfo(
-                    job_id=j.id or "",
-                    pool_id=j.pool_info.pool_id if j.pool_info is not None else None,
-                    state=_enum_text(j.state),
-                    creation_time=j.creation_time,
+        what = f"create the job {job_id} on the pool {pool_id}"
+        attempts = retries.RetryBudget(
+            seconds=self._retry_budget,
+            backoff_first=QUOTA_WAIT_FIRST,
+            backoff_max=QUOTA_WAIT_MAX,
+            warn_after=None,  # every wait has its own warning below
+            clock=time.monotonic,
+        ).start()
+        while True:
+            try:
+                with self._call(what, ok_codes=("JobExists",)):
+                    self._client.create_job(options)
+                return
+            except QuotaError as e:
+                quota = _QUOTA_NAMES.get(e.error_code, e.error_code)
+                cause = e.__cause__
+                asked = _retry_after(cause) if isinstance(cause, HttpResponseError) else None
+                wait = attempts.next_wait(asked, reason=f"{e.error_code} while trying to {what}")
+                if wait is None:
+                    raise QuotaError(
+                        f"could not {what}: the Batch account {self._account} has reached its "
+                        f"quota of {quota} ({e.error_code}), and it stayed reached for "
+                        f"{attempts.spent:.0f} s (retry_budget is {self._retry_budget:g} s). "
+                        "Jobs that are not completed count against it: delete the finished "
+                        "ones (`joblib-azurebatch cleanup` deletes this library's jobs; run it "
+                        "when no computation is running), or ask for a higher quota on the "
+                        "Batch account's Quotas page in the Azure portal.",
+                        e.status_code,
+                        e.error_code,
+                        what,
+                    ) from cause
+                _log.warning(
+                    "the Batch account %s has reached its quota of %s (%s); waiting %.1f s "
+                    "before trying to %s again (%.0f s of retry_budget left)",
+                    self._account,
+                    quota,
+                    e.error_code,
+                    wait,
+                    what,
+                    self._retry_budget - attempts.spent,
                 )
-                for j in self._client.list_jobs(select=["id", "poolInfo", "state", "creationTime"])
-            ]
+                time.sleep(wait)
+
+    @staticmethod
+    def _job_info(j: bm.BatchJob) -> JobInfo:
+        execution = j.execution_info
+        return JobInfo(
+            job_id=j.id or "",
+            pool_id=j.pool_info.pool_id if j.pool_info is not None else None,
+            state=_enum_text(j.state),
+            creation_time=j.creation_time,
+            metadata=_metadata(j.metadata),
+            terminate_reason=(execution.termination_reason or "") if execution is not None else "",
+        )
+
+    def list_jobs(self, *, pool_id: str | None = None) -> list[JobInfo]:
+        """Every job of the account, or those of one pool (filtered here: ``poolInfo`` is
+        not a filterable property)."""
+        with self._call("list the jobs"):
+            jobs = [self._job_info(j) for j in self._client.list_jobs(select=list(_JOB_FIELDS))]
+        return [j for j in jobs if pool_id is None or j.pool_id == pool_id]
+
+    def get_job(self, job_id: str) -> JobInfo | None:
+        """The job, or None if there is none (deleted, or never created)."""
+        job: bm.BatchJob | None = None
+        with self._call(f"read the job {job_id}", missing_ok=True):
+            job = self._client.get_job(job_id, select=list(_JOB_FIELDS))
+        return None if job is None else self._job_info(job)
+
+    def set_job_metadata(self, job_id: str, metadata: Mapping[str, str]) -> None:
+        """Replace the job's metadata (a PATCH: nothing else of the job changes)."""
+        with self._call(f"update the metadata of the job {job_id}"):
+            self._client.update_job(
+                job_id, bm.BatchJobUpdateOptions(metadata=_metadata_items(metadata) or [])
+            )
 
     def terminate_job(self, job_id: str, reason: str, *, wait: float = 60.0) -> None:
         """Terminate the job: running tasks are killed, active ones never start.
@@ -1113,7 +1349,7 @@ class BatchService:
 
     def task_counts(self, job_id: str) -> TaskCounts:
         with self._call(f"read the task counts of the job {job_id}"):
-            counts = self._client.get_job_task_counts(job_id).task_counts
+            counts = self._client.get_job_task_counts(job_id, retry_total=POLL_RETRIES).task_counts
         return TaskCounts(
             active=counts.active,
             running=counts.running,
@@ -1139,6 +1375,7 @@ class BatchService:
                 filter=query,
                 select=["id", "state", "stateTransitionTime", "executionInfo", "nodeInfo"],
                 max_results=1000,
+                retry_total=POLL_RETRIES,
             ):
                 outcomes.append(self._outcome(task))
         return outcomes

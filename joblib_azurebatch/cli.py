@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import hashlib
 import os
-import re
 import shlex
 import signal
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from joblib_azurebatch.errors import AzureBatchError
+from joblib_azurebatch.liveness import STALE_AFTER
 
 if TYPE_CHECKING:
     from joblib_azurebatch.batch import BatchService, JobInfo
@@ -37,11 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 PROG = "joblib-azurebatch"
-
-# Every job id the backend creates ends in ``-{UTC time}-{8 hex digits}``
-# (``BatchConfig.new_job_id``), whatever prefix ``job_id`` gave it; ``jobs list`` and
-# ``cleanup`` use this to tell this library's jobs from anyone else's on a shared account.
-_OUR_JOB_ID = re.compile(r"-\d{8}T\d{6}-[0-9a-f]{8}$")
 
 
 # --------------------------------------------------------------------------- demo
@@ -336,11 +331,6 @@ def _batch_service(cfg: BatchConfig) -> Iterator[BatchService]:
         svc.close()
 
 
-def is_our_job(job_id: str) -> bool:
-    """Whether a job id has the shape of the ids ``BatchConfig.new_job_id`` makes."""
-    return _OUR_JOB_ID.search(job_id) is not None
-
-
 def _print_rows(rows: Sequence[Sequence[str]], header: Sequence[str], out: TextIO) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
@@ -377,8 +367,10 @@ def cmd_pools_delete(args: argparse.Namespace) -> int:
 
 
 def _our_jobs(svc: BatchService, *, include_all: bool) -> list[JobInfo]:
+    from joblib_azurebatch.leftovers import is_library_job
+
     jobs = svc.list_jobs()
-    return jobs if include_all else [j for j in jobs if is_our_job(j.job_id)]
+    return jobs if include_all else [j for j in jobs if is_library_job(j.job_id)]
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -405,45 +397,53 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def cleanup(cfg: BatchConfig, *, dry_run: bool, out: TextIO) -> tuple[int, int]:
-    """Delete this library's Batch jobs and every blob under ``jobs/`` in its container.
+def cleanup(
+    cfg: BatchConfig, *, dry_run: bool, out: TextIO, stale_after: float = STALE_AFTER
+) -> tuple[int, int, int]:
+    """Remove what clients that are gone left behind (see :mod:`joblib_azurebatch.leftovers`).
 
-    Returns ``(jobs, blobs)`` deleted (or that would be, with ``dry_run``). The blob folders
-    are found from the blob listing itself rather than from the jobs, so that folders whose
-    job is already gone (a client killed between the two deletions) go too.
+    Returns ``(jobs, blobs, pools)`` deleted (or that would be, with ``dry_run``). Jobs
+    whose client may still be alive are listed as kept, never touched.
     """
+    from joblib_azurebatch.leftovers import find_leftovers, remove_leftovers
     from joblib_azurebatch.storage import BlobStore
 
-    verb = "would delete" if dry_run else "deleted"
-    with _batch_service(cfg) as svc:
-        jobs = [j for j in _our_jobs(svc, include_all=False) if j.state != "deleting"]
-        for job in jobs:
-            if not dry_run:
-                svc.delete_job(job.job_id)
-            print(f"{verb} job {job.job_id}", file=out)
-
-    with contextlib.closing(BlobStore.from_config(cfg)) as store:
-        try:
-            names = store.list_names("jobs/")
-        except FileNotFoundError:
-            names = []
-            print(f"no blob container {cfg.container!r}: no blobs to delete", file=out)
-        folders = sorted({name.split("/")[1] for name in names if name.count("/") >= 2})
-        blobs = 0
-        for job_id in folders:
-            prefix = f"jobs/{job_id}/"
-            if dry_run:
+    with _batch_service(cfg) as svc, contextlib.closing(BlobStore.from_config(cfg)) as store:
+        found = find_leftovers(svc, store, stale_after=stale_after)
+        for job, why in found.live:
+            print(f"kept job {job.job_id}: {why}", file=out)
+        for job in found.unrecorded:
+            print(
+                f"kept job {job.job_id}: it records no client, so whether it is live is "
+                f"unknown; `{PROG} jobs delete {job.job_id}` removes it",
+                file=out,
+            )
+        if dry_run:
+            blobs = 0
+            for job, why in found.jobs:
+                print(f"would delete job {job.job_id}: {why}", file=out)
+            names = store.list_names("jobs/") if found.blob_prefixes else []
+            for prefix in found.blob_prefixes:
                 count = sum(1 for name in names if name.startswith(prefix))
-            else:
-                count = store.delete_prefix(prefix)
-            blobs += count
-            print(f"{verb} {count} blobs under {cfg.container}/{prefix}", file=out)
-    print(f"{verb} {len(jobs)} jobs and {blobs} blobs", file=out)
-    return len(jobs), blobs
+                blobs += count
+                print(f"would delete {count} blobs under {store.container}/{prefix}", file=out)
+            for pool, why in found.pools:
+                print(f"would delete pool {pool.pool_id}: {why}", file=out)
+            counts = (len(found.jobs), blobs, len(found.pools))
+        else:
+            counts = remove_leftovers(svc, store, found, report=lambda line: print(line, file=out))
+    verb = "would delete" if dry_run else "deleted"
+    print(f"{verb} {counts[0]} jobs, {counts[1]} blobs and {counts[2]} pools", file=out)
+    return counts
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    cleanup(_config_from_env(container=args.container), dry_run=args.dry_run, out=sys.stdout)
+    cleanup(
+        _config_from_env(container=args.container),
+        dry_run=args.dry_run,
+        out=sys.stdout,
+        stale_after=args.stale_after * 60,
+    )
     return 0
 
 
@@ -519,14 +519,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     clean = sub.add_parser(
         "cleanup",
-        help="delete the jobs and blobs this library left behind",
+        help="delete the jobs, blobs and pools that clients which are gone left behind",
         description=(
-            "Delete every Batch job whose id carries this library's prefix, and every blob "
-            "under jobs/ in the container. Pools are left alone (see `pools delete`). Do not "
-            "run it while a computation is in progress on the same account."
+            "Delete what clients that are gone (killed, their machine lost) left behind: "
+            "their Batch jobs, the blobs under jobs/ in the container that belong to no live "
+            "run, and the pools the library created that no live run uses. A job's client "
+            "is gone when its process has exited (same host) or its heartbeat is older than "
+            "--stale-after (another host). Live runs, pools you created and pools created "
+            "with keep_pool=True are never touched, so it is safe while other runs are going."
         ),
     )
     clean.add_argument("--dry-run", action="store_true", help="only list what would go")
+    clean.add_argument(
+        "--stale-after",
+        type=float,
+        default=STALE_AFTER / 60,
+        metavar="MINUTES",
+        help="a client on another host is gone when its heartbeat is older than this "
+        f"(default {STALE_AFTER / 60:.0f})",
+    )
     clean.add_argument(
         "--container",
         default=None,

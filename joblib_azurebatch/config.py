@@ -200,6 +200,14 @@ class BatchConfig:
     poll_interval: float = 2.0
     pool_timeout: float = 1800.0
     retry_budget: float = 600.0
+    #: Seconds a running job may have no usable node (all preempted, unusable, the pool
+    #: resized to zero) before its pending calls fail with RunLostError.
+    capacity_timeout: float = 900.0
+    #: Seconds between the run's looks at its job and pool (and its heartbeat).
+    watch_interval: float = 30.0
+    #: Minutes a pool the library created may stay idle before its autoscale formula
+    #: drains it to zero nodes (it is deleted at the end of the run that used it last).
+    pool_idle_minutes: int = 15
     inline_threshold: int = 65536
     progress: bool | None = None
 
@@ -311,7 +319,16 @@ class BatchConfig:
             )
         _check_int("max_task_retries", self.max_task_retries, minimum=-1)
         _check_int("inline_threshold", self.inline_threshold, minimum=0)
-        for name in ("sas_expiry", "poll_interval", "pool_timeout", "retry_budget"):
+        # The service evaluates autoscale formulas every 5 minutes at the fastest.
+        _check_int("pool_idle_minutes", self.pool_idle_minutes, minimum=5)
+        for name in (
+            "sas_expiry",
+            "poll_interval",
+            "pool_timeout",
+            "retry_budget",
+            "capacity_timeout",
+            "watch_interval",
+        ):
             _check_positive(name, getattr(self, name))
         if self.task_timeout is not None:
             _check_positive("task_timeout", self.task_timeout)

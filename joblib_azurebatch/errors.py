@@ -13,7 +13,8 @@ and what went wrong on a node outside the user's code (:class:`TaskFailedError`)
     │   └── VersionMismatchError  the worker's Python/cloudpickle/joblib differ from the client's
     ├── ServiceError            an Azure Batch or Storage request failed after its retries
     │   ├── ThrottledError      still throttled (429) or unavailable (503) after the retries
-    │   └── QuotaError          an account quota is reached (jobs, pools, cores)
+    │   ├── QuotaError          an account quota is reached (jobs, pools, cores)
+    │   └── RunLostError        the job, its pool or its nodes went away under a running call
     ├── TaskFailedError         a task failed outside the user's code: non-zero exit, killed,
     │                           result missing, retries exhausted (names job, task, stderr tail)
     └── RemoteError             stands in for a user exception that could not be unpickled
@@ -39,6 +40,7 @@ __all__ = [
     "PayloadError",
     "QuotaError",
     "RemoteError",
+    "RunLostError",
     "ServiceError",
     "TaskFailedError",
     "ThrottledError",
@@ -132,6 +134,13 @@ class ThrottledError(ServiceError):
 class QuotaError(ServiceError):
     """An account quota is reached (active jobs, pools, cores): retrying does not help
     until jobs or pools are deleted or the quota is raised (see ``error_code``)."""
+
+
+class RunLostError(ServiceError):
+    """The job or its pool was deleted or terminated from outside the run, or the pool had
+    no usable node for longer than ``BatchConfig.capacity_timeout``: the pending calls fail
+    with this instead of waiting forever. ``error_code`` says which (``JobDeleted``,
+    ``JobTerminated``, ``PoolDeleted``, ``NoCapacity``)."""
 
 
 def is_quota_code(error_code: str) -> bool:

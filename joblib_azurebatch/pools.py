@@ -1,28 +1,68 @@
 """Which pools this process uses, who may delete them, and the wait for their nodes.
 
 Every run of this process that uses a pool holds a lease on it; concurrent and nested runs
-share one lease per (account, pool). The pool is deleted when the last lease is released,
-only if this process created it and no run asked to keep it: a pool that existed before is
-never changed or deleted, only compared with the config and warned about.
+share one lease per (account, pool). Across processes (the default ``pool_id`` is shared by
+everyone on an account) the pool itself says who may delete it: a pool the library creates
+carries metadata naming its creator (host, pid and a random token, so that a create whose
+reply was lost and that was resent is still recognised as this process's) and whether it
+may be deleted once idle (not with ``keep_pool=True``).
+
+When the last lease of this process is released, such a pool is deleted only if no other
+run still uses it: no other job on the pool is active, except jobs whose client is known
+to be gone (:mod:`joblib_azurebatch.liveness`), which `joblib-azurebatch cleanup` removes.
+Each run deletes its own job before it looks, so of several runs that end together the last
+to look sees the others' jobs deleting and deletes the pool. A pool that the library did
+not create, or that was created to be kept, is never changed or deleted, only compared with
+the config and warned about.
+
+A pool the library creates without ``keep_pool`` also autoscales with a formula
+(:mod:`joblib_azurebatch.idle`) that drains it to zero nodes after ``pool_idle_minutes``
+without a task: should every client die before deleting it, it stops billing by itself.
+Each run that starts on such a pool wakes it (the formula is set again with a fresh wake
+time, which the service evaluates at once).
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
+import os
+import secrets
+import socket
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .batch import PoolInfo, PoolSpec, pool_differences
+from .batch import JobInfo, PoolInfo, PoolSpec, pool_differences
+from .errors import AzureBatchError
+from .idle import idle_formula
+from .liveness import ClientRecord, client_gone
 
 if TYPE_CHECKING:
     from .service import BatchApi
 
-__all__ = ["POOLS", "PoolDifferenceWarning", "PoolLease", "PoolRegistry", "capacity_progress"]
+__all__ = [
+    "AUTO_DELETE",
+    "CREATOR",
+    "POOLS",
+    "PoolDifferenceWarning",
+    "PoolLease",
+    "PoolRegistry",
+    "capacity_progress",
+    "library_pool",
+    "live_users",
+]
+
+#: Pool metadata: who created the pool (``host/pid/token``).
+CREATOR = "joblib-azurebatch-creator"
+#: Pool metadata: "true" when the library may delete the pool once no run uses it.
+AUTO_DELETE = "joblib-azurebatch-auto-delete"
+#: Job states in which a job may still run tasks: its pool is in use.
+_LIVE_JOB_STATES = frozenset({"active", "enabling", "disabling", "disabled", "terminating"})
 
 _log = logging.getLogger(__name__)
 
@@ -41,6 +81,8 @@ class PoolLease:
     created: bool
     keep: bool
     holders: int = 0
+    #: The pool's metadata lets the library delete it once no run uses it.
+    auto_delete: bool = False
 
 
 class PoolRegistry:
@@ -51,19 +93,32 @@ class PoolRegistry:
         self._leases: dict[tuple[str, str], PoolLease] = {}
 
     def acquire(
-        self, service: BatchApi, spec: PoolSpec, *, account_url: str, keep: bool
+        self,
+        service: BatchApi,
+        spec: PoolSpec,
+        *,
+        account_url: str,
+        keep: bool,
+        idle_minutes: int = 15,
     ) -> PoolLease:
         """Take a lease on the pool, creating it if it does not exist yet.
 
-        Warns (:class:`PoolDifferenceWarning`) when an existing pool differs from ``spec``.
+        A pool created here carries the ownership metadata and, unless ``keep``, the idle
+        formula. An existing pool is compared with ``spec`` (:class:`PoolDifferenceWarning`)
+        and, if it is one the library autoscales, woken.
         """
         key = (account_url, spec.pool_id)
         with self._lock:
             lease = self._leases.get(key)
             if lease is None:
-                info, created = service.ensure_pool(spec)
+                info, created = service.ensure_pool(_owned(spec, keep=keep, idle=idle_minutes))
                 lease = PoolLease(
-                    key=key, service=service, pool_id=spec.pool_id, created=created, keep=keep
+                    key=key,
+                    service=service,
+                    pool_id=spec.pool_id,
+                    created=created,
+                    keep=keep,
+                    auto_delete=library_pool(info.metadata),
                 )
                 self._leases[key] = lease
                 if created:
@@ -71,21 +126,88 @@ class PoolRegistry:
                 else:
                     _log.info("using the existing pool %s", spec.pool_id)
                     warn_differences(info, spec)
+                    if info.auto_scale and lease.auto_delete:
+                        _wake(service, spec, idle_minutes)
             lease.keep = lease.keep or keep
             lease.holders += 1
             return lease
 
     def release(self, lease: PoolLease) -> None:
-        """Give a lease back; the last holder deletes a pool this process created."""
+        """Give a lease back; the last holder deletes a library pool no other run uses."""
         with self._lock:
             lease.holders -= 1
             if lease.holders > 0:
                 return
             self._leases.pop(lease.key, None)
-            delete = lease.created and not lease.keep
-        if delete:
-            _log.info("deleting the pool %s", lease.pool_id)
-            lease.service.delete_pool(lease.pool_id)
+            delete = lease.auto_delete and not lease.keep
+        if not delete:
+            return
+        users = live_users(lease.service.list_jobs(pool_id=lease.pool_id))
+        if users:
+            _log.info(
+                "leaving the pool %s to the %d other run(s) still using it (%s); the last "
+                "to end deletes it",
+                lease.pool_id,
+                len(users),
+                ", ".join(j.job_id for j in users[:5]),
+            )
+            return
+        _log.info("deleting the pool %s", lease.pool_id)
+        lease.service.delete_pool(lease.pool_id)
+
+
+def library_pool(metadata: Mapping[str, str]) -> bool:
+    """Whether a pool's metadata lets the library delete it once no run uses it."""
+    return metadata.get(AUTO_DELETE) == "true" and bool(metadata.get(CREATOR))
+
+
+def live_users(jobs: list[JobInfo]) -> list[JobInfo]:
+    """The jobs that still use their pool: not ended, and not of a client known to be gone.
+
+    A job with no client record (made by something else) counts as a user.
+    """
+    users = []
+    for job in jobs:
+        if job.state not in _LIVE_JOB_STATES:
+            continue
+        record = ClientRecord.from_metadata(job.metadata)
+        if record is not None and client_gone(record) is not None:
+            continue
+        users.append(job)
+    return users
+
+
+def _owned(spec: PoolSpec, *, keep: bool, idle: int) -> PoolSpec:
+    """The spec with the metadata that records this process as the creator."""
+    token = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(8)}"
+    formula = None
+    if not keep:
+        formula = idle_formula(
+            dedicated=spec.dedicated_nodes,
+            spot=spec.spot_nodes,
+            idle_minutes=idle,
+            wake=_dt.datetime.now(_dt.timezone.utc),
+        )
+    return replace(
+        spec,
+        metadata={**spec.metadata, CREATOR: token, AUTO_DELETE: "false" if keep else "true"},
+        autoscale_formula=formula,
+    )
+
+
+def _wake(service: BatchApi, spec: PoolSpec, idle: int) -> None:
+    """Set the idle formula again with a fresh wake time: a drained pool grows at once."""
+    formula = idle_formula(
+        dedicated=spec.dedicated_nodes,
+        spot=spec.spot_nodes,
+        idle_minutes=idle,
+        wake=_dt.datetime.now(_dt.timezone.utc),
+    )
+    try:
+        service.enable_autoscale(spec.pool_id, formula)
+    except AzureBatchError as e:
+        # The pool still has whatever nodes it has; waiting for capacity says the rest.
+        _log.warning("could not wake the pool %s: %s", spec.pool_id, e)
 
 
 #: The process's leases: every backend instance shares them.

@@ -16,7 +16,13 @@ pool this process created).
 Starting creates nothing in Batch when something is wrong: a read of the pool checks the
 Batch credential, the container checks the storage credential, the first batch is pickled
 (an unpicklable function fails here) and stored, and only then are the pool and the job
-created.
+created. The job is created before the wait for the pool's nodes: it records this client
+(:mod:`joblib_azurebatch.liveness`), tells other clients that the pool is in use, and is
+what `joblib-azurebatch cleanup` finds should this process die while waiting.
+
+Nothing is left running when the process ends: ``close_live_runs`` runs at interpreter
+exit and on SIGTERM and SIGHUP (:mod:`joblib_azurebatch.shutdown`); what a SIGKILL leaves,
+`cleanup` removes once it sees that the client is gone.
 """
 
 from __future__ import annotations
@@ -36,16 +42,18 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from . import provision
-from .batch import PoolSpec, TaskCounts
+from . import provision, shutdown
+from .batch import PoolInfo, PoolSpec, TaskCounts
 from .errors import AzureBatchError, TaskFailedError
+from .liveness import HEARTBEAT_EVERY, ClientRecord
 from .payload import PayloadWriter, RemoteTraceback, job_prefix, new_signing_key, read_result
 from .payload import result_blob as _result_blob
 from .pools import POOLS, PoolLease, PoolRegistry, capacity_progress
 from .progress import CallProgress, progress_enabled
 from .sizing import BatchSizer
 from .submitter import Part, Submitter, Task, TaskTemplate
-from .tracker import TaskDone, Tracker
+from .tracker import SystemClock, TaskDone, Tracker
+from .watch import Watchdog
 
 if TYPE_CHECKING:
     from ._joblib_compat import Features
@@ -61,6 +69,7 @@ __all__ = [
     "TransitionError",
     "close_live_runs",
     "current_run",
+    "live_runs",
 ]
 
 _log = logging.getLogger(__name__)
@@ -152,6 +161,7 @@ class JobRun:
         self._held: set[Held] = set()
         self._lease: PoolLease | None = None
         self._tracker: Tracker | None = None
+        self._watchdog: Watchdog | None = None
         self._submitter = Submitter(
             account.service,
             self.job_id,
@@ -244,17 +254,42 @@ class JobRun:
             )
         spec = PoolSpec.from_config(cfg, start_task=start_task)
         first.prepared = self._writer.prepare(first.task_id, calls)
+        shutdown.install(close_live_runs)
         self._lease = self._pools.acquire(
-            svc, spec, account_url=str(cfg.batch_url), keep=cfg.keep_pool
+            svc,
+            spec,
+            account_url=str(cfg.batch_url),
+            keep=cfg.keep_pool,
+            idle_minutes=cfg.pool_idle_minutes,
         )
         self._held.add(Held.POOL_LEASE)
-        with capacity_progress(spec.pool_id) as progress:
+        # The job exists before the wait for nodes: it is what tells other clients that the
+        # pool is in use, and what `cleanup` finds if this process dies while waiting.
+        record = ClientRecord.of_this_process()
+        svc.create_job(self.job_id, spec.pool_id, metadata=record.to_metadata())
+        self._held.add(Held.JOB)
+        _log.info("created the job %s on the pool %s", self.job_id, spec.pool_id)
+        self._watchdog = Watchdog(
+            svc,
+            job_id=self.job_id,
+            pool_id=spec.pool_id,
+            clock=SystemClock(),
+            interval=cfg.watch_interval,
+            capacity_timeout=cfg.capacity_timeout,
+            record=record,
+            heartbeat_every=min(HEARTBEAT_EVERY, cfg.watch_interval * 2),
+            ending=lambda: self._state is not RunState.RUNNING,
+        )
+        watchdog = self._watchdog
+        with capacity_progress(spec.pool_id) as show:
+
+            def progress(info: PoolInfo) -> None:
+                show(info)
+                watchdog.heartbeat()
+
             svc.wait_for_capacity(
                 spec.pool_id, min_slots=1, timeout=cfg.pool_timeout, progress=progress
             )
-        svc.create_job(self.job_id, spec.pool_id)
-        self._held.add(Held.JOB)
-        _log.info("created the job %s on the pool %s", self.job_id, spec.pool_id)
         if progress_enabled(cfg.progress, sys.stderr):
             self._progress = CallProgress(
                 label=f"Batch job {self.job_id}",
@@ -272,6 +307,7 @@ class JobRun:
             poll_interval=cfg.poll_interval,
             max_task_retries=cfg.max_task_retries,
             retry_budget=cfg.retry_budget,
+            watchdog=watchdog,
         )
         self._tracker.start()
         self._submitter.start()
@@ -353,7 +389,9 @@ class JobRun:
         error = done.error
         if error is None:
             try:
-                envelope = read_result(done.data or b"", self._key)
+                envelope = read_result(
+                    done.data or b"", self._key, job_id=self.job_id, task_id=task.task_id
+                )
                 self._learn(task.calls, envelope.timings, done)
                 value = envelope.result()
                 outcomes = [_part_outcome(o) for o in value] if task.bundled else [(True, value)]
@@ -415,12 +453,27 @@ class JobRun:
 
     # ---------------------------------------------------------------- ending
 
-    def abort(self) -> None:
-        """Stop everything now: queued batches are dropped, the job's tasks terminated."""
+    def abort(self, *, why: str = "") -> None:
+        """Stop everything now: queued batches are dropped, the job's tasks terminated.
+
+        When calls are left unfinished (Ctrl-C, an exception in the caller, a signal), one
+        line on stderr says what is being cancelled and cleaned up, since that can take a
+        few seconds and the user should not wonder whether anything keeps running.
+        """
         with self._lock:
             if self._state is not RunState.RUNNING:
                 return
             self._move(RunState.ABORTED)
+            unfinished = self.calls_submitted - self.calls_completed
+        if unfinished > 0:
+            print(
+                f"joblib-azurebatch: {why + ': ' if why else ''}cancelling the Batch job "
+                f"{self.job_id} ({unfinished} calls unfinished): terminating its tasks, "
+                "deleting the job and its blobs"
+                + ("" if self.cfg.keep_pool else ", releasing the pool"),
+                file=sys.stderr,
+                flush=True,
+            )
         self._submitter.drain()
         if Held.JOB in self._held:
             try:
@@ -526,12 +579,17 @@ def _warn_cleanup(message: str) -> None:
     )
 
 
-def close_live_runs() -> None:
-    """Abort and close every run still open (at interpreter exit): nothing keeps running,
-    and billing, after the process is gone."""
+def live_runs() -> list[JobRun]:
+    """The runs of this process that are not closed yet."""
+    return list(_LIVE_RUNS)
+
+
+def close_live_runs(*, why: str = "") -> None:
+    """Abort and close every run still open (at interpreter exit, or on SIGTERM / SIGHUP):
+    nothing keeps running, and billing, after the process is gone."""
     for run in list(_LIVE_RUNS):
         try:
-            run.abort()
+            run.abort(why=why)
             run.close()
         except Exception:  # pragma: no cover - best effort at exit
             _log.exception("closing the job %s at exit failed", run.job_id)

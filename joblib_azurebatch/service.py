@@ -11,11 +11,11 @@ The types in the signatures are the project's own frozen dataclasses, never SDK 
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .batch import PoolInfo, PoolSpec, TaskCounts, TaskOutcome, TaskSpec
+    from .batch import JobInfo, PoolInfo, PoolSpec, TaskCounts, TaskOutcome, TaskSpec
 
 __all__ = ["BatchApi", "Clock"]
 
@@ -38,7 +38,21 @@ class BatchApi(Protocol):
 
     def delete_pool(self, pool_id: str) -> None: ...
 
-    def create_job(self, job_id: str, pool_id: str) -> None: ...
+    def enable_autoscale(self, pool_id: str, formula: str) -> None: ...
+
+    def pool_status(self, pool_id: str) -> PoolInfo | None: ...
+
+    def list_pools(self) -> list[PoolInfo]: ...
+
+    def list_jobs(self, *, pool_id: str | None = None) -> list[JobInfo]: ...
+
+    def get_job(self, job_id: str) -> JobInfo | None: ...
+
+    def set_job_metadata(self, job_id: str, metadata: Mapping[str, str]) -> None: ...
+
+    def create_job(
+        self, job_id: str, pool_id: str, *, metadata: Mapping[str, str] | None = None
+    ) -> None: ...
 
     def terminate_job(self, job_id: str, reason: str, *, wait: float = ...) -> None: ...
 

@@ -16,6 +16,10 @@ yet; a task id is delivered at most once; a completed task is delivered whatever
 state, as a result, a :class:`~joblib_azurebatch.errors.TaskFailedError` (non-zero exit,
 failure info, or no result blob), or the service error that stopped the polling.
 
+Between polls the thread also asks the run's watchdog (:mod:`joblib_azurebatch.watch`)
+whether the job or its pool went away; if so, every pending task fails with the error it
+gives, instead of waiting for tasks that can never run.
+
 The thread only calls :meth:`Tracker.poll_once` between waits, and every reading of the
 time and every pause inside it goes through a :class:`~joblib_azurebatch.service.Clock`, so
 a test drives the same rules step by step, against a fake service and a clock it moves
@@ -33,12 +37,25 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from typing import Protocol
 
 from .batch import TaskOutcome
 from .errors import AzureBatchError, CredentialError, TaskFailedError
 from .service import BatchApi, Clock
 
-__all__ = ["TaskDone", "Tracker"]
+
+class Watch(Protocol):
+    """What the tracker asks between polls (a :class:`~joblib_azurebatch.watch.Watchdog`):
+    an error once the run is lost, which fails every pending task."""
+
+    def __call__(self, *, pending: bool) -> BaseException | None: ...
+
+    def look_now(self) -> BaseException | None:
+        """Look at once (a task was ended by someone: was it the whole job?)."""
+        ...
+
+
+__all__ = ["TaskDone", "Tracker", "Watch"]
 
 _log = logging.getLogger(__name__)
 
@@ -103,8 +120,10 @@ class Tracker:
         download_workers: int = 8,
         clock: Clock | None = None,
         retry_budget: float = DEFAULT_RETRY_BUDGET,
+        watchdog: Watch | None = None,
     ) -> None:
         self._service = service
+        self._watchdog = watchdog
         self._retry_budget = retry_budget
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._job_id = job_id
@@ -191,7 +210,17 @@ class Tracker:
         tracker's own thread once :meth:`start` ran (tests call this directly instead).
         """
         self._drain_inbox()
-        if not self.pending():
+        pending = bool(self.pending())
+        if self._watchdog is not None:
+            try:
+                lost = self._watchdog(pending=pending)
+            except Exception as e:  # a refused credential, or a bug: never a silent hang
+                _log.exception("watching the job %s failed", self._job_id)
+                lost = e
+            if lost is not None:
+                self._fail_all(lost)
+                return
+        if not pending:
             return
         try:
             counts = self._service.task_counts(self._job_id)
@@ -319,6 +348,12 @@ class Tracker:
                 return TaskDone(task_id=outcome.task_id, outcome=outcome, data=data)
             reason = "it exited with code 0 but uploaded no result"
         elif outcome.failure:
+            if self._watchdog is not None and outcome.failure.startswith("TaskEnded"):
+                # Ended by request, and not by this run: terminating the job from outside
+                # ends its tasks so. Say that, rather than blame the task.
+                lost = self._watchdog.look_now()
+                if lost is not None:
+                    return TaskDone(task_id=outcome.task_id, outcome=outcome, error=lost)
             reason = f"it failed with {outcome.failure}"
             if outcome.exit_code is not None:
                 reason += f" (exit code {outcome.exit_code})"

@@ -20,11 +20,11 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from joblib_azurebatch.batch import PoolInfo, PoolSpec, TaskCounts, TaskOutcome, TaskSpec
+from joblib_azurebatch.batch import JobInfo, PoolInfo, PoolSpec, TaskCounts, TaskOutcome, TaskSpec
 from joblib_azurebatch.errors import ServiceError
 
 if TYPE_CHECKING:
@@ -146,6 +146,8 @@ class FakePool:
             image_names=(spec.image,),
             resize_errors=self.resize_errors,
             node_states=node_states if with_nodes else {},
+            metadata=dict(spec.metadata),
+            auto_scale=spec.autoscale_formula is not None,
         )
 
 
@@ -197,8 +199,18 @@ class FakeJob:
     state: str = "active"
     termination_reason: str | None = None
     tasks: dict[str, FakeTask] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
     #: What ``task_counts`` answers instead of the truth while set (see ``freeze_counts``).
     counts_override: TaskCounts | None = None
+
+    def info(self) -> JobInfo:
+        return JobInfo(
+            job_id=self.job_id,
+            pool_id=self.pool_id,
+            state=self.state,
+            metadata=dict(self.metadata),
+            terminate_reason=self.termination_reason or "",
+        )
 
 
 # ------------------------------------------------------------------------------- service
@@ -241,6 +253,10 @@ class FakeBatch:
         self.terminated: list[tuple[str, str]] = []
         self.deleted_jobs: list[str] = []
         self.deleted_pools: list[str] = []
+        #: Job id -> the metadata it was created or last updated with.
+        self.job_metadata: dict[str, dict[str, str]] = {}
+        #: Pool id -> the autoscale formula last enabled on it.
+        self.autoscale: dict[str, str] = {}
         self._failures: dict[str, list[tuple[BaseException, int]]] = {}
         self._lock = threading.RLock()
 
@@ -475,6 +491,27 @@ class FakeBatch:
                 )
             self.clock.sleep(self.poll_seconds)
 
+    def pool_status(self, pool_id: str) -> PoolInfo | None:
+        self._enter("pool_status")
+        with self._lock:
+            pool = self._live_pool(pool_id)
+            return pool.info(self.clock.monotonic(), with_nodes=True) if pool else None
+
+    def list_pools(self) -> list[PoolInfo]:
+        self._enter("list_pools")
+        with self._lock:
+            now = self.clock.monotonic()
+            return [
+                p.info(now, with_nodes=False)
+                for p in self.pools.values()
+                if self._live_pool(p.spec.pool_id) is not None
+            ]
+
+    def enable_autoscale(self, pool_id: str, formula: str) -> None:
+        self._enter("enable_autoscale")
+        with self._lock:
+            self.autoscale[pool_id] = formula
+
     def delete_pool(self, pool_id: str) -> None:
         """Deleting lasts ``poll_seconds`` of clock time; a second delete is a no-op."""
         self._enter("delete_pool")
@@ -488,7 +525,9 @@ class FakeBatch:
 
     # ---------------------------------------------------------------- BatchApi: jobs
 
-    def create_job(self, job_id: str, pool_id: str) -> None:
+    def create_job(
+        self, job_id: str, pool_id: str, *, metadata: Mapping[str, str] | None = None
+    ) -> None:
         self._enter("create_job")
         with self._lock:
             if job_id in self.jobs:
@@ -496,7 +535,27 @@ class FakeBatch:
                     f"could not create the job {job_id}: the Batch service answered "
                     "409 JobExists: The specified job already exists."
                 )
-            self.jobs[job_id] = FakeJob(job_id=job_id, pool_id=pool_id)
+            self.jobs[job_id] = FakeJob(
+                job_id=job_id, pool_id=pool_id, metadata=dict(metadata or {})
+            )
+            self.job_metadata[job_id] = dict(metadata or {})
+
+    def list_jobs(self, *, pool_id: str | None = None) -> list[JobInfo]:
+        self._enter("list_jobs")
+        with self._lock:
+            return [j.info() for j in self.jobs.values() if pool_id is None or j.pool_id == pool_id]
+
+    def get_job(self, job_id: str) -> JobInfo | None:
+        self._enter("get_job")
+        with self._lock:
+            job = self.jobs.get(job_id)
+            return None if job is None else job.info()
+
+    def set_job_metadata(self, job_id: str, metadata: Mapping[str, str]) -> None:
+        self._enter("set_job_metadata")
+        with self._lock:
+            self._job(job_id).metadata = dict(metadata)
+            self.job_metadata[job_id] = dict(metadata)
 
     def terminate_job(self, job_id: str, reason: str, *, wait: float = 60.0) -> None:
         """The job becomes ``completed``; its tasks are left as they are (tests move them)."""

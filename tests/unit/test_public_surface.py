@@ -25,6 +25,7 @@ PUBLIC = [
     "PoolDifferenceWarning",
     "QuotaError",
     "RemoteError",
+    "RunLostError",
     "ServiceError",
     "TaskFailedError",
     "ThrottledError",

@@ -130,7 +130,8 @@ def wait_for(predicate, timeout: float = 5.0) -> None:
 def finish(batch, store, run: JobRun, task_id: str, value) -> None:
     """What a worker and Batch do for one task: a signed result, then completed."""
     store.upload(
-        result_blob(run.job_id, task_id), encode_result(task_id=task_id, key=run._key, value=value)
+        result_blob(run.job_id, task_id),
+        encode_result(job_id=run.job_id, task_id=task_id, key=run._key, value=value),
     )
     batch.complete(run.job_id, task_id, exit_code=0)
 

@@ -1,0 +1,74 @@
+"""SIGTERM and SIGHUP end the process the way Ctrl-C does: after cleaning up.
+
+A scheduler that stops a job, ``docker stop``, ``kill`` and a closed terminal send SIGTERM or
+SIGHUP, whose default action ends the process at once: no ``finally`` block and no
+``atexit`` function runs, so the job's tasks would keep running (and billing) and its pool
+and blobs would stay. The first run of a process therefore installs a handler for both
+signals (from the main thread; Python runs handlers only there) that aborts and closes
+every open run, and then does what the signal would have done: calls the handler that was
+installed before, or, if that was the default, ends the process by the same signal, so the
+exit status still says "killed by SIGTERM" to whoever sent it. An ignored signal stays
+ignored. This also covers a process that is still waiting for its pool's nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+__all__ = ["SIGNALS", "install"]
+
+_log = logging.getLogger(__name__)
+
+#: The signals handled: SIGHUP does not exist on Windows.
+SIGNALS: tuple[signal.Signals, ...] = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None
+)
+
+_lock = threading.Lock()
+_previous: dict[int, Any] = {}
+_cleanup: Callable[..., None] | None = None
+
+
+def install(cleanup: Callable[..., None]) -> bool:
+    """Install the handlers once per process; True if they are (now or already) installed.
+
+    ``cleanup(why=...)`` is called with the signal's name. Nothing is installed outside
+    the main thread, nor for a signal that is ignored.
+    """
+    global _cleanup
+    if threading.current_thread() is not threading.main_thread():
+        return bool(_previous)
+    with _lock:
+        _cleanup = cleanup
+        for sig in SIGNALS:
+            if sig in _previous:
+                continue
+            current = signal.getsignal(sig)
+            if current == signal.SIG_IGN or current is _handle:
+                continue
+            _previous[sig] = current
+            signal.signal(sig, _handle)
+    return bool(_previous)
+
+
+def _handle(signum: int, frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    if _cleanup is not None:
+        try:
+            _cleanup(why=name)
+        except Exception:  # pragma: no cover - the signal must still take effect
+            _log.exception("cleaning up on %s failed", name)
+    previous = _previous.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        previous(signum, frame)
+        return
+    if previous == signal.SIG_IGN:
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
