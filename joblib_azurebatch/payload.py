@@ -230,6 +230,8 @@ class ObjectStore(Protocol):
 
     def upload_if_absent(self, name: str, data: bytes) -> bool: ...
 
+    def download(self, name: str) -> bytes: ...
+
     def sas_url(
         self, name: str, *, read: bool = False, write: bool = False, expiry: timedelta
     ) -> str: ...
@@ -467,6 +469,43 @@ class PayloadWriter:
             environment=environment,
             payload_bytes=len(envelope),
             objects=tuple(shas),
+        )
+
+    def refresh(self, old_task_id: str, new_task_id: str) -> PreparedTask:
+        """The stored payload of ``old_task_id`` again, for a new task ``new_task_id``, with
+        fresh URLs: its calls are not pickled again (the client may no longer hold them).
+
+        For a task that could not run because its URLs expired (a long queue, a long run): the
+        envelope is verified with the job's key, re-bound to the new task id, given fresh read
+        URLs for its objects, sealed and stored under the new task's name.
+        """
+        store = self._store
+        stored = store.download(payload_blob(self.job_id, old_task_id))
+        old = _unseal(TASK_MAGIC, stored, self._key, what="task payload")
+        if old.get("task_id") != old_task_id or old.get("job_id") != self.job_id:
+            raise PayloadError(f"the stored payload of task {old_task_id} is not that task's")
+        expiry = self._expiry
+        body = dict(old)
+        body["task_id"] = new_task_id
+        body["objects"] = {
+            sha: store.sas_url(object_blob(self.job_id, sha), read=True, expiry=expiry)
+            for sha in old.get("objects", {})
+        }
+        envelope = _seal(TASK_MAGIC, body, self._key)
+        payload_name = payload_blob(self.job_id, new_task_id)
+        result_name = result_blob(self.job_id, new_task_id)
+        store.upload(payload_name, envelope, overwrite=True)
+        return PreparedTask(
+            task_id=new_task_id,
+            payload_blob=payload_name,
+            result_blob=result_name,
+            environment={
+                PAYLOAD_URL_ENV: store.sas_url(payload_name, read=True, expiry=expiry),
+                RESULT_URL_ENV: store.sas_url(result_name, write=True, expiry=expiry),
+                SIGNING_KEY_ENV: self._key.hex(),
+            },
+            payload_bytes=len(envelope),
+            objects=tuple(body["objects"]),
         )
 
 

@@ -114,6 +114,9 @@ class Account:
     store: BlobStore
 
 
+#: Times a task is prepared again with fresh URLs before it fails (see ``_replace_expired``).
+MAX_URL_REFRESHES = 3
+
 _LIVE_RUNS: weakref.WeakSet[JobRun] = weakref.WeakSet()
 _current = threading.local()
 
@@ -308,6 +311,7 @@ class JobRun:
             max_task_retries=cfg.max_task_retries,
             retry_budget=cfg.retry_budget,
             watchdog=watchdog,
+            replace=self._replace_expired,
         )
         self._tracker.start()
         self._submitter.start()
@@ -352,6 +356,49 @@ class JobRun:
             for task in tasks:
                 self._tasks[task.task_id] = task
                 self._tracker.watch(task.task_id, self._on_done)
+
+    def _replace_expired(self, task_id: str) -> bool:
+        """Submit a task whose URLs expired again, under a new id with fresh URLs.
+
+        Called by the tracker (from a download thread) when the worker exited with
+        ``EXIT_URLS_EXPIRED``: the task waited in the queue, or ran, past ``sas_expiry``.
+        Batch cannot change a task's settings, so the stored payload is re-sealed for a
+        new task (the calls are not pickled again) and the old task is left as it ended.
+        At most ``MAX_URL_REFRESHES`` times per task; then the task fails, saying why.
+        """
+        with self._lock:
+            task = self._tasks.get(task_id)
+            if (
+                task is None
+                or self._state is not RunState.RUNNING
+                or task.refreshes >= MAX_URL_REFRESHES
+                or self._tracker is None
+            ):
+                return False
+            new_id = self._new_task_id()
+        try:
+            prepared = self._writer.refresh(task_id, new_id)
+        except (AzureBatchError, OSError) as e:
+            _log.warning("could not prepare task %s again with fresh URLs: %s", task_id, e)
+            return False
+        with self._lock:
+            if self._tasks.get(task_id) is not task or self._state is not RunState.RUNNING:
+                return False
+            del self._tasks[task_id]
+            task.task_id, task.prepared = new_id, prepared
+            task.refreshes += 1
+            self._tasks[new_id] = task
+            self._tracker.watch(new_id, self._on_done)
+        try:
+            self.account.service.add_tasks(self.job_id, [self._submitter.spec_of(prepared)])
+        except AzureBatchError as e:
+            self._fail(new_id, e)
+        _log.info(
+            "the URLs of task %s expired before it could run or finish: submitted again as %s",
+            task_id,
+            new_id,
+        )
+        return True
 
     def _fail(self, task_id: str, error: BaseException) -> None:
         if self._tracker is not None:

@@ -65,6 +65,8 @@ class Task:
     parts: list[Part]
     bundled: bool
     prepared: PreparedTask | None = None
+    #: How often the task was prepared again under a new id because its URLs expired.
+    refreshes: int = 0
 
     @property
     def calls(self) -> int:
@@ -238,6 +240,18 @@ class Submitter:
             for part in task.parts:
                 part.calls = None
 
+    def spec_of(self, prepared: PreparedTask) -> TaskSpec:
+        """The Batch task for a prepared payload, from the job's template."""
+        return TaskSpec(
+            task_id=prepared.task_id,
+            command_line=self.template.command_line,
+            image=self.template.image,
+            environment={**self.template.environment, **prepared.environment},
+            resource_files=self.template.resource_files,
+            max_retries=self.template.max_retries,
+            max_wall_clock=self.template.max_wall_clock,
+        )
+
     def flush(self, tasks: list[Task]) -> None:
         """Register, prepare and add ``tasks``; a failure fails only the tasks it concerns."""
         self._register(tasks)
@@ -250,17 +264,7 @@ class Submitter:
             if isinstance(result, BaseException):
                 self._fail(task.task_id, result)
                 continue
-            specs.append(
-                TaskSpec(
-                    task_id=task.task_id,
-                    command_line=self.template.command_line,
-                    image=self.template.image,
-                    environment={**self.template.environment, **result.environment},
-                    resource_files=self.template.resource_files,
-                    max_retries=self.template.max_retries,
-                    max_wall_clock=self.template.max_wall_clock,
-                )
-            )
+            specs.append(self.spec_of(result))
             self.tasks_submitted += 1
             self.bundles_submitted += int(task.bundled)
         if not specs or not self._is_open():

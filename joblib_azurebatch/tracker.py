@@ -42,6 +42,7 @@ from typing import Protocol
 from .batch import TaskOutcome
 from .errors import AzureBatchError, CredentialError, TaskFailedError
 from .service import BatchApi, Clock
+from .worker import EXIT_URLS_EXPIRED
 
 
 class Watch(Protocol):
@@ -84,6 +85,8 @@ class TaskDone:
     outcome: TaskOutcome | None = None
     data: bytes | None = None
     error: BaseException | None = None
+    #: The task was replaced by a new one (its URLs had expired): nothing to deliver.
+    replaced: bool = False
 
 
 OnDone = Callable[[TaskDone], None]
@@ -121,9 +124,13 @@ class Tracker:
         clock: Clock | None = None,
         retry_budget: float = DEFAULT_RETRY_BUDGET,
         watchdog: Watch | None = None,
+        replace: Callable[[str], bool] | None = None,
     ) -> None:
         self._service = service
         self._watchdog = watchdog
+        #: ``replace(task_id)`` submits a task again under a new id with fresh URLs, and
+        #: says whether it did; asked for a task whose worker found its URLs expired.
+        self._replace = replace
         self._retry_budget = retry_budget
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._job_id = job_id
@@ -347,6 +354,12 @@ class Tracker:
             if data is not None:
                 return TaskDone(task_id=outcome.task_id, outcome=outcome, data=data)
             reason = "it exited with code 0 but uploaded no result"
+        elif (
+            outcome.exit_code == EXIT_URLS_EXPIRED
+            and self._replace is not None
+            and self._replace(outcome.task_id)
+        ):
+            return TaskDone(task_id=outcome.task_id, outcome=outcome, replaced=True)
         elif outcome.failure:
             if self._watchdog is not None and outcome.failure.startswith("TaskEnded"):
                 # Ended by request, and not by this run: terminating the job from outside
@@ -369,7 +382,15 @@ class Tracker:
             + (f" on the node {outcome.node_id}" if outcome.node_id else "")
             + ". Batch retries such a task up to max_task_retries times "
             f"({self._max_task_retries}); the node's files stay readable while the job exists "
-            "(keep_job=True keeps it)." + _image_hint(tail, outcome.exit_code)
+            "(keep_job=True keeps it)."
+            + _image_hint(tail, outcome.exit_code)
+            + (
+                " Its SAS URLs expired before it could run or finish, also after it was "
+                "prepared again with fresh ones: raise sas_expiry= above the time a task "
+                "waits in the queue plus its run time."
+                if outcome.exit_code == EXIT_URLS_EXPIRED
+                else ""
+            )
         )
         return TaskDone(
             task_id=outcome.task_id,
@@ -391,6 +412,8 @@ class Tracker:
             if on_done is None:
                 return
             self._delivered.add(done.task_id)
+        if done.replaced:
+            return  # its calls are now the new task's, watched under its own id
         try:
             on_done(done)
         except KeyboardInterrupt:

@@ -13,6 +13,7 @@ exists), the results after both tasks uploaded theirs and before the client read
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import sys
@@ -143,3 +144,32 @@ def test_swapped_results_are_refused_instead_of_returned_as_each_others(
     tasks = {blob.split("/tasks/")[1].split("/")[0] for blob in swapped[0]}
     assert {read_as, written_by} == tasks
     assert "replaced with another task's result" in message
+
+
+def slow_cube(x):
+    import time
+
+    time.sleep(3)
+    return x**3
+
+
+def test_tasks_whose_urls_expire_in_the_queue_run_again_with_fresh_ones(local, caplog):
+    """One slot, 3 s calls, URLs valid 8 s: the later tasks start (or finish) after their
+    URLs expired; each is submitted again with fresh URLs and every result comes back."""
+    name = f"expiring-{secrets.token_hex(3)}"
+    cfg = local.config(
+        pool_id=name,
+        job_id=name,
+        dedicated_nodes=1,
+        task_slots_per_node=1,
+        sas_expiry=8.0,
+        max_task_retries=0,
+    )
+    with (
+        caplog.at_level(logging.INFO, logger="joblib_azurebatch.run"),
+        joblib.parallel_config(backend="azurebatch", config=cfg),
+    ):
+        out = Parallel(n_jobs=-1, batch_size=1)(delayed(slow_cube)(x) for x in range(4))
+    assert out == [x**3 for x in range(4)]
+    again = [r for r in caplog.records if "submitted again as" in r.getMessage()]
+    assert again, "no task was submitted again with fresh URLs"

@@ -15,7 +15,7 @@ import pytest
 
 from joblib_azurebatch import _joblib_compat as compat
 from joblib_azurebatch.config import BatchConfig
-from joblib_azurebatch.errors import PayloadError, ServiceError
+from joblib_azurebatch.errors import PayloadError, ServiceError, TaskFailedError
 from joblib_azurebatch.payload import PreparedTask, encode_result, job_prefix, result_blob
 from joblib_azurebatch.pools import PoolRegistry
 from joblib_azurebatch.run import Account, Held, JobRun, RunState, TransitionError
@@ -313,3 +313,36 @@ def test_drain_cancels_what_was_queued():
     submitter.put([queued[1]])
     submitter.drain()
     assert all(p.future.cancelled() for p in queued)
+
+
+def test_a_task_whose_urls_expired_runs_again_under_a_new_id_with_fresh_urls(batch, store, log):
+    run = make_run(batch, store, max_task_retries=0)
+    future = run.submit(Calls(3, 4), None)
+    wait_for(lambda: batch.added)
+    (first,) = batch.added[0]
+    old_env = dict(batch.task(run.job_id, first).spec.environment)
+    batch.complete(run.job_id, first, exit_code=75)  # the worker's EXIT_URLS_EXPIRED
+    wait_for(lambda: len(batch.added) == 2)
+    (second,) = batch.added[1]
+    assert second != first
+    new_env = batch.task(run.job_id, second).spec.environment
+    # Fresh URLs for the new task's own blobs; the calls were not pickled again.
+    assert new_env != old_env
+    assert second in new_env["JOBLIB_AZUREBATCH_PAYLOAD_URL"]
+    assert not future.done()
+    finish(batch, store, run, second, [6, 8])
+    assert future.result(timeout=5) == [6, 8]
+    run.close()
+
+
+def test_urls_that_keep_expiring_fail_the_task_after_three_refreshes(batch, store, log):
+    run = make_run(batch, store, max_task_retries=0)
+    future = run.submit(Calls(1), None)
+    for attempt in range(4):
+        wait_for(lambda n=attempt: len(batch.added) == n + 1)
+        (task_id,) = batch.added[attempt]
+        batch.complete(run.job_id, task_id, exit_code=75)
+    with pytest.raises(TaskFailedError, match="sas_expiry"):
+        future.result(timeout=5)
+    assert len(batch.added) == 4
+    run.close()
