@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import difflib
 import os
 import re
 import secrets
@@ -104,6 +105,20 @@ _CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
 _TRUE = frozenset({"1", "true", "yes", "on", "y"})
 _FALSE = frozenset({"0", "false", "no", "off", "n"})
 
+#: The default of ``dedicated_nodes``, "automatic", resolved when the config is made: 1,
+#: or 0 when ``spot_nodes`` is set, so that ``spot_nodes=8`` alone means 8 spot nodes.
+_DEDICATED_UNSET = -1
+
+
+def _did_you_mean(unknown: list[str], names: set[str]) -> str:
+    """`` (did you mean spot_nodes?)`` for the first misspelt option that is close to one."""
+    for name in unknown:
+        close = difflib.get_close_matches(name.lower(), sorted(names), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {close[0]}?)"
+    return ""
+
+
 #: Every field but the credentials is read from ``ENV_PREFIX + FIELD.upper()``.
 ENV_PREFIX = "JOBLIB_AZUREBATCH_"
 #: The credentials keep the names SuperBatch and the Azure SDKs read, first one set wins.
@@ -170,7 +185,8 @@ class BatchConfig:
     # Pool
     pool_id: str = "joblib-azurebatch"
     vm_size: str = "standard_d2s_v3"
-    dedicated_nodes: int = 1
+    #: -1 (the default): 1, or 0 when ``spot_nodes`` is set (``spot_nodes=8``: 8 spot nodes).
+    dedicated_nodes: int = _DEDICATED_UNSET
     spot_nodes: int = 0
     task_slots_per_node: int = 1
     image: str | None = None
@@ -205,9 +221,11 @@ class BatchConfig:
     capacity_timeout: float = 900.0
     #: Seconds between the run's looks at its job and pool (and its heartbeat).
     watch_interval: float = 30.0
-    #: Minutes a pool the library created may stay idle before its autoscale formula
-    #: drains it to zero nodes (it is deleted at the end of the run that used it last).
-    pool_idle_minutes: int = 15
+    #: Minutes a pool the library creates may stay idle before its autoscale formula
+    #: drains it to zero nodes. None: 15 for a pool created without keep_pool (it is
+    #: deleted at the end of the run that used it last), never for a kept pool; a number
+    #: applies to both.
+    pool_idle_minutes: int | None = None
     inline_threshold: int = 65536
     progress: bool | None = None
 
@@ -217,6 +235,9 @@ class BatchConfig:
     SUPERBATCH_KEYWORDS: ClassVar[Mapping[str, str]] = MappingProxyType(dict(_SUPERBATCH_KEYWORDS))
 
     def __post_init__(self) -> None:
+        if self.dedicated_nodes == _DEDICATED_UNSET:
+            spot = self.spot_nodes if isinstance(self.spot_nodes, int) else 0
+            object.__setattr__(self, "dedicated_nodes", 0 if spot > 0 else 1)
         self._validate_static()
 
     # ------------------------------------------------------------------ construction
@@ -240,7 +261,7 @@ class BatchConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(
-                f"BatchConfig has no option {', '.join(unknown)}; "
+                f"BatchConfig has no option {', '.join(unknown)}{_did_you_mean(unknown, names)}; "
                 f"the options are: {', '.join(sorted(names))} (and SuperBatch's names "
                 f"{', '.join(_SUPERBATCH_KEYWORDS)})"
             )
@@ -260,7 +281,9 @@ class BatchConfig:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(changes) - names)
         if unknown:
-            raise ConfigError(f"BatchConfig has no option {', '.join(unknown)}")
+            raise ConfigError(
+                f"BatchConfig has no option {', '.join(unknown)}{_did_you_mean(unknown, names)}"
+            )
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ derived values
@@ -320,7 +343,8 @@ class BatchConfig:
         _check_int("max_task_retries", self.max_task_retries, minimum=-1)
         _check_int("inline_threshold", self.inline_threshold, minimum=0)
         # The service evaluates autoscale formulas every 5 minutes at the fastest.
-        _check_int("pool_idle_minutes", self.pool_idle_minutes, minimum=5)
+        if self.pool_idle_minutes is not None:
+            _check_int("pool_idle_minutes", self.pool_idle_minutes, minimum=5)
         for name in (
             "sas_expiry",
             "poll_interval",

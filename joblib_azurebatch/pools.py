@@ -15,11 +15,11 @@ to look sees the others' jobs deleting and deletes the pool. A pool that the lib
 not create, or that was created to be kept, is never changed or deleted, only compared with
 the config and warned about.
 
-A pool the library creates without ``keep_pool`` also autoscales with a formula
-(:mod:`joblib_azurebatch.idle`) that drains it to zero nodes after ``pool_idle_minutes``
-without a task: should every client die before deleting it, it stops billing by itself.
-Each run that starts on such a pool wakes it (the formula is set again with a fresh wake
-time, which the service evaluates at once).
+A pool the library creates without ``keep_pool`` (or with ``pool_idle_minutes`` set) also
+autoscales with a formula (:mod:`joblib_azurebatch.idle`) that drains it to zero nodes after
+``pool_idle_minutes`` without a task: should every client die before deleting it, it stops
+billing by itself. Each run that starts on such a pool wakes it (the formula is set again
+with a fresh wake time, which the service evaluates at once).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ __all__ = [
 CREATOR = "joblib-azurebatch-creator"
 #: Pool metadata: "true" when the library may delete the pool once no run uses it.
 AUTO_DELETE = "joblib-azurebatch-auto-delete"
+#: Idle minutes before a pool created without keep_pool drains (BatchConfig.pool_idle_minutes).
+DEFAULT_IDLE_MINUTES = 15
 #: Job states in which a job may still run tasks: its pool is in use.
 _LIVE_JOB_STATES = frozenset({"active", "enabling", "disabling", "disabled", "terminating"})
 
@@ -99,7 +101,7 @@ class PoolRegistry:
         *,
         account_url: str,
         keep: bool,
-        idle_minutes: int = 15,
+        idle_minutes: int | None = None,
     ) -> PoolLease:
         """Take a lease on the pool, creating it if it does not exist yet.
 
@@ -126,8 +128,8 @@ class PoolRegistry:
                 else:
                     _log.info("using the existing pool %s", spec.pool_id)
                     warn_differences(info, spec)
-                    if info.auto_scale and lease.auto_delete:
-                        _wake(service, spec, idle_minutes)
+                    if info.auto_scale and info.metadata.get(CREATOR):
+                        _wake(service, spec, idle_minutes or DEFAULT_IDLE_MINUTES)
             lease.keep = lease.keep or keep
             lease.holders += 1
             return lease
@@ -177,15 +179,16 @@ def live_users(jobs: list[JobInfo]) -> list[JobInfo]:
     return users
 
 
-def _owned(spec: PoolSpec, *, keep: bool, idle: int) -> PoolSpec:
-    """The spec with the metadata that records this process as the creator."""
+def _owned(spec: PoolSpec, *, keep: bool, idle: int | None) -> PoolSpec:
+    """The spec with the metadata that records this process as the creator, and the idle
+    formula: always without ``keep``, for a kept pool only if ``idle`` was given."""
     token = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(8)}"
     formula = None
-    if not keep:
+    if not keep or idle is not None:
         formula = idle_formula(
             dedicated=spec.dedicated_nodes,
             spot=spec.spot_nodes,
-            idle_minutes=idle,
+            idle_minutes=idle or DEFAULT_IDLE_MINUTES,
             wake=_dt.datetime.now(_dt.timezone.utc),
         )
     return replace(
@@ -222,8 +225,29 @@ def warn_differences(info: PoolInfo, spec: PoolSpec) -> None:
             f"config: {'; '.join(diffs)}. Delete it or choose another pool_id to get the "
             "configured one.",
             PoolDifferenceWarning,
-            stacklevel=6,
+            stacklevel=user_stacklevel(),
         )
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the caller's own line: the first frame
+    outside this package, joblib and scikit-learn's parallel helpers (however deep the
+    ``Parallel`` call that got here), so that the warning names the user's script."""
+    import joblib
+
+    skip = tuple(
+        os.path.dirname(os.path.abspath(m.__file__ or ""))
+        for m in (sys.modules[__name__.rpartition(".")[0]], joblib)
+    )
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(skip) and "sklearn/utils/parallel" not in filename:
+            return level
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return 1
 
 
 @contextmanager

@@ -24,17 +24,35 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from .batch import TaskCounts
 
-__all__ = ["CallProgress", "progress_enabled"]
+__all__ = ["CallProgress", "in_notebook", "progress_enabled"]
 
 _log = logging.getLogger(__name__)
 
 BAR_FORMAT = "{desc}: {n_fmt}/{total_fmt} calls |{bar}| {elapsed}{postfix}"
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (a notebook, JupyterLab, VS Code's
+    notebooks): there stderr is no terminal, yet a person watches every cell's output."""
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    if get is None:
+        return False
+    try:
+        shell = get()
+    except Exception:  # an IPython without a running shell
+        return False
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def progress_enabled(setting: bool | None, stream: TextIO | None) -> bool:
-    """``BatchConfig.progress``: forced on or off, or (None) on when ``stream`` is a terminal."""
+    """``BatchConfig.progress``: forced on or off, or (None) on wherever a person watches:
+    ``stream`` is a terminal, or the process is a Jupyter kernel. There, ``tqdm.auto``
+    draws a notebook progress bar when ipywidgets is installed, else the text line."""
     if setting is not None:
         return setting
+    if in_notebook():
+        return True
     isatty = getattr(stream, "isatty", None)
     try:
         return bool(isatty()) if isatty is not None else False

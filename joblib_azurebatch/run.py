@@ -53,6 +53,7 @@ from .progress import CallProgress, progress_enabled
 from .sizing import BatchSizer
 from .submitter import Part, Submitter, Task, TaskTemplate
 from .tracker import SystemClock, TaskDone, Tracker
+from .usage import Usage
 from .watch import Watchdog
 
 if TYPE_CHECKING:
@@ -184,6 +185,8 @@ class JobRun:
         self.calls_submitted = 0
         self.calls_completed = 0
         self._progress: CallProgress | None = None
+        #: What the run used (tasks, retries, requeues, nodes), said in one line at its end.
+        self.usage = Usage()
         #: On the default path, how the nodes get this run's environment.
         self.node_setup: provision.NodeSetup | None = None
         _LIVE_RUNS.add(self)
@@ -236,6 +239,7 @@ class JobRun:
         """Everything Azure needs before the first task (see the module docstring)."""
         cfg, svc, store = self.cfg, self.account.service, self.account.store
         started = time.monotonic()
+        self.usage = Usage(started=started)
         svc.get_pool(cfg.pool_id)
         store.ensure_container()
         self._held.add(Held.BLOBS)
@@ -290,9 +294,10 @@ class JobRun:
                 show(info)
                 watchdog.heartbeat()
 
-            svc.wait_for_capacity(
+            ready = svc.wait_for_capacity(
                 spec.pool_id, min_slots=1, timeout=cfg.pool_timeout, progress=progress
             )
+        self.usage.nodes(dedicated=ready.current_dedicated_nodes, spot=ready.current_spot_nodes)
         if progress_enabled(cfg.progress, sys.stderr):
             self._progress = CallProgress(
                 label=f"Batch job {self.job_id}",
@@ -412,6 +417,8 @@ class JobRun:
             task = self._tasks.pop(done.task_id, None)
         if task is None:
             return
+        if done.outcome is not None:
+            self.usage.task(retries=done.outcome.retry_count, requeues=done.outcome.requeue_count)
         outcomes = self._outcomes(task, done)
         # Counted before the callbacks: the last one may let joblib end the call at once.
         self.calls_completed += task.calls
@@ -557,6 +564,11 @@ class JobRun:
             self._progress.close(
                 postfix=f"tasks: {self.tasks_submitted} completed" if clean else None
             )
+        if Held.JOB in self._held:
+            line = self.usage.line(job_id=self.job_id, pool_id=self.cfg.pool_id)
+            _log.info("%s", line)
+            if self._progress is not None:
+                print(line, file=sys.stderr, flush=True)
         self._release(unfinished=bool(leftovers), aborted=was is RunState.ABORTED)
 
     def _release(self, *, unfinished: bool, aborted: bool) -> None:

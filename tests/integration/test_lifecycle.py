@@ -117,9 +117,12 @@ def test_an_existing_pool_is_used_as_is_and_never_deleted(cfg, batch_client):
         other = cfg.replace(task_slots_per_node=3)  # not what the pool has
         with (
             joblib.parallel_config(backend="azurebatch", config=other),
-            pytest.warns(PoolDifferenceWarning, match="3 task slots|task slots per node"),
+            pytest.warns(PoolDifferenceWarning, match="3 task slots|task slots per node") as seen,
         ):
             assert Parallel(n_jobs=2)(delayed(square)(x) for x in range(3)) == [0, 1, 4]
+        # The warning names the caller's line, not a line inside joblib or this package.
+        (warning,) = [w for w in seen if issubclass(w.category, PoolDifferenceWarning)]
+        assert warning.filename == __file__
         pool = batch_client.get_pool(cfg.pool_id)
         assert pool.task_slots_per_node == cfg.task_slots_per_node
         assert not str(pool.state).lower().endswith("deleting")

@@ -259,7 +259,7 @@ def test_bad_environment_values_name_the_variable(env: dict[str, str], message: 
         ({"container": "-abc"}, "container"),
         ({"container": "abc-"}, "container"),
         ({"container": "x" * 64}, "container"),
-        ({"dedicated_nodes": -1}, "dedicated_nodes must be at least 0"),
+        ({"dedicated_nodes": -2}, "dedicated_nodes must be at least 0"),
         ({"dedicated_nodes": 0, "spot_nodes": 0}, "both 0"),
         ({"spot_nodes": 1.5}, "spot_nodes must be a whole number"),
         ({"task_slots_per_node": 0}, "task_slots_per_node must be at least 1"),
@@ -446,3 +446,18 @@ def test_the_retry_budget_is_ten_minutes_unless_the_environment_says_otherwise()
     assert BatchConfig().retry_budget == 600.0
     env = {"JOBLIB_AZUREBATCH_RETRY_BUDGET": "1800"}
     assert BatchConfig.from_env(environ=env).retry_budget == 1800.0
+
+
+def test_spot_nodes_alone_mean_a_pool_of_spot_nodes_only():
+    assert BatchConfig.from_env(spot_nodes=8, environ={}).dedicated_nodes == 0
+    assert BatchConfig(spot_nodes=8).dedicated_nodes == 0
+    assert BatchConfig().dedicated_nodes == 1
+    both = BatchConfig(dedicated_nodes=2, spot_nodes=8)
+    assert (both.dedicated_nodes, both.spot_nodes) == (2, 8)
+
+
+def test_a_misspelt_option_gets_a_suggestion():
+    with pytest.raises(ConfigError, match=r"spot_node \(did you mean spot_nodes\?\)"):
+        BatchConfig.from_env(spot_node=8, environ={})
+    with pytest.raises(ConfigError, match=r"did you mean keep_pool\?"):
+        BatchConfig().replace(keep_pools=True)

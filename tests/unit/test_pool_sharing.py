@@ -127,3 +127,12 @@ def test_cleanup_removes_a_dead_clients_job_and_pool_and_never_a_live_run(batch)
     assert "not-ours" in batch.jobs
     assert batch.deleted_pools == ["dead-pool"]
     assert any("has exited" in line for line in lines)
+
+
+def test_a_kept_pool_drains_when_idle_only_if_asked(batch):
+    registry = PoolRegistry()
+    registry.acquire(batch, pool_spec("kept"), account_url=URL, keep=True, idle_minutes=30)
+    formula = batch.pools["kept"].spec.autoscale_formula
+    assert formula is not None
+    assert "30 * TimeInterval_Minute" in formula
+    assert batch.pools["kept"].spec.metadata[AUTO_DELETE] == "false"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import sys
+import types
 
 import pytest
 
@@ -101,3 +103,24 @@ def test_progress_option_from_the_environment():
         BatchConfig.from_env(environ={"JOBLIB_AZUREBATCH_PROGRESS": "sometimes"})
     with pytest.raises(ConfigError, match="progress must be True, False or None"):
         BatchConfig(progress="yes")  # type: ignore[arg-type]
+
+
+class ZMQInteractiveShell:
+    """Stands in for the shell of a Jupyter kernel (the class name is what is checked)."""
+
+
+class TerminalInteractiveShell:
+    """Stands in for IPython in a terminal."""
+
+
+@pytest.mark.parametrize(
+    ("shell", "expected"),
+    [(ZMQInteractiveShell, True), (TerminalInteractiveShell, False), (None, False)],
+)
+def test_progress_is_on_in_a_notebook_although_stderr_is_no_terminal(monkeypatch, shell, expected):
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = (lambda: shell()) if shell is not None else (lambda: None)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    not_a_terminal = io.StringIO()
+    assert progress_enabled(None, not_a_terminal) is expected
+    assert progress_enabled(False, not_a_terminal) is False

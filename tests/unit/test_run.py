@@ -346,3 +346,16 @@ def test_urls_that_keep_expiring_fail_the_task_after_three_refreshes(batch, stor
         future.result(timeout=5)
     assert len(batch.added) == 4
     run.close()
+
+
+def test_the_end_of_a_run_logs_what_it_used(batch, store, log, caplog):
+    run = make_run(batch, store)
+    with caplog.at_level("INFO", logger="joblib_azurebatch.run"):
+        future = run.submit(Calls(5), None)
+        wait_for(lambda: batch.added)
+        finish(batch, store, run, "task-000000", [10])
+        assert future.result(timeout=5) == [10]
+        run.close()
+    (line,) = [r.getMessage() for r in caplog.records if "node-hours" in r.getMessage()]
+    assert f"job {run.job_id} on pool" in line
+    assert "1 task (0 retried, 0 requeued), 1 dedicated + 0 spot nodes" in line
