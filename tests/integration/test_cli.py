@@ -17,6 +17,7 @@ import joblib_azurebatch  # noqa: F401  (registers the "azurebatch" backend)
 from joblib_azurebatch import cli
 from joblib_azurebatch.batch import BatchService
 from joblib_azurebatch.config import BatchConfig
+from joblib_azurebatch.leftovers import is_library_job
 from joblib_azurebatch.storage import BlobStore
 
 EXE = Path(sys.executable).with_name("joblib-azurebatch")
@@ -75,10 +76,10 @@ def test_format_comparison_reports_a_difference():
 
 def test_our_job_ids_are_recognised():
     cfg = BatchConfig(job_id="nightly")
-    assert cli.is_our_job(cfg.new_job_id())
-    assert cli.is_our_job(BatchConfig().new_job_id())
-    assert not cli.is_our_job("nightly")
-    assert not cli.is_our_job("someone-elses-job-20260101")
+    assert is_library_job(cfg.new_job_id())
+    assert is_library_job(BatchConfig().new_job_id())
+    assert not is_library_job("nightly")
+    assert not is_library_job("someone-elses-job-20260101")
 
 
 @pytest.fixture
