@@ -16,8 +16,6 @@ import argparse
 import contextlib
 import hashlib
 import os
-import shlex
-import signal
 import sys
 import textwrap
 import threading
@@ -283,31 +281,10 @@ def _local_batch_class() -> Any:
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
-    LocalBatch = _local_batch_class()
-    stop = threading.Event()
+    _local_batch_class()  # without the [local] extra: exit with the install command
+    from joblib_azurebatch.emulator.command import run
 
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
-    try:
-        with LocalBatch(
-            nodes=args.nodes,
-            spot_nodes=args.spot_nodes,
-            slots_per_node=args.slots,
-            allocation_delay=args.allocation_delay,
-        ) as local:
-            print(f"# Batch: {local.batch_url}  blobs: {local.blob_url}")
-            print("# A local Azure Batch account is running; in another shell:")
-            for name, value in local.environment().items():
-                print(f"export {name}={shlex.quote(value)}")
-            print("# Ctrl-C stops it.", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while not stop.wait(0.5):
-                    pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0
+    return run(args)
 
 
 # --------------------------------------------------------------------------- housekeeping
@@ -489,16 +466,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
-    emu = sub.add_parser(
-        "emulator",
-        help="start a local Batch account (emulator + Azurite) and print its variables",
-    )
-    emu.add_argument("--nodes", type=int, default=2, help="dedicated nodes it proposes (2)")
-    emu.add_argument("--spot-nodes", type=int, default=0, help="spot nodes it proposes (0)")
-    emu.add_argument("--slots", type=int, default=2, help="slots per node it proposes (2)")
-    emu.add_argument(
-        "--allocation-delay", type=float, default=0.0, help="seconds a new node takes to start"
-    )
+    # One command with `python -m joblib_azurebatch.emulator`: the options are defined there.
+    try:
+        from joblib_azurebatch.emulator import command as emulator_command
+    except ImportError:
+        # Without the [local] extra, take whatever follows as it comes (no option prefix),
+        # so that cmd_emulator runs and says what to install instead of "unrecognized
+        # arguments".
+        emu = sub.add_parser(
+            "emulator",
+            help="start a local Batch account (needs the [local] extra)",
+            prefix_chars="\0",
+            add_help=False,
+        )
+        emu.add_argument("ignored", nargs="*")
+    else:
+        emu = sub.add_parser(
+            "emulator", help=emulator_command.HELP, description=emulator_command.DESCRIPTION
+        )
+        emulator_command.add_arguments(emu)
     emu.set_defaults(func=cmd_emulator)
 
     pools = sub.add_parser("pools", help="list or delete pools")

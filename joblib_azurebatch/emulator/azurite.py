@@ -3,24 +3,53 @@
 Azurite is a Node.js program (npm package ``azurite``), so it runs as a child process. It is
 started blob-only, on a free port of 127.0.0.1 that it picks itself and reports on stdout, with
 its data in a temporary folder that goes away with it. ``--skipApiVersionCheck`` is needed
-because azure-storage-blob sends a newer ``x-ms-version`` than Azurite knows.
+because azure-storage-blob sends a newer ``x-ms-version`` than Azurite knows, and
+``--disableTelemetry`` because Azurite otherwise reports to Microsoft and leaves a
+``Microsoft-AzureMonitor-*`` folder in the temporary directory on every start (3.37 has no
+environment variable for it).
+
+No Azurite outlives the process that started it:
+
+* :meth:`Azurite.stop`, or leaving the ``with`` block, ends it and removes its data folder;
+* at interpreter exit, one that was never stopped is stopped (``atexit``);
+* on SIGTERM or SIGHUP, when the signal is about to end the process (nothing else handles
+  it), every running Azurite is stopped first; a handler installed before this one (the
+  library's own, :mod:`joblib_azurebatch.shutdown`, or the application's) runs first and
+  decides, so that a run it aborts can still reach its blobs;
+* when the process dies in a way no code sees (SIGKILL, a crash), Azurite goes with it.
+  ``node`` runs under a small watchdog (:mod:`.watchdog`) whose standard input is a pipe
+  that this process never writes to: the kernel closes it when this process dies, however
+  it died, and the watchdog then ends Azurite and removes its data folder. Linux's
+  ``prctl(PR_SET_PDEATHSIG)`` was not used: it fires when the *thread* that started the
+  child exits (a LocalBatch started from a worker thread would lose its Azurite when that
+  thread ends), it is Linux-only, and it cannot remove the data folder. Killing Azurite's
+  process group from the parent cannot cover SIGKILL at all.
+
+A process forked from this one without ``exec`` (``multiprocessing`` with the ``fork``
+start method) holds the pipe too, so the watchdog then waits for that child as well;
+``subprocess`` children do not inherit it.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import Any
 
 from joblib_azurebatch.errors import ConfigError
+from joblib_azurebatch.shutdown import SIGNALS
 
 __all__ = [
     "AZURITE_ACCOUNT_KEY",
@@ -37,11 +66,14 @@ AZURITE_ACCOUNT_KEY = (
 )
 
 _LISTENING = re.compile(r"successfully listens on (https?://\S+)")
+_WATCHDOG = Path(__file__).with_name("watchdog.py")
+_CHILD_PID = re.compile(r"^watchdog: pid (\d+)$")
+#: Besides the current folder, find_azurite looks above this package, so that a checkout's
+#: (or a project's virtualenv's) node_modules is found from any working directory.
+_PACKAGE_DIR = Path(__file__).resolve().parent
 _INSTALL_HINT = (
-    "Azurite (the Azure Storage emulator) was not found. Install it with "
-    "`npm install azurite@3.37.0` in the project folder (`make test` and `make demo` do it), "
-    "or `npm install -g azurite`, or point JOBLIB_AZUREBATCH_AZURITE at the `azurite-blob` "
-    "executable."
+    "Install it with `npm install azurite` in your project folder (or `npm install -g "
+    "azurite`), or set JOBLIB_AZUREBATCH_AZURITE to an azurite-blob executable."
 )
 
 
@@ -50,8 +82,9 @@ class AzuriteNotFoundError(ConfigError):
 
 
 def find_azurite() -> str:
-    """Return the path of ``azurite-blob``: the environment variable, a ``node_modules`` folder
-    in the current directory or above it (or above this package), then ``PATH``."""
+    """Return the path of ``azurite-blob``: ``$JOBLIB_AZUREBATCH_AZURITE``, else
+    ``node_modules/.bin`` in the current folder or a folder above it (or above this
+    package), else ``PATH``."""
     explicit = os.environ.get("JOBLIB_AZUREBATCH_AZURITE")
     if explicit:
         if Path(explicit).is_file():
@@ -59,8 +92,7 @@ def find_azurite() -> str:
         raise AzuriteNotFoundError(
             f"JOBLIB_AZUREBATCH_AZURITE={explicit!r} is not a file. " + _INSTALL_HINT
         )
-    starts = [Path.cwd(), Path(__file__).resolve().parent]
-    for start in starts:
+    for start in (Path.cwd(), _PACKAGE_DIR):
         for folder in (start, *start.parents):
             candidate = folder / "node_modules" / ".bin" / "azurite-blob"
             if candidate.is_file():
@@ -68,7 +100,21 @@ def find_azurite() -> str:
     found = shutil.which("azurite-blob")
     if found:
         return found
-    raise AzuriteNotFoundError(_INSTALL_HINT)
+    raise AzuriteNotFoundError(
+        "Azurite (the Azure Storage emulator) was not found: the local account needs it for "
+        "blobs. Looked for azurite-blob in ./node_modules/.bin, in the node_modules/.bin of "
+        "every folder above, then on PATH. " + _INSTALL_HINT
+    )
+
+
+def _check_executable(executable: str) -> str:
+    """The executable given explicitly, or AzuriteNotFoundError if it cannot be run."""
+    found = shutil.which(executable)
+    if found is None:
+        raise AzuriteNotFoundError(
+            f"the Azurite executable {executable!r} is not an executable file. " + _INSTALL_HINT
+        )
+    return found
 
 
 class Azurite:
@@ -106,7 +152,8 @@ class Azurite:
         self._oauth = oauth
         self._start_timeout = start_timeout
         self._process: subprocess.Popen[str] | None = None
-        self._location: tempfile.TemporaryDirectory[str] | None = None
+        self._child_pid: int | None = None
+        self._location: str | None = None
         self._output: list[str] = []
         self._url: str | None = None
 
@@ -128,30 +175,43 @@ class Azurite:
 
     def start(self) -> Azurite:
         """Start Azurite and wait until it listens; raise with its output if it does not."""
-        executable = self._executable or find_azurite()
-        self._location = tempfile.TemporaryDirectory(prefix="azurite-")
+        executable = _check_executable(self._executable) if self._executable else find_azurite()
+        self._location = tempfile.mkdtemp(prefix="azurite-")
         command = [
             executable,
             "--blobHost", "127.0.0.1",
             "--blobPort", "0",
-            "--location", self._location.name,
+            "--location", self._location,
             "--skipApiVersionCheck",
             "--loose",
+            "--disableTelemetry",
         ]  # fmt: skip
         if self._cert is not None and self._key is not None:
             command += ["--cert", str(self._cert), "--key", str(self._key)]
         if self._oauth:
             command += ["--oauth", "basic"]
-        self._process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,  # its own process group, so stop() reaches node's children
-        )
+        self._output = []
+        watched = [sys.executable, "-I", "-S", str(_WATCHDOG), "--remove", self._location]
+        try:
+            self._process = subprocess.Popen(
+                [*watched, "--", *command],
+                stdin=subprocess.PIPE,  # never written: it closes when this process dies
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,  # Ctrl-C in the terminal is this process's to handle
+            )
+        except BaseException:
+            self.stop()
+            raise
+        _started(self)
         ready = threading.Event()
-        threading.Thread(target=self._read_output, args=(ready,), daemon=True).start()
+        threading.Thread(
+            target=self._read_output,
+            args=(self._process, ready),
+            name="azurite-output",
+            daemon=True,
+        ).start()
         deadline = time.monotonic() + self._start_timeout
         while not ready.wait(0.05):
             if self._process.poll() is not None or time.monotonic() > deadline:
@@ -160,40 +220,64 @@ class Azurite:
                 raise RuntimeError(f"Azurite did not start: {' '.join(command)}\n{output}")
         return self
 
-    def _read_output(self, ready: threading.Event) -> None:
-        """Drain Azurite's stdout (so it never blocks on a full pipe) and spot its address."""
-        assert self._process is not None
-        assert self._process.stdout is not None
-        for line in self._process.stdout:
+    def _read_output(self, process: subprocess.Popen[str], ready: threading.Event) -> None:
+        """Drain Azurite's stdout (so it never blocks on a full pipe), spot its process id
+        (the watchdog's first line) and its address."""
+        assert process.stdout is not None
+        with contextlib.suppress(ValueError, OSError):  # closed by stop()
+            self._drain(process.stdout, ready)
+
+    def _drain(self, stdout: Iterable[str], ready: threading.Event) -> None:
+        for line in stdout:
             if len(self._output) < 200:
                 self._output.append(line)
+            child = _CHILD_PID.match(line.strip())
+            if child:
+                self._child_pid = int(child.group(1))
             match = _LISTENING.search(line)
             if match and not ready.is_set():
                 self._url = match.group(1).rstrip("/")
+            if self._url is not None and self._child_pid is not None:
                 ready.set()
 
     def stop(self) -> None:
-        """End the process group (SIGTERM, then SIGKILL) and remove the data folder."""
+        """End Azurite and remove its data folder.
+
+        Closing the watchdog's standard input makes it end Azurite (SIGTERM, then SIGKILL)
+        and remove the folder; if the watchdog does not exit in time, its process group and
+        Azurite are killed here.
+        """
+        _stopped(self)
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
+        child, self._child_pid = self._child_pid, None
+        if process is not None:
+            if process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    process.stdin.close()
             try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=2)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
-        if process is not None and process.stdout is not None:
-            process.stdout.close()
+            except subprocess.TimeoutExpired:
+                for group in (process.pid, child):
+                    if group is not None:
+                        with contextlib.suppress(OSError):
+                            os.killpg(group, signal.SIGKILL)
+                process.wait(timeout=10)
+            if process.stdout is not None:
+                process.stdout.close()
         if self._location is not None:
-            self._location.cleanup()
+            shutil.rmtree(self._location, ignore_errors=True)
             self._location = None
         self._url = None
 
     @property
     def pid(self) -> int | None:
-        """The process id while running, for tests that check nothing is left behind."""
-        return self._process.pid if self._process is not None else None
+        """Azurite's process id while running, for tests that check nothing is left behind."""
+        return self._child_pid if self._process is not None else None
+
+    @property
+    def location(self) -> Path | None:
+        """Azurite's data folder while running (removed when it stops)."""
+        return Path(self._location) if self._location is not None else None
 
     def __enter__(self) -> Azurite:
         return self.start()
@@ -205,3 +289,60 @@ class Azurite:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# -- what ends Azurite when its owner does not ------------------------------------------------
+
+_lock = threading.RLock()  # a signal handler may take it while its thread holds it
+_running: set[Azurite] = set()
+_previous: dict[int, Any] = {}
+
+
+def _started(azurite: Azurite) -> None:
+    """Stop ``azurite`` at interpreter exit and on a fatal SIGTERM/SIGHUP unless stopped first."""
+    with _lock:
+        _running.add(azurite)
+    atexit.register(azurite.stop)
+    _install_signal_handlers()
+
+
+def _stopped(azurite: Azurite) -> None:
+    with _lock:
+        _running.discard(azurite)
+    atexit.unregister(azurite.stop)
+
+
+def _install_signal_handlers() -> None:
+    """Once per process, from the main thread (where Python runs handlers), as
+    :func:`joblib_azurebatch.shutdown.install` does: an ignored signal stays ignored, and
+    the handler found is kept to be called first."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with _lock:
+        for sig in SIGNALS:
+            if sig in _previous:
+                continue
+            current = signal.getsignal(sig)
+            if current is None or current == signal.SIG_IGN:
+                continue  # None: a handler installed outside Python, left alone
+            _previous[sig] = current
+            signal.signal(sig, _on_signal)
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    previous = _previous.get(signum, signal.SIG_DFL)
+    if callable(previous):
+        # Whoever handled the signal before decides. If the process goes on, so does Azurite
+        # (its with block or atexit stops it); if that handler ends the process, the watchdog
+        # ends Azurite. Stopping it first would pull the blobs from under a run being aborted.
+        previous(signum, frame)
+        return
+    if previous == signal.SIG_IGN:
+        return
+    with _lock:
+        running = list(_running)
+    for azurite in running:
+        with contextlib.suppress(Exception):
+            azurite.stop()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
