@@ -141,6 +141,9 @@ class ResourceFile:
 
     http_url: str = field(repr=False)  # a SAS URL: a capability, never logged
     file_path: str
+    #: The ARM resource id of the pool's user-assigned identity that Batch downloads the
+    #: file with (``identityReference``); ``http_url`` then carries no SAS.
+    identity_reference: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +231,9 @@ class PoolInfo:
     node_states: Mapping[str, int] = field(default_factory=dict)
     metadata: Mapping[str, str] = field(default_factory=dict)
     auto_scale: bool = False
+    #: ARM resource ids of the pool's user-assigned managed identities (set through the
+    #: management plane; the data plane only reads them).
+    identities: tuple[str, ...] = ()
 
     @property
     def ready_nodes(self) -> int:
@@ -335,6 +341,23 @@ def pool_differences(info: PoolInfo, spec: PoolSpec) -> list[str]:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _identities(identity: bm.BatchPoolIdentity | None) -> tuple[str, ...]:
+    """The resource ids of a pool's user-assigned identities."""
+    found = identity.user_assigned_identities if identity is not None else None
+    return tuple(str(i.resource_id) for i in found or () if i is not None and i.resource_id)
+
+
+def _resource_file(file: ResourceFile) -> bm.ResourceFile:
+    identity = (
+        bm.BatchNodeIdentityReference(resource_id=file.identity_reference)
+        if file.identity_reference
+        else None
+    )
+    return bm.ResourceFile(
+        http_url=file.http_url, file_path=file.file_path, identity_reference=identity
+    )
 
 
 def _metadata(items: Sequence[Any] | None) -> dict[str, str]:
@@ -729,6 +752,7 @@ class BatchService:
             node_states=dict(node_states or {}),
             metadata=_metadata(pool.metadata),
             auto_scale=bool(pool.enable_auto_scale),
+            identities=_identities(pool.identity),
         )
 
     def get_pool(self, pool_id: str) -> PoolInfo | None:
@@ -810,10 +834,7 @@ class BatchService:
             container_settings=(
                 bm.BatchTaskContainerSettings(image_name=env.image) if env.image else None
             ),
-            resource_files=[
-                bm.ResourceFile(http_url=r.http_url, file_path=r.file_path)
-                for r in env.resource_files
-            ],
+            resource_files=[_resource_file(r) for r in env.resource_files],
             environment_settings=[
                 bm.EnvironmentSetting(name=k, value=v) for k, v in env.environment.items()
             ],
@@ -1185,11 +1206,7 @@ class BatchService:
             id=spec.task_id,
             command_line=spec.command_line,
             container_settings=bm.BatchTaskContainerSettings(image_name=spec.image),
-            resource_files=[
-                bm.ResourceFile(http_url=r.http_url, file_path=r.file_path)
-                for r in spec.resource_files
-            ]
-            or None,
+            resource_files=[_resource_file(r) for r in spec.resource_files] or None,
             environment_settings=[
                 bm.EnvironmentSetting(name=k, value=v) for k, v in spec.environment.items()
             ],

@@ -20,7 +20,10 @@ has none.
 What to install comes as one *bundle*: a zip of ``environment.json`` (the specification
 written by ``joblib_azurebatch.environment.Environment``) and the wheels it ships. Its
 location is ``--bundle`` or the environment variable ``JOBLIB_AZUREBATCH_ENV_BUNDLE``: a
-read SAS URL, a ``file://`` URL or a path (a resource file Batch downloaded). The bundle is
+read SAS URL, a ``file://`` URL or a path (a resource file Batch downloaded). With
+``JOBLIB_AZUREBATCH_NODE_IDENTITY`` set (node-identity mode) it is a blob URL without SAS,
+read with a token of that managed identity from the node's metadata endpoint (IMDS, or the
+host ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` names, as in the Azure SDKs). The bundle is
 read only when the environment must be installed, so a task on a ready node costs nothing
 but this script's start-up, and no task needs a resource file per wheel. The specification
 holds index URLs, which may carry a token: it lives in a blob behind a SAS URL, never in a
@@ -51,12 +54,13 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 __all__ = [
     "BUNDLE_ENV",
@@ -82,6 +86,16 @@ EXIT_FETCH_FAILED = 98
 
 #: Where the bundle is, when ``--bundle`` is not given.
 BUNDLE_ENV = "JOBLIB_AZUREBATCH_ENV_BUNDLE"
+#: The ARM resource id of the pool's managed identity the bundle is read as (node-identity
+#: mode); the same name as ``joblib_azurebatch.payload.NODE_IDENTITY_ENV``.
+NODE_IDENTITY_ENV = "JOBLIB_AZUREBATCH_NODE_IDENTITY"
+#: A node's instance metadata endpoint, and the variable that replaces it (the Azure SDKs'
+#: own, which a local Batch account sets on its nodes).
+IMDS_HOST = "http://169.254.169.254"
+IMDS_HOST_ENV = "AZURE_POD_IDENTITY_AUTHORITY_HOST"
+_STORAGE_RESOURCE = "https://storage.azure.com/"
+# Bearer tokens need a storage API version of 2017-11-09 or later.
+_BLOB_API_VERSION = "2021-08-06"
 #: Set for the worker by ``run``: the id of the environment it runs in.
 ENV_ID_ENV = "JOBLIB_AZUREBATCH_ENV_ID"
 #: The specification's name inside a bundle and inside an installed environment (its root).
@@ -142,7 +156,7 @@ def _redact(location: str) -> str:
     return location
 
 
-def _read_location(location: str) -> bytes:
+def _read_location(location: str, headers: Mapping[str, str] | None = None) -> bytes:
     """The bytes at an http(s) or file URL, or at a path; http is retried a few times."""
     scheme = urlsplit(location).scheme
     if scheme not in ("http", "https", "file"):
@@ -150,7 +164,8 @@ def _read_location(location: str) -> bytes:
     delay = 1.0
     for attempt in range(1, _FETCH_ATTEMPTS + 1):
         try:
-            with urllib.request.urlopen(location, timeout=120) as response:
+            request = urllib.request.Request(location, headers=dict(headers or {}))
+            with urllib.request.urlopen(request, timeout=120) as response:
                 data: bytes = response.read()
                 return data
         except OSError as e:
@@ -161,6 +176,43 @@ def _read_location(location: str) -> bytes:
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _identity_token(identity: str, metadata_host: str | None) -> str:
+    """A storage token of the managed identity ``identity`` (an ARM resource id), from the
+    node's metadata endpoint; `BootstrapError` when the node has no such identity."""
+    host = (metadata_host or IMDS_HOST).rstrip("/")
+    query = urlencode(
+        {"api-version": "2018-02-01", "resource": _STORAGE_RESOURCE, "msi_res_id": identity}
+    )
+    try:
+        answer = _read_location(
+            f"{host}/metadata/identity/oauth2/token?{query}", headers={"Metadata": "true"}
+        )
+        return str(json.loads(answer)["access_token"])
+    except urllib.error.HTTPError as e:
+        try:
+            detail = json.loads(e.read()).get("error_description", "")
+        except (OSError, ValueError, AttributeError):
+            detail = ""
+        reason = f"HTTP {e.code} {detail}".rstrip()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        reason = f"{type(e).__name__}: {e}"
+    raise BootstrapError(
+        EXIT_FETCH_FAILED,
+        f"the node could not get a token for the managed identity {identity} ({reason}): "
+        "the pool must have this user-assigned identity (BatchConfig.node_identity)",
+    )
+
+
+def _read_bundle(bundle: str, identity: str | None, metadata_host: str | None) -> bytes:
+    """The bundle's bytes; as the pool's managed identity when ``identity`` is given."""
+    if identity is None or urlsplit(bundle).scheme not in ("http", "https"):
+        return _read_location(bundle)
+    token = _identity_token(identity, metadata_host)
+    return _read_location(
+        bundle, headers={"Authorization": f"Bearer {token}", "x-ms-version": _BLOB_API_VERSION}
+    )
 
 
 def _verify_bundle(data: bytes, env_id: str, source: str) -> tuple[dict[str, Any], zipfile.ZipFile]:
@@ -362,13 +414,16 @@ def install(
     shared_dir: Path,
     bundle: str | None,
     out: TextIO | None = None,
+    identity: str | None = None,
+    metadata_host: str | None = None,
 ) -> Path:
     """Make environment ``env_id`` ready under ``shared_dir``; returns its folder.
 
     A no-op when its ``.ready`` marker exists. Otherwise waits for the node's lock, fetches
-    and verifies the bundle (a URL or a path), creates the virtualenv and pip installs the
-    shipped wheels, the pins and the user's packages. Raises `BootstrapError`; a failed
-    attempt leaves no folder behind.
+    and verifies the bundle (a URL or a path; a blob URL is read as the managed identity
+    ``identity`` when given, with a token from ``metadata_host`` or IMDS), creates the
+    virtualenv and pip installs the shipped wheels, the pins and the user's packages.
+    Raises `BootstrapError`; a failed attempt leaves no folder behind.
     """
     out = out or sys.stdout
     if not _ID_RE.match(env_id):
@@ -384,11 +439,26 @@ def install(
             raise BootstrapError(
                 EXIT_INSTALL_FAILED, f"cannot write environment {env_id} to {target.parent}: {e}"
             ) from e
-        return _install_locked(env_id, target, shared_dir=shared_dir, bundle=bundle, out=out)
+        return _install_locked(
+            env_id,
+            target,
+            shared_dir=shared_dir,
+            bundle=bundle,
+            out=out,
+            identity=identity,
+            metadata_host=metadata_host,
+        )
 
 
 def _install_locked(
-    env_id: str, target: Path, *, shared_dir: Path, bundle: str | None, out: TextIO
+    env_id: str,
+    target: Path,
+    *,
+    shared_dir: Path,
+    bundle: str | None,
+    out: TextIO,
+    identity: str | None,
+    metadata_host: str | None,
 ) -> Path:
     """`install`, once this process holds the node's lock for ``env_id``."""
     if (target / READY_MARKER).exists():
@@ -404,7 +474,7 @@ def _install_locked(
     source = _redact(bundle)
     _log(out, f"installing environment {env_id} from {source}")
     try:
-        data = _read_location(bundle)
+        data = _read_bundle(bundle, identity, metadata_host)
     except OSError as e:
         raise BootstrapError(
             EXIT_FETCH_FAILED, f"could not fetch the bundle {source} of environment {env_id}: {e}"
@@ -475,7 +545,13 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
                 "AZ_BATCH_NODE_SHARED_DIR is not set: this script runs inside Batch tasks",
             )
         bundle = args.bundle or environ.get(BUNDLE_ENV)
-        target = install(args.env_id, shared_dir=Path(shared), bundle=bundle)
+        target = install(
+            args.env_id,
+            shared_dir=Path(shared),
+            bundle=bundle,
+            identity=environ.get(NODE_IDENTITY_ENV) or None,
+            metadata_host=environ.get(IMDS_HOST_ENV) or None,
+        )
         if args.command == "install":
             return EXIT_OK
         python = target / "bin" / "python"

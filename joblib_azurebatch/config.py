@@ -101,6 +101,11 @@ class TokenCredentialLike(Protocol):
 
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_IDENTITY_RE = re.compile(
+    r"^/subscriptions/[^/\s]+/resourceGroups/[^/\s]+/providers/"
+    r"Microsoft\.ManagedIdentity/userAssignedIdentities/[^/\s]+$",
+    re.IGNORECASE,
+)
 _CONTAINER_RE = re.compile(r"^[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}$")
 _TRUE = frozenset({"1", "true", "yes", "on", "y"})
 _FALSE = frozenset({"0", "false", "no", "off", "n"})
@@ -203,6 +208,10 @@ class BatchConfig:
     node_image_offer: str = "ubuntu-hpc"
     node_image_sku: str = "2204"
     node_agent_sku_id: str = "batch.node.ubuntu 22.04"
+    #: The ARM resource id of a user-assigned managed identity that the pool (made through
+    #: the management plane) has: nodes then reach the container as that identity, and
+    #: task definitions name blobs instead of carrying SAS URLs and the job's key.
+    node_identity: str | None = None
     # Job and blobs
     container: str = "joblib-azurebatch"
     job_id: str | None = None
@@ -368,6 +377,8 @@ class BatchConfig:
         if self.job_id is not None:
             _check_id("job_id", self.job_id)
         _check_container(self.container)
+        if self.node_identity is not None:
+            _check_node_identity(self.node_identity)
         for name in ("vm_size", "node_image_publisher", "node_image_offer"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
@@ -625,6 +636,19 @@ def _check_container(value: Any) -> None:
             f"container ({_env_name('container')}) {value!r} is not a valid blob container "
             "name: use 3 to 63 lowercase letters, digits and single '-' between them, starting "
             "and ending with a letter or digit"
+        )
+
+
+def _check_node_identity(value: Any) -> None:
+    # Batch names a pool's identities (and resource files name the one they use) by the
+    # ARM resource id; the client id alone could not fill ``identityReference``.
+    if not isinstance(value, str) or not _IDENTITY_RE.match(value):
+        raise ConfigError(
+            f"node_identity ({_env_name('node_identity')}) {value!r} is not the resource id "
+            "of a user-assigned managed identity: give the whole ARM id, "
+            "/subscriptions/<subscription>/resourceGroups/<group>/providers/"
+            "Microsoft.ManagedIdentity/userAssignedIdentities/<name>, as printed by "
+            "`az identity show --name <name> --resource-group <group> --query id -o tsv`"
         )
 
 

@@ -21,8 +21,9 @@ Large arguments (numpy arrays, bytes, and through their arrays pandas objects) a
 copied into every task: a cloudpickle `Pickler` replaces each one at or above
 ``inline_threshold`` bytes by the persistent id ``("joblib-azurebatch-object", sha256)``,
 stores it once per job under ``jobs/{job_id}/objects/{sha256}``, and hands the task a
-read-only SAS URL for it. The sha256 travels inside the signed payload, so the worker
-verifies every object it downloads (or finds in its node cache) before unpickling it.
+read-only SAS URL for it (in node-identity mode, its blob name). The sha256 travels inside
+the signed payload, so the worker verifies every object it downloads (or finds in its node
+cache) before unpickling it.
 
 Warning classes that cloudpickle would send by reference travel as ``(module, qualname,
 builtin base)`` instead: scikit-learn ships the caller's ``warnings.filters`` with every call,
@@ -44,7 +45,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import cloudpickle
 import joblib
@@ -52,13 +53,19 @@ import joblib
 from joblib_azurebatch.errors import PayloadError, RemoteError, VersionMismatchError
 
 __all__ = [
+    "CONTAINER_URL_ENV",
     "ENVELOPE_VERSION",
+    "KEY_BLOB_ENV",
+    "NODE_IDENTITY_ENV",
     "OBJECT_TAG",
+    "PAYLOAD_BLOB_ENV",
     "PAYLOAD_URL_ENV",
+    "RESULT_BLOB_ENV",
     "RESULT_MAGIC",
     "RESULT_URL_ENV",
     "SIGNING_KEY_ENV",
     "TASK_MAGIC",
+    "NodeIdentityStore",
     "ObjectStore",
     "PayloadWriter",
     "PreparedTask",
@@ -70,9 +77,11 @@ __all__ = [
     "decode_task",
     "encode_result",
     "job_prefix",
+    "key_blob",
     "load_calls",
     "new_attempt",
     "new_signing_key",
+    "node_identity_of",
     "object_blob",
     "payload_blob",
     "read_result",
@@ -93,6 +102,14 @@ _BODY_PROTOCOL = 4
 PAYLOAD_URL_ENV = "JOBLIB_AZUREBATCH_PAYLOAD_URL"
 RESULT_URL_ENV = "JOBLIB_AZUREBATCH_RESULT_URL"
 SIGNING_KEY_ENV = "JOBLIB_AZUREBATCH_SIGNING_KEY"
+#: Node-identity mode (``BatchConfig.node_identity``): names, not capabilities. The nodes
+#: reach the container as the pool's managed identity (its ARM resource id in
+#: ``NODE_IDENTITY_ENV``, the variable ``BatchConfig.from_env`` reads it from too).
+CONTAINER_URL_ENV = "JOBLIB_AZUREBATCH_CONTAINER_URL"
+PAYLOAD_BLOB_ENV = "JOBLIB_AZUREBATCH_PAYLOAD_BLOB"
+RESULT_BLOB_ENV = "JOBLIB_AZUREBATCH_RESULT_BLOB"
+KEY_BLOB_ENV = "JOBLIB_AZUREBATCH_KEY_BLOB"
+NODE_IDENTITY_ENV = "JOBLIB_AZUREBATCH_NODE_IDENTITY"
 
 
 # ---------------------------------------------------------------------- blob layout
@@ -116,6 +133,13 @@ def payload_blob(job_id: str, task_id: str) -> str:
 def result_blob(job_id: str, task_id: str) -> str:
     """The signed result envelope a task uploads."""
     return f"jobs/{job_id}/tasks/{task_id}/result"
+
+
+def key_blob(job_id: str) -> str:
+    """The job's signing key, in node-identity mode only (else it is in each task's
+    environment settings): readable by the pool's identity, never named in a task as a
+    capability."""
+    return f"jobs/{job_id}/key"
 
 
 def new_signing_key() -> bytes:
@@ -237,6 +261,24 @@ class ObjectStore(Protocol):
     ) -> str: ...
 
 
+@runtime_checkable
+class NodeIdentityStore(ObjectStore, Protocol):
+    """A store whose container the nodes may reach as the pool's managed identity
+    (`storage.BlobStore`); with ``node_identity`` set, tasks get blob names, not SAS URLs."""
+
+    @property
+    def node_identity(self) -> str | None: ...
+
+    @property
+    def container_url(self) -> str: ...
+
+
+def node_identity_of(store: object) -> str | None:
+    """The managed identity the nodes reach ``store``'s container as, or None: SAS URLs
+    (also for a store that predates node identities and does not say)."""
+    return store.node_identity if isinstance(store, NodeIdentityStore) else None
+
+
 @dataclass(frozen=True)
 class PreparedTask:
     """A task whose payload and objects are stored; what `batch.TaskSpec` needs."""
@@ -244,7 +286,8 @@ class PreparedTask:
     task_id: str
     payload_blob: str
     result_blob: str
-    environment: dict[str, str] = field(repr=False)  # holds SAS URLs and the signing key
+    #: SAS URLs and the signing key, or, in node-identity mode, blob names only.
+    environment: dict[str, str] = field(repr=False)
     payload_bytes: int
     objects: tuple[str, ...]
 
@@ -369,6 +412,10 @@ class PayloadWriter:
         self.objects_hashed = 0
         self.objects_uploaded = 0
         self.object_bytes_uploaded = 0
+        #: The pool's managed identity when the nodes reach the container as it (set on the
+        #: store from ``BatchConfig.node_identity``); None: the nodes get SAS URLs.
+        self._node_identity = node_identity_of(store)
+        self._key_stored = False
 
     # -- pickling
 
@@ -438,7 +485,14 @@ class PayloadWriter:
         The returned `PreparedTask.environment` is the task's environment settings: a read
         SAS for the payload, a write SAS for the result, the job's signing key. The object
         table inside the payload holds a read SAS per object.
+
+        In node-identity mode (the store's ``node_identity``) nothing is signed: the
+        settings are the container's URL, the names of the payload, result and key blobs and
+        the identity's resource id, the object table holds blob names, and the job's key is
+        stored once, as the blob `key_blob`, for the nodes to read as that identity.
         """
+        if self._node_identity is not None:
+            return self._prepare_for_identity(task_id, calls, self._node_identity)
         calls_bytes, shas = self._dump(calls)
         for sha in shas:
             self._store_object(sha)
@@ -461,6 +515,48 @@ class PayloadWriter:
             PAYLOAD_URL_ENV: self._store.sas_url(payload_name, read=True, expiry=self._expiry),
             RESULT_URL_ENV: self._store.sas_url(result_name, write=True, expiry=self._expiry),
             SIGNING_KEY_ENV: self._key.hex(),
+        }
+        return PreparedTask(
+            task_id=task_id,
+            payload_blob=payload_name,
+            result_blob=result_name,
+            environment=environment,
+            payload_bytes=len(envelope),
+            objects=tuple(shas),
+        )
+
+    def _store_key(self) -> None:
+        """Store the job's key for the nodes, once per job (node-identity mode)."""
+        with self._lock:
+            if self._key_stored:
+                return
+            self._store.upload(key_blob(self.job_id), self._key, overwrite=True)
+            self._key_stored = True
+
+    def _prepare_for_identity(self, task_id: str, calls: Any, identity: str) -> PreparedTask:
+        """`prepare` in node-identity mode: blob names in the task, the key in a blob."""
+        assert isinstance(self._store, NodeIdentityStore)
+        calls_bytes, shas = self._dump(calls)
+        self._store_key()
+        for sha in shas:
+            self._store_object(sha)
+        body = {
+            "job_id": self.job_id,
+            "task_id": task_id,
+            "client": versions(),
+            "objects": {sha: object_blob(self.job_id, sha) for sha in shas},
+            "calls": calls_bytes,
+        }
+        envelope = _seal(TASK_MAGIC, body, self._key)
+        payload_name = payload_blob(self.job_id, task_id)
+        result_name = result_blob(self.job_id, task_id)
+        self._store.upload(payload_name, envelope, overwrite=True)
+        environment = {
+            CONTAINER_URL_ENV: self._store.container_url,
+            PAYLOAD_BLOB_ENV: payload_name,
+            RESULT_BLOB_ENV: result_name,
+            KEY_BLOB_ENV: key_blob(self.job_id),
+            NODE_IDENTITY_ENV: identity,
         }
         return PreparedTask(
             task_id=task_id,
@@ -556,7 +652,7 @@ class TaskEnvelope:
     job_id: str
     task_id: str
     client: dict[str, str]
-    objects: dict[str, str] = field(repr=False)  # sha256 -> read SAS URL
+    objects: dict[str, str] = field(repr=False)  # sha256 -> read SAS URL, or blob name
     calls: bytes = field(repr=False)
 
 

@@ -22,7 +22,9 @@ node boots, and a failure there (a package that does not exist, no wheel for Lin
 the node ``starttaskfailed``, which the capacity wait turns into an error naming the node
 and the start task's stderr. A pool reused by a later run with another environment keeps
 its start task; ``run`` installs the new environment on each node's first task (under a
-lock, once) and never runs a task in another environment than its own.
+lock, once) and never runs a task in another environment than its own. In node-identity
+mode (``BatchConfig.node_identity``) the pool is one made through the management plane, so
+the library's start task never applies: each node's first task installs the environment.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import environment as env_mod
 from .batch import ResourceFile, StartTaskSpec
-from .bootstrap import BUNDLE_ENV
+from .bootstrap import BUNDLE_ENV, NODE_IDENTITY_ENV
+from .payload import node_identity_of
 
 if TYPE_CHECKING:
     from .config import BatchConfig
@@ -68,7 +71,7 @@ class NodeSetup:
     start_task: StartTaskSpec
     command_line: str
     resource_files: tuple[ResourceFile, ...]
-    environment: dict[str, str] = field(repr=False)  # holds a SAS URL
+    environment: dict[str, str] = field(repr=False)  # holds a SAS URL (none with an identity)
     #: ``name==version`` of everything installed at a fixed version (for logs and tests).
     versions: tuple[str, ...] = ()
 
@@ -146,12 +149,27 @@ def stage(
     image: str,
     task_expiry: timedelta,
 ) -> NodeSetup:
-    """Store the environment for the nodes and say how the start task and tasks use it."""
+    """Store the environment for the nodes and say how the start task and tasks use it.
+
+    With the store's ``node_identity`` (node-identity mode) nothing is signed: Batch fetches
+    ``bootstrap.py`` as the pool's identity (a resource file with ``identityReference``), and
+    ``bootstrap.py`` fetches the bundle as that identity too, only when it installs.
+    """
     env_id = environment.env_id
     bundle_name = f"{ENVS_PREFIX}{env_id}/bundle.zip"
     script_name = f"{ENVS_PREFIX}{env_id}/{env_mod.BOOTSTRAP_FILE}"
     store.upload_if_absent(bundle_name, environment.bundle())
     store.upload_if_absent(script_name, env_mod.bootstrap_script())
+
+    def names(identity: str) -> tuple[tuple[ResourceFile, ...], dict[str, str]]:
+        files = (
+            ResourceFile(
+                http_url=store.blob_url(script_name),
+                file_path=env_mod.BOOTSTRAP_FILE,
+                identity_reference=identity,
+            ),
+        )
+        return files, {BUNDLE_ENV: store.blob_url(bundle_name), NODE_IDENTITY_ENV: identity}
 
     def urls(expiry: timedelta) -> tuple[tuple[ResourceFile, ...], dict[str, str]]:
         files = (
@@ -163,8 +181,12 @@ def stage(
         settings = {BUNDLE_ENV: store.sas_url(bundle_name, read=True, expiry=expiry)}
         return files, settings
 
-    start_files, start_settings = urls(max(task_expiry, START_TASK_SAS_EXPIRY))
-    task_files, task_settings = urls(task_expiry)
+    identity = node_identity_of(store)
+    if identity is not None:
+        start_files, start_settings = task_files, task_settings = names(identity)
+    else:
+        start_files, start_settings = urls(max(task_expiry, START_TASK_SAS_EXPIRY))
+        task_files, task_settings = urls(task_expiry)
     return NodeSetup(
         env_id=env_id,
         image=image,

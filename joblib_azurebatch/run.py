@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from . import provision, shutdown
+from . import identity, provision, shutdown
 from .batch import PoolInfo, PoolSpec, TaskCounts
 from .errors import AzureBatchError, TaskFailedError
 from .liveness import HEARTBEAT_EVERY, ClientRecord
@@ -241,6 +241,8 @@ class JobRun:
         started = time.monotonic()
         self.usage = Usage(started=started)
         svc.get_pool(cfg.pool_id)
+        # node_identity: the pool must exist with the identity (ConfigError, nothing created).
+        identity.check_pool(svc, cfg)
         store.ensure_container()
         self._held.add(Held.BLOBS)
         start_task = None

@@ -3,7 +3,9 @@
 Two sides use it. The client holds an account credential (a key, a connection string or an
 Entra ID token credential) in a `BlobStore`, uploads what tasks read, and signs SAS URLs
 scoped to one blob, one permission set and an expiry. A node never sees that credential:
-the worker only calls `download_url` and `upload_url` on the SAS URLs it was given.
+the worker only calls `download_url` and `upload_url` on the SAS URLs it was given, or, when
+the pool's user-assigned managed identity grants the nodes access (``BatchConfig.node_identity``),
+reads and writes blobs by name through a `NodeContainer` signed in as that identity.
 
 Every request is retried for a time budget, waiting as ``Retry-After`` asks
 (:mod:`joblib_azurebatch.retries`): ``BatchConfig.retry_budget`` on the client, a few minutes
@@ -40,6 +42,7 @@ from azure.storage.blob import (
     BlobClient,
     BlobSasPermissions,
     BlobServiceClient,
+    ContainerClient,
     ContainerSasPermissions,
     ExponentialRetry,
     UserDelegationKey,
@@ -55,7 +58,7 @@ from joblib_azurebatch.errors import ConfigError, CredentialError, ServiceError,
 if TYPE_CHECKING:
     from joblib_azurebatch.config import BatchConfig, TokenCredentialLike
 
-__all__ = ["BlobStore", "download_url", "redact_url", "upload_url"]
+__all__ = ["BlobStore", "NodeContainer", "download_url", "redact_url", "upload_url"]
 
 _CLIENT_KWARGS: dict[str, Any] = {
     "user_agent": f"joblib-azurebatch/{_package_version()}",
@@ -109,6 +112,10 @@ class _BudgetBlobRetry(ExponentialRetry):
         response: Any = None,
         error: AzureError | None = None,
     ) -> bool:
+        if isinstance(error, ClientAuthenticationError):
+            # A credential that could not get a token (a node whose pool lacks the identity,
+            # a sign-in that is not set up) does not get one by waiting.
+            return False
         if not super().increment(settings, request, response=response, error=error):
             return False
         # The path only: a SAS signature never reaches a log line.
@@ -182,7 +189,9 @@ def _default_credential() -> TokenCredentialLike:
 
 
 @contextmanager
-def _translated(what: str, *, where: str, sas: bool = False) -> Iterator[None]:
+def _translated(
+    what: str, *, where: str, sas: bool = False, identity: str | None = None
+) -> Iterator[None]:
     """Turn SDK errors raised inside the block into the project's own errors, with the
     status, the error code and the operation as fields."""
     operation = _operation(what, where)
@@ -191,10 +200,10 @@ def _translated(what: str, *, where: str, sas: bool = False) -> Iterator[None]:
     except ResourceNotFoundError as e:
         raise FileNotFoundError(f"{what}: {where} does not exist ({_describe(e)})") from e
     except ClientAuthenticationError as e:
-        raise _auth_error(what, where, e, sas=sas) from e
+        raise _auth_error(what, where, e, sas=sas, identity=identity) from e
     except HttpResponseError as e:
         if e.status_code == 403:
-            raise _auth_error(what, where, e, sas=sas) from e
+            raise _auth_error(what, where, e, sas=sas, identity=identity) from e
         raise service_error(
             f"{what} failed at {where}: {_describe(e)}", _status(e), _error_code(e), operation
         ) from e
@@ -210,8 +219,24 @@ def _translated(what: str, *, where: str, sas: bool = False) -> Iterator[None]:
         raise ServiceError(f"{what} failed at {where}: {_describe(e)}", None, "", operation) from e
 
 
-def _auth_error(what: str, where: str, e: AzureError, *, sas: bool) -> CredentialError:
+def _auth_error(
+    what: str, where: str, e: AzureError, *, sas: bool, identity: str | None = None
+) -> CredentialError:
     fields = (_status(e), _error_code(e), _operation(what, where))
+    if identity is not None:
+        if not isinstance(e, HttpResponseError) or e.status_code is None:
+            # No answer from storage: the node's metadata endpoint gave no token.
+            return CredentialError(
+                f"{what}: the node could not get a token for the managed identity {identity} "
+                f"({e.message}). The pool must have this user-assigned identity "
+                "(BatchConfig.node_identity; see docs/security.md, Closing it: node identity)",
+                *fields,
+            )
+        return CredentialError(
+            f"{what}: Azure Storage refused the managed identity {identity} at {where} "
+            f"({_describe(e)}); grant it Storage Blob Data Contributor on the container",
+            *fields,
+        )
     if sas:
         return CredentialError(
             f"{what}: the SAS URL for {where} was refused ({_describe(e)}); it has expired or "
@@ -241,8 +266,10 @@ class BlobStore:
         account_key: str | None = None,
         token_credential: Any = None,
         credential_lease: CredentialLease | None = None,
+        node_identity: str | None = None,
     ) -> None:
         self._service = service
+        self._node_identity = node_identity
         # Released by close(): a credential this library created is closed by the last
         # client that holds it (see joblib_azurebatch.credentials).
         self._credential_lease = credential_lease
@@ -283,7 +310,7 @@ class BlobStore:
                 ) from None
             credential = service.credential
             key = getattr(credential, "account_key", None)
-            return cls(service, cfg.container, account_key=key)
+            return cls(service, cfg.container, account_key=key, node_identity=cfg.node_identity)
         url = cfg.blob_url
         if url is None:
             raise CredentialError(
@@ -301,7 +328,12 @@ class BlobStore:
                 credential={"account_name": cfg.storage_account, "account_key": cfg.storage_key},
                 **_client_kwargs(cfg.ca_bundle, retry_budget=cfg.retry_budget),
             )
-            return cls(service, cfg.container, account_key=cfg.storage_key)
+            return cls(
+                service,
+                cfg.container,
+                account_key=cfg.storage_key,
+                node_identity=cfg.node_identity,
+            )
         lease = lease_credential(cfg, cfg.storage_credential, _default_credential)
         token = lease.credential
         try:
@@ -313,7 +345,13 @@ class BlobStore:
         except BaseException:
             lease.release()
             raise
-        return cls(service, cfg.container, token_credential=token, credential_lease=lease)
+        return cls(
+            service,
+            cfg.container,
+            token_credential=token,
+            credential_lease=lease,
+            node_identity=cfg.node_identity,
+        )
 
     def close(self) -> None:
         """Release the HTTP connections, and the credential if this library created it.
@@ -344,6 +382,17 @@ class BlobStore:
     def container_url(self) -> str:
         """The container's URL, without any SAS."""
         return str(self._container.url)
+
+    @property
+    def node_identity(self) -> str | None:
+        """How nodes are given the blobs of this container: None, by SAS URLs this store
+        signs; else the ARM resource id of the pool's managed identity, as which they read
+        and write blobs named to them (``BatchConfig.node_identity``)."""
+        return self._node_identity
+
+    def blob_url(self, name: str) -> str:
+        """A blob's URL without any SAS: a name, not a capability."""
+        return str(self._container.get_blob_client(name).url)
 
     @property
     def bytes_uploaded(self) -> int:
@@ -550,3 +599,58 @@ def upload_url(url: str, data: bytes) -> None:
     where = redact_url(url)
     with _translated("Uploading", where=where, sas=True), _blob_client(url) as client:
         client.upload_blob(data, overwrite=True, max_concurrency=_MAX_CONCURRENCY)
+
+
+class NodeContainer:
+    """The container as a node sees it when the pool's managed identity grants access.
+
+    Nothing in the task's definition is a capability: the worker gets the container's URL,
+    blob names and the identity's resource id, and asks the node's metadata endpoint (IMDS,
+    or what ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` names) for a token of that identity. A
+    pool without the identity gets no token: every call then fails at once with a
+    `CredentialError` saying so, instead of being retried.
+    """
+
+    def __init__(self, container_url: str, *, identity: str) -> None:
+        # Only a node in node-identity mode needs azure-identity's managed identity client.
+        from azure.identity import ManagedIdentityCredential
+
+        self.identity = identity
+        self._where = redact_url(container_url)
+        self._credential = ManagedIdentityCredential(identity_config={"resource_id": identity})
+        kwargs = _client_kwargs(retry_budget=retries.worker_retry_budget())
+        try:
+            self._container = ContainerClient.from_container_url(
+                container_url, credential=self._credential, **kwargs
+            )
+        except ValueError as e:
+            self._credential.close()
+            raise ValueError(f"not a blob container URL: {self._where}") from e
+
+    def download(self, name: str) -> bytes:
+        """Read a whole blob; `FileNotFoundError` if it does not exist."""
+        where = f"{self._where}/{name}"
+        with _translated("Downloading", where=where, identity=self.identity):
+            stream = self._container.download_blob(name, max_concurrency=_MAX_CONCURRENCY)
+            return stream.readall()
+
+    def upload(self, name: str, data: bytes) -> None:
+        """Write a blob, replacing it (a retried task rewrites its result)."""
+        where = f"{self._where}/{name}"
+        with _translated("Uploading", where=where, identity=self.identity):
+            self._container.upload_blob(
+                name, data, overwrite=True, max_concurrency=_MAX_CONCURRENCY
+            )
+
+    def close(self) -> None:
+        """Release the connections and the credential."""
+        try:
+            self._container.close()
+        finally:
+            self._credential.close()
+
+    def __enter__(self) -> NodeContainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -2,9 +2,12 @@
 
 It needs only what the worker image installs and no account credential: the task's
 environment gives it a read SAS URL for its payload, a write SAS URL for its result and the
-job's signing key. It downloads and verifies the payload, checks that this interpreter can
-load the client's pickles, fetches the large arguments through a cache shared by the tasks
-of the node, runs the calls and uploads a signed result envelope.
+job's signing key. In node-identity mode (``BatchConfig.node_identity``) it gives names
+instead: the container's URL, the blobs of the payload, the result and the job's key, and
+the resource id of the pool's managed identity, as which the worker reads and writes them
+(`storage.NodeContainer`). It downloads and verifies the payload, checks that this
+interpreter can load the client's pickles, fetches the large arguments through a cache
+shared by the tasks of the node, runs the calls and uploads a signed result envelope.
 
 The exit code tells Batch whether to retry: 0 whenever a result was uploaded, including
 when the user's function raised (the client re-raises it) or the versions differ (a retry
@@ -30,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +43,12 @@ from urllib.parse import parse_qs, urlsplit
 from joblib_azurebatch.environment import check_pins, current_environment
 from joblib_azurebatch.errors import AzureBatchError, CredentialError, PayloadError
 from joblib_azurebatch.payload import (
+    CONTAINER_URL_ENV,
+    KEY_BLOB_ENV,
+    NODE_IDENTITY_ENV,
+    PAYLOAD_BLOB_ENV,
     PAYLOAD_URL_ENV,
+    RESULT_BLOB_ENV,
     RESULT_URL_ENV,
     SIGNING_KEY_ENV,
     TaskEnvelope,
@@ -51,7 +59,7 @@ from joblib_azurebatch.payload import (
     load_calls,
     new_attempt,
 )
-from joblib_azurebatch.storage import download_url, redact_url, upload_url
+from joblib_azurebatch.storage import NodeContainer, download_url, redact_url, upload_url
 
 __all__ = [
     "EXIT_BAD_ENVIRONMENT",
@@ -268,15 +276,19 @@ class ObjectCache:
             path.unlink()
         return None
 
-    def get(self, sha: str, url: str) -> bytes:
-        """The object's bytes, from the cache or downloaded once for the whole node."""
+    def get(self, sha: str, url: str, fetch: Callable[[str], bytes] | None = None) -> bytes:
+        """The object's bytes, from the cache or downloaded once for the whole node.
+
+        ``url`` is where the payload's object table says the object is: a SAS URL, read
+        with ``download_url``, or, given ``fetch``, what ``fetch`` reads (a blob name).
+        """
         path = self.directory / sha
         data = self._read_verified(path, sha)
         if data is None:
             with self._locked(sha):
                 data = self._read_verified(path, sha)
                 if data is None:
-                    data = _download(url)
+                    data = (fetch or _download)(url)
                     if hashlib.sha256(data).hexdigest() != sha:
                         raise PayloadError(
                             f"object {sha} downloaded from {redact_url(url)} does not match "
@@ -297,10 +309,83 @@ def _log(out: TextIO, message: str) -> None:
     print(f"{_PREFIX} {message}", file=out, flush=True)
 
 
-def _read_environment(environ: Mapping[str, str]) -> tuple[str, str, bytes]:
-    """The task's URLs and key; refuses to run without the ids Batch sets on every task,
-    since without them a payload swapped in from another task could not be told apart."""
-    names = (PAYLOAD_URL_ENV, RESULT_URL_ENV, SIGNING_KEY_ENV, JOB_ID_ENV, TASK_ID_ENV)
+class _SasBlobs:
+    """A task's blobs through the SAS URLs in its environment, and the key given there."""
+
+    def __init__(self, payload_url: str, result_url: str, key: bytes) -> None:
+        self.payload_url = payload_url
+        self.result_url = result_url
+        self._key = key
+
+    def key(self) -> bytes:
+        return self._key
+
+    def check_fresh(self) -> None:
+        # Nothing is worth downloading or running if the result could not be uploaded.
+        _ensure_fresh(self.payload_url, self.result_url)
+
+    @property
+    def payload_location(self) -> str:
+        return redact_url(self.payload_url)
+
+    def read_payload(self) -> bytes:
+        return _download(self.payload_url)
+
+    def read_object(self, url: str) -> bytes:
+        return _download(url)
+
+    def write_result(self, data: bytes) -> None:
+        _upload(self.result_url, data)
+
+    def close(self) -> None:
+        return None
+
+
+class _IdentityBlobs:
+    """A task's blobs by name, read and written as the pool's managed identity; the job's
+    key is a blob too. Nothing in the task's definition grants access to any of them."""
+
+    def __init__(
+        self, container: NodeContainer, *, payload: str, result: str, key: str, where: str
+    ) -> None:
+        self._container = container
+        self._payload = payload
+        self._result = result
+        self._key_blob = key
+        self._where = where
+
+    def key(self) -> bytes:
+        try:
+            return self._container.download(self._key_blob)
+        except (AzureBatchError, OSError) as e:
+            raise _InfrastructureError(
+                EXIT_DOWNLOAD_FAILED, f"downloading the job's key failed: {e}"
+            ) from e
+
+    def check_fresh(self) -> None:
+        return None  # a token, unlike a SAS URL, is fetched afresh when it expires
+
+    @property
+    def payload_location(self) -> str:
+        return f"{self._where}/{self._payload}"
+
+    def read_payload(self) -> bytes:
+        return self._container.download(self._payload)
+
+    def read_object(self, name: str) -> bytes:
+        return self._container.download(name)
+
+    def write_result(self, data: bytes) -> None:
+        self._container.upload(self._result, data)
+
+    def close(self) -> None:
+        self._container.close()
+
+
+_TaskBlobs = _SasBlobs | _IdentityBlobs
+
+
+def _missing(environ: Mapping[str, str], names: tuple[str, ...]) -> None:
     missing = [name for name in names if not environ.get(name)]
     if missing:
         raise _InfrastructureError(
@@ -308,20 +393,52 @@ def _read_environment(environ: Mapping[str, str]) -> tuple[str, str, bytes]:
             f"the task's environment lacks {', '.join(missing)}; this program runs inside "
             "Batch tasks created by the joblib 'azurebatch' backend",
         )
+
+
+def _read_environment(environ: Mapping[str, str]) -> _TaskBlobs:
+    """How this task reaches its blobs, from its environment; refuses to run without the
+    ids Batch sets on every task, since without them a payload swapped in from another task
+    could not be told apart."""
+    if environ.get(NODE_IDENTITY_ENV):
+        names = (CONTAINER_URL_ENV, PAYLOAD_BLOB_ENV, RESULT_BLOB_ENV, KEY_BLOB_ENV)
+        _missing(environ, (*names, JOB_ID_ENV, TASK_ID_ENV))
+        container_url = environ[CONTAINER_URL_ENV]
+        try:
+            container = NodeContainer(container_url, identity=environ[NODE_IDENTITY_ENV])
+        except ValueError as e:
+            raise _InfrastructureError(EXIT_BAD_ENVIRONMENT, f"{CONTAINER_URL_ENV}: {e}") from e
+        except ImportError as e:
+            raise _InfrastructureError(
+                EXIT_BAD_ENVIRONMENT,
+                f"the task names a managed identity but the node cannot use one ({e}): "
+                "install azure-identity in the worker image (docker/requirements.txt has it)",
+            ) from e
+        return _IdentityBlobs(
+            container,
+            payload=environ[PAYLOAD_BLOB_ENV],
+            result=environ[RESULT_BLOB_ENV],
+            key=environ[KEY_BLOB_ENV],
+            where=redact_url(container_url),
+        )
+    _missing(environ, (PAYLOAD_URL_ENV, RESULT_URL_ENV, SIGNING_KEY_ENV, JOB_ID_ENV, TASK_ID_ENV))
     try:
         key = bytes.fromhex(environ[SIGNING_KEY_ENV])
     except ValueError:
         raise _InfrastructureError(
             EXIT_BAD_ENVIRONMENT, f"{SIGNING_KEY_ENV} is not a hexadecimal key"
         ) from None
-    return environ[PAYLOAD_URL_ENV], environ[RESULT_URL_ENV], key
+    return _SasBlobs(environ[PAYLOAD_URL_ENV], environ[RESULT_URL_ENV], key)
 
 
-def _fetch_objects(envelope: TaskEnvelope, cache: ObjectCache) -> dict[str, bytes]:
+def _fetch_objects(
+    envelope: TaskEnvelope, cache: ObjectCache, fetch: Callable[[str], bytes] | None = None
+) -> dict[str, bytes]:
     if not envelope.objects:
         return {}
     with ThreadPoolExecutor(max_workers=min(4, len(envelope.objects))) as pool:
-        futures = {sha: pool.submit(cache.get, sha, url) for sha, url in envelope.objects.items()}
+        futures = {
+            sha: pool.submit(cache.get, sha, url, fetch) for sha, url in envelope.objects.items()
+        }
         try:
             return {sha: future.result() for sha, future in futures.items()}
         except (AzureBatchError, OSError) as e:
@@ -353,7 +470,10 @@ def _hint_relative_path(error: BaseException) -> None:
 
 
 def _run(
-    envelope: TaskEnvelope, cache: ObjectCache, out: TextIO
+    envelope: TaskEnvelope,
+    cache: ObjectCache,
+    out: TextIO,
+    fetch: Callable[[str], bytes] | None = None,
 ) -> tuple[Any, BaseException | None, dict[str, float]]:
     timings: dict[str, float] = {}
     try:
@@ -367,7 +487,7 @@ def _run(
         _log(out, f"version mismatch, reporting it to the client: {e}")
         return None, e, timings
     start = time.perf_counter()
-    objects = _fetch_objects(envelope, cache)
+    objects = _fetch_objects(envelope, cache, fetch)
     timings["download"] = time.perf_counter() - start
     if objects:
         _log(
@@ -419,60 +539,67 @@ def main(
     err = stderr or sys.stderr
     attempt = new_attempt(environ.get(NODE_ID_ENV, ""))
     try:
-        payload_url, result_url, key = _read_environment(environ)
-        # Nothing is worth downloading or running if the result could not be uploaded.
-        _ensure_fresh(payload_url, result_url)
-        _log(out, f"downloading the payload {redact_url(payload_url)}")
-        start = time.perf_counter()
+        blobs = _read_environment(environ)
         try:
-            data = _download(payload_url)
-        except (AzureBatchError, OSError) as e:
-            raise _InfrastructureError(
-                EXIT_DOWNLOAD_FAILED, f"downloading the payload failed: {e}"
-            ) from e
-        elapsed = time.perf_counter() - start
-        try:
-            envelope = decode_task(data, key)
-        except PayloadError as e:
-            raise _InfrastructureError(EXIT_UNVERIFIED, str(e)) from e
-        try:
-            check_task_binding(envelope, job_id=environ[JOB_ID_ENV], task_id=environ[TASK_ID_ENV])
-        except PayloadError as e:
-            raise _InfrastructureError(EXIT_WRONG_TASK, str(e)) from e
-        _log(
-            out,
-            f"task {envelope.task_id} of job {envelope.job_id}: {len(data)} bytes in "
-            f"{elapsed:.3f} s, signature verified",
-        )
-        cache = ObjectCache.for_node(environ)
-        pruned = cache.prune()
-        if pruned:
-            _log(out, f"removed {pruned} objects unused for a week from the node cache")
-        value, error, timings = _run(envelope, cache, out)
-        timings["download"] = timings.get("download", 0.0) + elapsed
-        result = encode_result(
-            job_id=envelope.job_id,
-            task_id=envelope.task_id,
-            key=key,
-            attempt=attempt,
-            value=value,
-            error=error,
-            timings=timings,
-        )
-        start = time.perf_counter()
-        try:
-            _upload(result_url, result)
-        except (AzureBatchError, OSError) as e:
-            raise _InfrastructureError(
-                EXIT_UPLOAD_FAILED, f"uploading the result failed: {e}"
-            ) from e
-        _log(
-            out, f"uploaded the result ({len(result)} bytes) in {time.perf_counter() - start:.3f} s"
-        )
-        return EXIT_OK
+            return _run_task(blobs, environ, attempt, out)
+        finally:
+            blobs.close()
     except _InfrastructureError as e:
         print(f"{_PREFIX} error: {e}", file=err, flush=True)
         return e.code
+
+
+def _run_task(
+    blobs: _TaskBlobs, environ: Mapping[str, str], attempt: Mapping[str, str], out: TextIO
+) -> int:
+    """Download and verify the payload, run it, upload the result; `_InfrastructureError`
+    when something outside the user's code fails."""
+    key = blobs.key()
+    blobs.check_fresh()
+    _log(out, f"downloading the payload {blobs.payload_location}")
+    start = time.perf_counter()
+    try:
+        data = blobs.read_payload()
+    except (AzureBatchError, OSError) as e:
+        raise _InfrastructureError(
+            EXIT_DOWNLOAD_FAILED, f"downloading the payload failed: {e}"
+        ) from e
+    elapsed = time.perf_counter() - start
+    try:
+        envelope = decode_task(data, key)
+    except PayloadError as e:
+        raise _InfrastructureError(EXIT_UNVERIFIED, str(e)) from e
+    try:
+        check_task_binding(envelope, job_id=environ[JOB_ID_ENV], task_id=environ[TASK_ID_ENV])
+    except PayloadError as e:
+        raise _InfrastructureError(EXIT_WRONG_TASK, str(e)) from e
+    _log(
+        out,
+        f"task {envelope.task_id} of job {envelope.job_id}: {len(data)} bytes in "
+        f"{elapsed:.3f} s, signature verified",
+    )
+    cache = ObjectCache.for_node(environ)
+    pruned = cache.prune()
+    if pruned:
+        _log(out, f"removed {pruned} objects unused for a week from the node cache")
+    value, error, timings = _run(envelope, cache, out, blobs.read_object)
+    timings["download"] = timings.get("download", 0.0) + elapsed
+    result = encode_result(
+        job_id=envelope.job_id,
+        task_id=envelope.task_id,
+        key=key,
+        attempt=attempt,
+        value=value,
+        error=error,
+        timings=timings,
+    )
+    start = time.perf_counter()
+    try:
+        blobs.write_result(result)
+    except (AzureBatchError, OSError) as e:
+        raise _InfrastructureError(EXIT_UPLOAD_FAILED, f"uploading the result failed: {e}") from e
+    _log(out, f"uploaded the result ({len(result)} bytes) in {time.perf_counter() - start:.3f} s")
+    return EXIT_OK
 
 
 def _exit(code: int) -> None:

@@ -36,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from . import images as _images
+from . import imds
 from .images import BareImage
 from .models import Account, Job, Node, Pool, StartTaskInfo, Task
 from .staging import StagingError, download_resource_files, upload_output_files
+from .tls import TokenRegistry
 from .wire import parse_duration, utcnow
 
 __all__ = ["Executor"]
@@ -145,8 +147,12 @@ class Executor:
         allocation_delay: float = 0.0,
         deletion_delay: float = 0.2,
         bare: BareImage | None = None,
+        tokens: TokenRegistry | None = None,
     ) -> None:
         self.account = account
+        #: Mints the tokens of the pools' managed identities (for resource files fetched
+        #: as an identity; task processes get theirs from their node's metadata endpoint).
+        self.tokens = tokens or TokenRegistry()
         #: Seconds a deleted pool or job stays in ``deleting`` before it is gone, as on Azure
         #: (where it takes seconds), so that clients see and poll the transition.
         self.deletion_delay = deletion_delay
@@ -865,6 +871,8 @@ class Executor:
             env["AZ_BATCH_TASK_ID"] = task_id
         if self.ca_bundle is not None:
             env["REQUESTS_CA_BUNDLE"] = env["SSL_CERT_FILE"] = str(self.ca_bundle)
+        # Every node has a metadata endpoint (IMDS); it serves only its pool's identities.
+        env[imds.HOST_ENV] = imds.host_for(base_url, node)
         for item in settings:
             if "name" in item:
                 env[str(item["name"])] = str(item.get("value", ""))
@@ -934,8 +942,9 @@ class Executor:
         resource_files: list[Mapping[str, Any]],
         output_files: list[Mapping[str, Any]],
     ) -> tuple[int | None, dict[str, Any] | None]:
+        token_for = self._identity_token(run.node)
         try:
-            download_resource_files(resource_files, workdir)
+            download_resource_files(resource_files, workdir, token_for=token_for)
         except StagingError as e:
             return None, e.failure_info
         with open(base / "stdout.txt", "wb") as out, open(base / "stderr.txt", "wb") as err:
@@ -967,10 +976,29 @@ class Executor:
         if run.stop_reason in ("requeue", "shutdown", "terminate"):
             return code, None
         try:
-            upload_output_files(output_files, workdir, code)
+            upload_output_files(output_files, workdir, code, token_for=token_for)
         except StagingError as e:
             return code, e.failure_info
         return code, None
+
+    def _identity_token(self, node: Node) -> Callable[[str, str], str]:
+        """What the node agent fetches a file with when it names ``identityReference``: a
+        storage token of that identity, if the node's pool has it, else a refusal."""
+
+        def token(resource_id: str, url: str) -> str:
+            with self.account.lock:
+                pool = self.account.pools.get(node.pool_id)
+                identity = pool.identity(resource_id) if pool is not None else None
+            if identity is None:
+                raise StagingError(
+                    "usererror",
+                    "BlobAccessDenied",
+                    f"Access to {url} was denied: the identity {resource_id} in "
+                    f"identityReference is not assigned to the pool {node.pool_id}",
+                )
+            return imds.token_for(self.tokens, identity, imds.STORAGE_SCOPE)[0]
+
+        return token
 
 
 def _killpg(process: subprocess.Popen[bytes]) -> None:

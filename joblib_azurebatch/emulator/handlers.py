@@ -16,7 +16,7 @@ import mimetypes
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlencode
 
 from .errors import BatchServiceError, batch_error
-from .models import Account, Job, Pool, Task
+from .models import Account, Job, ManagedIdentity, Pool, Task
 from .odata import parse_filter, select_fields
 from .wire import format_time, http_date, utcnow
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .autoscale import AutoScaler
     from .execution import Executor
 
-__all__ = ["HANDLERS", "Context", "Reply"]
+__all__ = ["HANDLERS", "Context", "Reply", "add_pool"]
 
 JSON = dict[str, Any]
 
@@ -208,22 +208,35 @@ def _autoscale(ctx: Context) -> AutoScaler:
 # -- pools ------------------------------------------------------------------------------------
 
 
+def add_pool(
+    acc: Account,
+    executor: Executor,
+    autoscale: AutoScaler,
+    spec: JSON,
+    *,
+    identities: Sequence[ManagedIdentity] = (),
+) -> Pool:
+    """Create the pool ``spec`` describes (lock held): the data plane's create, and the
+    management plane's, which alone can give it ``identities``."""
+    pool_id = str(spec.get("id", ""))
+    if pool_id in acc.pools:
+        existing = acc.pools[pool_id]
+        raise batch_error("PoolBeingDeleted" if existing.state == "deleting" else "PoolExists")
+    autoscale.check_create(spec)
+    pool = Pool(id=pool_id, state="active", spec=spec, identities=list(identities))
+    acc.pools[pool_id] = pool
+    executor.reconcile(pool)
+    autoscale.created(pool)
+    acc.notify()
+    return pool
+
+
 @handles("Pools_CreatePool")
 def create_pool(ctx: Context) -> Reply:
     _validate(ctx)
     spec = copy.deepcopy(_require_body(ctx))
-    pool_id = str(spec.get("id", ""))
-    acc = ctx.account
-    if pool_id in acc.pools:
-        existing = acc.pools[pool_id]
-        raise batch_error("PoolBeingDeleted" if existing.state == "deleting" else "PoolExists")
-    _autoscale(ctx).check_create(spec)
-    pool = Pool(id=pool_id, state="active", spec=spec)
-    acc.pools[pool_id] = pool
-    ctx.executor.reconcile(pool)
-    _autoscale(ctx).created(pool)
-    acc.notify()
-    return _created(f"{ctx.base_url}/pools/{pool_id}", pool.etag, pool.last_modified)
+    pool = add_pool(ctx.account, ctx.executor, _autoscale(ctx), spec)
+    return _created(f"{ctx.base_url}/pools/{pool.id}", pool.etag, pool.last_modified)
 
 
 @handles("Pools_GetPool")

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from .azurite import Azurite
 from .blobproxy import BlobProxy
+from .models import ManagedIdentity
 from .server import BatchEmulator
 
 if TYPE_CHECKING:
@@ -53,6 +54,10 @@ class LocalBatch:
     ``autoscale_speedup`` makes the clock that autoscale formulas run on go that many times
     faster than real time (see :class:`~joblib_azurebatch.emulator.server.BatchEmulator`), so
     that a pool left idle drains in seconds instead of minutes.
+    :meth:`managed_identity` and :meth:`add_identity_pool` stand in for the management plane
+    (``az identity create`` and a Bicep template): they make a pool with a user-assigned
+    managed identity, for ``BatchConfig(node_identity=...)``; with ``tls=True`` Azurite
+    accepts that identity's tokens.
     """
 
     def __init__(
@@ -209,6 +214,44 @@ class LocalBatch:
         fields.update(overrides)
         return BatchConfig(**fields)
 
+    # -- the management plane ---------------------------------------------------------------
+
+    def managed_identity(self, name: str = "joblib-nodes") -> ManagedIdentity:
+        """A user-assigned managed identity, as ``az identity create`` makes one (the same
+        name gives the same identity); ``.resource_id`` is what ``node_identity`` takes."""
+        return self.emulator.new_managed_identity(name)
+
+    def add_identity_pool(self, cfg: BatchConfig, *, identity: ManagedIdentity | str) -> None:
+        """Create ``cfg``'s pool with ``identity``, as the management plane would (a Bicep
+        template, the portal): the library cannot, the data plane has no pool ``identity``.
+
+        The pool has the shape the config asks for (``pool_id``, ``vm_size``, node counts,
+        slots, the VM image and ``cfg.node_image`` as its container image) and no start
+        task, like the template in docs/security.md.
+        """
+        body: dict[str, Any] = {
+            "id": cfg.pool_id,
+            "vmSize": cfg.vm_size,
+            "virtualMachineConfiguration": {
+                "imageReference": {
+                    "publisher": cfg.node_image_publisher,
+                    "offer": cfg.node_image_offer,
+                    "sku": cfg.node_image_sku,
+                    "version": "latest",
+                },
+                "nodeAgentSKUId": cfg.node_agent_sku_id,
+                "containerConfiguration": {
+                    "type": "dockerCompatible",
+                    "containerImageNames": [cfg.node_image],
+                },
+            },
+            "taskSlotsPerNode": cfg.task_slots_per_node,
+            "taskSchedulingPolicy": {"nodeFillType": "spread"},
+            "targetDedicatedNodes": cfg.dedicated_nodes,
+            "targetLowPriorityNodes": cfg.spot_nodes,
+        }
+        self.emulator.create_pool_with_identity(body, [identity])
+
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> LocalBatch:
@@ -233,7 +276,10 @@ class LocalBatch:
                     self._blob_proxy = BlobProxy(f"{origin.scheme}://{origin.netloc}").start()
                 self.emulator.start()
         except BaseException:
-            self.stop()
+            # Stops only what started; a failure to clean up must not hide why start failed
+            # (a missing Azurite should read as AzuriteNotFoundError and nothing else).
+            with contextlib.suppress(Exception):
+                self.stop()
             raise
         self._running = True
         return self

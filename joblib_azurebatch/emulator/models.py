@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import hashlib
+import secrets
 import threading
 from collections import deque
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ __all__ = [
     "Account",
     "IllegalTransition",
     "Job",
+    "ManagedIdentity",
     "Node",
     "Pool",
     "Task",
@@ -116,6 +118,24 @@ class _Stamped:
         self.state_transition_time = now
 
 
+@dataclass(frozen=True)
+class ManagedIdentity:
+    """A user-assigned managed identity, as ``az identity create`` makes one: its ARM
+    resource id names it to Batch, its client id and principal id to Entra ID."""
+
+    resource_id: str
+    client_id: str
+    principal_id: str
+
+    def to_wire(self) -> JSON:
+        """As a pool lists it (``BatchUserAssignedIdentity``)."""
+        return {
+            "resourceId": self.resource_id,
+            "clientId": self.client_id,
+            "principalId": self.principal_id,
+        }
+
+
 @dataclass
 class StartTaskInfo:
     """What the node's start task did; rendered as ``startTaskInfo``."""
@@ -168,6 +188,9 @@ class Node:
     #: Leaving the pool once its running tasks end (``taskcompletion`` / ``retaineddata``
     #: deallocation): no new task is placed on it meanwhile.
     draining: bool = False
+    #: Names this node in the path of its metadata endpoint (its IMDS), which the node's
+    #: processes alone are told: a local process cannot be told apart by its address.
+    metadata_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
 
     def move(self, new: str) -> None:
         """Change state if Batch allows that change."""
@@ -263,6 +286,14 @@ class Pool(_Stamped):
     samples: deque[tuple[float, Mapping[str, float]]] = field(
         default_factory=lambda: deque(maxlen=SAMPLE_HISTORY)
     )
+    #: User-assigned managed identities, given through the management plane only (the
+    #: data plane's pool creation has no ``identity``); read back as ``identity``.
+    identities: list[ManagedIdentity] = field(default_factory=list)
+
+    def identity(self, resource_id: str) -> ManagedIdentity | None:
+        """The pool's identity with this ARM resource id (compared case-insensitively)."""
+        wanted = resource_id.lower()
+        return next((i for i in self.identities if i.resource_id.lower() == wanted), None)
 
     def move(self, new: str) -> None:
         """Change the pool state if Batch allows it."""
@@ -386,6 +417,11 @@ class Pool(_Stamped):
                 out["autoScaleRun"] = copy.deepcopy(self.autoscale_run)
         if "startTask" in s:
             out["startTask"] = self.wire_start_task()
+        if self.identities:
+            out["identity"] = {
+                "type": "UserAssigned",
+                "userAssignedIdentities": [i.to_wire() for i in self.identities],
+            }
         return out
 
 
@@ -616,6 +652,9 @@ class Account:
         self.changed = threading.Condition(self.lock)
         self.pools: dict[str, Pool] = {}
         self.jobs: dict[str, Job] = {}
+        #: The user-assigned managed identities that exist (resource id, lower case ->
+        #: identity): what the management plane lets a pool be given.
+        self.identities: dict[str, ManagedIdentity] = {}
 
     def notify(self) -> None:
         """Wake the executor: something it may act on changed. Call with the lock held."""
@@ -650,6 +689,14 @@ class Account:
             return pool.nodes[node_id]
         except KeyError:
             raise batch_error("NodeNotFound") from None
+
+    def node_by_metadata_token(self, token: str) -> tuple[Pool, Node] | None:
+        """The pool and node whose metadata endpoint ``token`` names, while it is a node."""
+        for pool in self.pools.values():
+            for node in pool.nodes.values():
+                if secrets.compare_digest(node.metadata_token, token):
+                    return pool, node
+        return None
 
     def new_node(self, pool: Pool, *, dedicated: bool, state: str) -> Node:
         """Add a node to ``pool`` with a Batch-like id and its directory tree."""

@@ -22,26 +22,28 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-from . import staging
+from . import imds, staging
 from .auth import SharedKeyVerifier
 from .autoscale import AutoScaler
 from .errors import BatchServiceError, batch_error
 from .execution import Executor
 from .faults import FaultPlan, RequestLog, RequestRecord
-from .handlers import HANDLERS, Context, Reply
+from .handlers import HANDLERS, Context, Reply, add_pool
 from .images import BareImage, default_images, python_version, slim_image
-from .models import Account, Node, Pool
+from .models import Account, ManagedIdentity, Node, Pool
 from .tls import LocalTokenCredential, TokenRegistry, self_signed_certificate
 
 __all__ = ["BatchEmulator"]
 
 _JSON_TYPE = "application/json; odata=minimalmetadata"
+#: The subscription the emulated managed identities belong to.
+_SUBSCRIPTION = "00000000-0000-4000-8000-00000000b47c"
 
 #: The service's messages for codes that only injected faults answer with.
 _FAULT_MESSAGES = {
@@ -131,6 +133,7 @@ class BatchEmulator:
             bare = BareImage(self.root / ".images" / slim.replace(":", "-"), base_python=python)
             table[slim] = bare.python
         table.update(images or {})
+        self.tokens = TokenRegistry()
         self.executor = Executor(
             self.account,
             base_url=lambda: self.url,
@@ -139,6 +142,7 @@ class BatchEmulator:
             max_processes=max_processes,
             allocation_delay=allocation_delay,
             bare=bare,
+            tokens=self.tokens,
         )
         #: Samples, evaluates and applies the autoscale formulas of the account's pools.
         self.autoscale = AutoScaler(self.account, self.executor, speedup=autoscale_speedup)
@@ -147,8 +151,10 @@ class BatchEmulator:
         self._validate = validate_requests and _schema is not None
         self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._executor_started = False
         self.tls = tls
-        self.tokens = TokenRegistry()
+        #: Answers of the nodes' metadata endpoints, by HTTP status (tests count them).
+        self.metadata_requests: Counter[int] = Counter()
         self._tls_dir: tempfile.TemporaryDirectory[str] | None = None
         #: The certificate to trust (``connection_verify=``) when ``tls`` is on.
         self.ca_cert: Path | None = None
@@ -239,6 +245,7 @@ class BatchEmulator:
             time.sleep(0.01)
         self._port = int(self._server.servers[0].sockets[0].getsockname()[1])
         self.executor.start()
+        self._executor_started = True
         self.autoscale.start()
         return self
 
@@ -250,7 +257,9 @@ class BatchEmulator:
             self._thread.join(10)
             self._thread = None
         self.autoscale.stop()
-        self.executor.stop()
+        if self._executor_started:  # a start that failed earlier, or a second stop
+            self.executor.stop()
+            self._executor_started = False
         for folder in (self._tmp, self._tls_dir):
             if folder is not None:
                 with contextlib.suppress(OSError):
@@ -273,6 +282,59 @@ class BatchEmulator:
         """A ``TokenCredential`` standing in for Entra ID; needs ``tls=True`` (azure-core
         sends tokens over https only) and the client trusting :attr:`ca_cert`."""
         return LocalTokenCredential(self.tokens, lifetime=lifetime)
+
+    # -- the management plane ---------------------------------------------------------------
+
+    def new_managed_identity(self, name: str, *, resource_group: str = "local") -> ManagedIdentity:
+        """A user-assigned managed identity, as ``az identity create`` makes one (the same
+        name returns the same identity): its resource id is what a pool and
+        ``BatchConfig.node_identity`` name it by."""
+        resource_id = (
+            f"/subscriptions/{_SUBSCRIPTION}/resourceGroups/{resource_group}/providers/"
+            f"Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+        )
+        with self.account.lock:
+            found = self.account.identities.get(resource_id.lower())
+            if found is None:
+                found = ManagedIdentity(
+                    resource_id=resource_id,
+                    client_id=str(uuid.uuid4()),
+                    principal_id=str(uuid.uuid4()),
+                )
+                self.account.identities[resource_id.lower()] = found
+            return found
+
+    def create_pool_with_identity(
+        self, body: Mapping[str, Any], identities: Sequence[ManagedIdentity | str]
+    ) -> None:
+        """Create a pool with user-assigned managed identities, as the management plane does.
+
+        The data plane cannot (``BatchPoolCreateOptions`` has no ``identity``); on Azure this
+        is an ARM or Bicep template, the portal or azure-mgmt-batch. ``body`` is the pool as
+        the data plane's create would take it, checked the same way; ``identities`` are
+        identities of :meth:`new_managed_identity` (or their resource ids). The pool reads
+        back with ``identity``, its nodes get tokens of these identities from their metadata
+        endpoint, and resource files naming them in ``identityReference`` are fetched.
+        Raises `ValueError` for an unknown identity, `BatchServiceError` as a create would.
+        """
+        spec = json.loads(json.dumps(dict(body)))
+        if self._validate and _schema is not None:
+            errors = _schema.request_errors("Pools_CreatePool", spec)
+            if errors:
+                raise BatchServiceError(errors[0].code, values=dict(errors[0].values))
+        with self.account.lock:
+            chosen: list[ManagedIdentity] = []
+            for identity in identities:
+                rid = identity.resource_id if isinstance(identity, ManagedIdentity) else identity
+                found = self.account.identities.get(rid.lower())
+                if found is None:
+                    raise ValueError(
+                        f"the managed identity {rid} does not exist: make it with "
+                        "new_managed_identity() first"
+                    )
+                if found not in chosen:
+                    chosen.append(found)
+            add_pool(self.account, self.executor, self.autoscale, spec, identities=chosen)
 
     # -- observation ------------------------------------------------------------------------
 
@@ -454,6 +516,8 @@ class BatchEmulator:
         body: bytes,
     ) -> tuple[int, dict[str, str], bytes]:
         """Answer one request: returns (status, headers, body bytes)."""
+        if raw_path.startswith(imds.PREFIX):
+            return self._metadata(method, raw_path, query_string, headers)
         request_id = str(uuid.uuid4())
         found = _operation_for(method, raw_path)
         operation_id = found[0] if found else f"{method} {raw_path}"
@@ -526,6 +590,28 @@ class BatchEmulator:
             auth=headers.get("authorization", "").split(" ", 1)[0] or None,
         )
         return status, out_headers, payload
+
+    def _metadata(
+        self, method: str, raw_path: str, query_string: str, headers: Mapping[str, str]
+    ) -> tuple[int, dict[str, str], bytes]:
+        """A node's metadata endpoint (:mod:`.imds`): not the Batch API, so no Batch
+        authentication, faults or request log; IMDS answers only the node itself."""
+        query = {k: v[0] for k, v in parse_qs(query_string, keep_blank_values=True).items()}
+        with self.account.lock:
+            status, body = imds.answer(
+                self.account,
+                self.tokens,
+                method=method,
+                raw_path=raw_path,
+                query=query,
+                headers=headers,
+            )
+        self.metadata_requests[status] += 1
+        return (
+            status,
+            {"Content-Type": "application/json; charset=utf-8"},
+            json.dumps(body).encode(),
+        )
 
     def _authenticate(
         self, method: str, raw_path: str, query_string: str, headers: Mapping[str, str]

@@ -1,9 +1,11 @@
 """Moving a task's files in and out: ``resourceFiles`` before it runs, ``outputFiles`` after.
 
-A node reaches storage only through the URLs in the task (SAS URLs, as on Azure), never
-through the emulator's own credentials, so a task that works here with its SAS URLs works
-on a real pool. Failures are returned as a Batch ``failureInfo`` (category and code) for the
-executor to record on the task, the way the node agent reports them.
+A node reaches storage only through the URLs in the task (SAS URLs, as on Azure), or as
+one of its pool's managed identities when a file names it in ``identityReference`` (a
+token of that identity; a pool without it is refused, ``BlobAccessDenied``), never through
+the emulator's own credentials, so a task that works here works on a real pool. Failures
+are returned as a Batch ``failureInfo`` (category and code) for the executor to record on
+the task, the way the node agent reports them.
 """
 
 from __future__ import annotations
@@ -12,14 +14,21 @@ import glob
 import os
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-__all__ = ["StagingError", "download_resource_files", "upload_output_files"]
+__all__ = ["StagingError", "TokenFor", "download_resource_files", "upload_output_files"]
+
+#: ``token_for(identity resource id, url)``: a storage token of the pool's identity, or a
+#: `StagingError` when the pool has no such identity.
+TokenFor = Callable[[str, str], str]
+#: Bearer tokens need a storage API version of 2017-11-09 or later.
+_BLOB_API_VERSION = "2021-08-06"
 
 
 class StagingError(Exception):
@@ -65,9 +74,36 @@ def _context() -> ssl.SSLContext:
     return context
 
 
-def _http_get(url: str) -> bytes:
+def _verify_path() -> str | None:
+    """A trusted certificate file for the SDK's ``connection_verify`` (which takes one)."""
+    with _trust_lock:
+        return next((c for c in sorted(_TRUSTED) if os.path.exists(c)), None)
+
+
+def _bearer(token: str | None) -> dict[str, str]:
+    if token is None:
+        return {}
+    return {"Authorization": f"Bearer {token}", "x-ms-version": _BLOB_API_VERSION}
+
+
+def _identity(spec: Mapping[str, Any], token_for: TokenFor | None, url: str) -> str | None:
+    """The token a file is fetched with: None for a URL that carries its own access."""
+    resource_id = (spec.get("identityReference") or {}).get("resourceId")
+    if not resource_id:
+        return None
+    if token_for is None:
+        raise StagingError(
+            "usererror",
+            "BlobAccessDenied",
+            f"Access to {_redact(url)} was denied: this node has no managed identity",
+        )
+    return token_for(str(resource_id), _redact(url))
+
+
+def _http_get(url: str, token: str | None = None) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=60, context=_context()) as resp:
+        request = urllib.request.Request(url, headers=_bearer(token))
+        with urllib.request.urlopen(request, timeout=60, context=_context()) as resp:
             data: bytes = resp.read()
             return data
     except urllib.error.HTTPError as e:
@@ -89,12 +125,31 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
-def _container_blobs(container_url: str, prefix: str | None) -> list[tuple[str, bytes]]:
+class _FixedToken:
+    """A token credential that hands out one token (the node agent's, for one file)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        from azure.core.credentials import AccessToken
+
+        return AccessToken(self._token, int(time.time()) + 3600)
+
+
+def _container_blobs(
+    container_url: str, prefix: str | None, token: str | None = None
+) -> list[tuple[str, bytes]]:
     from azure.core.exceptions import AzureError, ClientAuthenticationError, HttpResponseError
     from azure.storage.blob import ContainerClient
 
     try:
-        container = ContainerClient.from_container_url(container_url)
+        credential = _FixedToken(token) if token is not None else None
+        container = ContainerClient.from_container_url(
+            container_url,
+            credential=credential,
+            connection_verify=_verify_path() or True,
+        )
         out = []
         for props in container.list_blobs(name_starts_with=prefix or None):
             out.append((props.name, container.download_blob(props.name).readall()))
@@ -116,22 +171,29 @@ def _container_blobs(container_url: str, prefix: str | None) -> list[tuple[str, 
         ) from e
 
 
-def download_resource_files(files: Sequence[Mapping[str, Any]], workdir: Path) -> None:
-    """Fetch each resource file into ``workdir`` as the node agent does before the task runs."""
+def download_resource_files(
+    files: Sequence[Mapping[str, Any]], workdir: Path, *, token_for: TokenFor | None = None
+) -> None:
+    """Fetch each resource file into ``workdir`` as the node agent does before the task runs.
+
+    A file with ``identityReference`` is fetched with a token of that identity
+    (``token_for``), which the node's pool must have.
+    """
     for spec in files:
         file_path = spec.get("filePath")
         if spec.get("httpUrl"):
             url = str(spec["httpUrl"])
             rel = file_path or os.path.basename(urlsplit(url).path)
             target = _inside(workdir, str(rel))
+            token = _identity(spec, token_for, url)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(_http_get(url))
+            target.write_bytes(_http_get(url, token))
             _chmod(target, spec.get("fileMode"))
         elif spec.get("storageContainerUrl"):
             base = _inside(workdir, str(file_path)) if file_path else workdir
-            for name, data in _container_blobs(
-                str(spec["storageContainerUrl"]), spec.get("blobPrefix")
-            ):
+            container_url = str(spec["storageContainerUrl"])
+            token = _identity(spec, token_for, container_url)
+            for name, data in _container_blobs(container_url, spec.get("blobPrefix"), token):
                 target = _inside(base, name)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
@@ -187,13 +249,21 @@ def _blob_names(pattern: str, workdir: Path, path: str | None) -> list[tuple[Pat
     return out
 
 
-def _put(container_url: str, name: str, data: bytes, headers: Sequence[Mapping[str, str]]) -> None:
+def _put(
+    container_url: str,
+    name: str,
+    data: bytes,
+    headers: Sequence[Mapping[str, str]],
+    token: str | None = None,
+) -> None:
     parts = urlsplit(container_url)
     blob_path = parts.path.rstrip("/") + "/" + quote(name)
     url = urlunsplit((parts.scheme, parts.netloc, blob_path, parts.query, ""))
     req = urllib.request.Request(url, data=data, method="PUT")
     req.add_header("x-ms-blob-type", "BlockBlob")
-    req.add_header("x-ms-version", "2021-08-06")
+    req.add_header("x-ms-version", _BLOB_API_VERSION)
+    for header, value in _bearer(token).items():
+        req.add_header(header, value)
     for h in headers:
         req.add_header(str(h.get("name")), str(h.get("value", "")))
     try:
@@ -215,8 +285,15 @@ def _put(container_url: str, name: str, data: bytes, headers: Sequence[Mapping[s
         ) from e
 
 
-def upload_output_files(files: Sequence[Mapping[str, Any]], workdir: Path, exit_code: int) -> None:
-    """Upload the output files whose ``uploadCondition`` holds for ``exit_code``."""
+def upload_output_files(
+    files: Sequence[Mapping[str, Any]],
+    workdir: Path,
+    exit_code: int,
+    *,
+    token_for: TokenFor | None = None,
+) -> None:
+    """Upload the output files whose ``uploadCondition`` holds for ``exit_code`` (as the
+    pool's identity when the destination names one in ``identityReference``)."""
     for spec in files:
         condition = str(spec.get("uploadOptions", {}).get("uploadCondition", "taskCompletion"))
         if not _wanted(condition, exit_code):
@@ -227,10 +304,13 @@ def upload_output_files(files: Sequence[Mapping[str, Any]], workdir: Path, exit_
                 "usererror", "FileUploadMiscError", "outputFiles needs destination.container"
             )
         pattern = str(spec.get("filePattern", ""))
+        container_url = str(container["containerUrl"])
+        token = _identity(container, token_for, container_url)
         for local, name in _blob_names(pattern, workdir, container.get("path")):
             _put(
-                str(container["containerUrl"]),
+                container_url,
                 name,
                 local.read_bytes(),
                 container.get("uploadHeaders", []),
+                token,
             )

@@ -19,6 +19,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,15 @@ BATCH_SCOPE = "https://batch.core.windows.net//.default"
 _TENANT = "72f988bf-0000-4000-8000-00000000b47c"
 
 
-def _jwt(scope: str, issued: float, expires: float) -> str:
-    """An unsigned JWT shaped like Entra ID's for ``scope``'s resource."""
+def _jwt(scope: str, issued: float, expires: float, claims: Mapping[str, str] | None = None) -> str:
+    """An unsigned JWT shaped like Entra ID's for ``scope``'s resource; ``claims`` name
+    the principal (a managed identity's ``oid`` and ``appid``) when it is not the default."""
 
     def part(data: dict[str, Any]) -> str:
         raw = json.dumps(data, separators=(",", ":")).encode()
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
-    claims = {
+    body: dict[str, Any] = {
         "aud": scope.removesuffix("/.default").rstrip("/"),
         "iss": f"https://sts.windows.net/{_TENANT}/",
         "iat": int(issued),
@@ -46,8 +48,9 @@ def _jwt(scope: str, issued: float, expires: float) -> str:
         "oid": "00000000-0000-4000-8000-00000000e417",
         "tid": _TENANT,
         "jti": secrets.token_urlsafe(16),
+        **(claims or {}),
     }
-    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}.{secrets.token_urlsafe(8)}"
+    return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(body)}.{secrets.token_urlsafe(8)}"
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -100,11 +103,14 @@ class TokenRegistry:
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[str, float]] = {}
 
-    def issue(self, scope: str, *, lifetime: float = 3600.0) -> tuple[str, int]:
-        """A new token for ``scope``; returns (token, expiry as a Unix time)."""
+    def issue(
+        self, scope: str, *, lifetime: float = 3600.0, claims: Mapping[str, str] | None = None
+    ) -> tuple[str, int]:
+        """A new token for ``scope`` (with ``claims`` on top of the defaults); returns
+        (token, expiry as a Unix time)."""
         now = time.time()
         expires = now + lifetime
-        token = _jwt(scope, now, expires)
+        token = _jwt(scope, now, expires, claims)
         with self._lock:
             self._tokens[token] = (scope, expires)
         return token, int(expires)
