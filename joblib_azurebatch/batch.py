@@ -1397,6 +1397,18 @@ class BatchService:
                 outcomes.append(self._outcome(task))
         return outcomes
 
+    def list_tasks(self, job_id: str) -> list[TaskOutcome]:
+        """Every task of the job, in whatever state (for ``joblib-azurebatch logs``)."""
+        with self._call(f"list the tasks of the job {job_id}"):
+            return [
+                self._outcome(task)
+                for task in self._client.list_tasks(
+                    job_id,
+                    select=["id", "state", "stateTransitionTime", "executionInfo", "nodeInfo"],
+                    max_results=1000,
+                )
+            ]
+
     @staticmethod
     def _outcome(task: bm.BatchTask) -> TaskOutcome:
         info = task.execution_info

@@ -366,6 +366,41 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    """A task's stdout.txt and stderr.txt (their last ``--tail`` bytes), or, without a
+    task, the job's tasks with their state and exit code."""
+    with _batch_service(_config_from_env()) as svc:
+        if args.task_id is None:
+            tasks = svc.list_tasks(args.job_id)
+            rows = [
+                (
+                    t.task_id,
+                    t.state,
+                    "" if t.exit_code is None else str(t.exit_code),
+                    t.failure or "",
+                    t.node_id or "",
+                )
+                for t in tasks
+            ]
+            _print_rows(rows, ("TASK", "STATE", "EXIT", "FAILURE", "NODE"), sys.stdout)
+            print(
+                f"\n`{PROG} logs {args.job_id} TASK` prints a task's stdout and stderr.",
+                file=sys.stdout,
+            )
+            return 0
+        for name in ("stdout.txt", "stderr.txt"):
+            text = svc.read_task_file(args.job_id, args.task_id, name, tail_bytes=args.tail)
+            print(f"===== {args.task_id}/{name} =====", file=sys.stdout)
+            print(
+                text.rstrip("\n")
+                if text
+                else "(empty or not found: task files live on the node that ran the task, "
+                "and go with it when the pool shrinks or is deleted; keep_pool=True keeps it)",
+                file=sys.stdout,
+            )
+    return 0
+
+
 def cmd_jobs_delete(args: argparse.Namespace) -> int:
     with _batch_service(_config_from_env()) as svc:
         for job_id in args.job_ids:
@@ -502,6 +537,21 @@ def build_parser() -> argparse.ArgumentParser:
     jd = jobs_sub.add_parser("delete", help="delete jobs (their running tasks are killed)")
     jd.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     jd.set_defaults(func=cmd_jobs_delete)
+
+    logs = sub.add_parser(
+        "logs",
+        help="print a task's stdout and stderr (or list a job's tasks) while the job exists",
+    )
+    logs.add_argument("job_id", metavar="JOB_ID")
+    logs.add_argument("task_id", metavar="TASK_ID", nargs="?", default=None)
+    logs.add_argument(
+        "--tail",
+        type=int,
+        default=64 * 1024,
+        metavar="BYTES",
+        help="print at most the last BYTES of each file (default 65536)",
+    )
+    logs.set_defaults(func=cmd_logs)
 
     clean = sub.add_parser(
         "cleanup",

@@ -237,6 +237,8 @@ class BatchConfig:
     pool_idle_minutes: int | None = None
     inline_threshold: int = 65536
     progress: bool | None = None
+    #: Print what the calls print (their stdout and stderr) in this process, after each task.
+    forward_output: bool = True
 
     #: field -> environment variables `from_env` reads for it, first one set wins.
     ENV_VARS: ClassVar[Mapping[str, tuple[str, ...]]]
@@ -365,7 +367,7 @@ class BatchConfig:
             _check_positive(name, getattr(self, name))
         if self.task_timeout is not None:
             _check_positive("task_timeout", self.task_timeout)
-        for name in ("keep_pool", "keep_job", "keep_blobs"):
+        for name in ("keep_pool", "keep_job", "keep_blobs", "forward_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.progress is not None and not isinstance(self.progress, bool):

@@ -36,13 +36,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib
+import inspect
 import io
+import linecache
 import pickle
+import re
 import secrets
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
@@ -87,6 +91,8 @@ __all__ = [
     "read_result",
     "result_blob",
     "versions",
+    "warning_record",
+    "with_source_lines",
 ]
 
 TASK_MAGIC = b"JABT"
@@ -749,6 +755,8 @@ def encode_result(
     value: Any = None,
     error: BaseException | None = None,
     timings: Mapping[str, float] | None = None,
+    output: Mapping[str, str] | None = None,
+    warned: Sequence[Mapping[str, Any]] = (),
 ) -> bytes:
     """The signed result envelope: the pickled value, or the exception and its traceback.
 
@@ -791,6 +799,8 @@ def encode_result(
         "traceback": tb_text,
         "worker": versions(),
         "timings": {str(k): float(v) for k, v in (timings or {}).items()},
+        "output": {str(k): str(v) for k, v in (output or {}).items()},
+        "warnings": [dict(w) for w in warned],
     }
     return _seal(RESULT_MAGIC, body, key)
 
@@ -805,12 +815,88 @@ def _safe_str(error: BaseException) -> str:
 # ---------------------------------------------------------------------- client: results
 
 
+_FRAME = re.compile(r'^(\s*)File "([^"]+)", line (\d+), in .*$')
+
+
+#: The file name cloudpickle (>= 3.1) gives the code of every function it sends by value.
+_BY_VALUE_FILENAME = "<dynamic-code>"
+
+
+def _by_value_source(name: str, lineno: int) -> str:
+    """The source line ``lineno`` of the function ``name`` this process sent by value:
+    looked up among ``__main__`` and the modules registered to travel by value (their
+    functions and the methods of their classes), whose files are on this machine."""
+    roots = {"__main__", *cloudpickle.list_registry_pickle_by_value()}
+    modules = [
+        m
+        for key, m in list(sys.modules.items())
+        if m is not None and any(key == r or key.startswith(r + ".") for r in roots)
+    ]
+    for module in modules:
+        for value in list(vars(module).values()):
+            members = list(vars(value).values()) if isinstance(value, type) else [value]
+            for member in members:
+                code = (
+                    getattr(inspect.unwrap(member), "__code__", None) if callable(member) else None
+                )
+                if code is None or code.co_name != name:
+                    continue
+                try:
+                    lines, first = inspect.getsourcelines(member)
+                    filename = inspect.getsourcefile(member)
+                except (OSError, TypeError):
+                    continue
+                if filename and first <= lineno < first + len(lines):
+                    return linecache.getline(filename, lineno).strip()
+    return ""
+
+
+def with_source_lines(tb: str) -> str:
+    """A remote traceback with the source line under each frame that lacks one.
+
+    A function sent by value runs on the node without its source file, so Python prints
+    its frames without code. The client usually has that source (the script, a notebook
+    cell that IPython keeps in ``linecache``): add the line from there.
+    """
+    lines = tb.splitlines()
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        match = _FRAME.match(line)
+        if match is None:
+            continue
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.startswith(match.group(1) + "    ") and not _FRAME.match(following):
+            continue  # the node had the source
+        lineno = int(match.group(3))
+        if match.group(2) == _BY_VALUE_FILENAME:
+            code = _by_value_source(line.rsplit(" in ", 1)[-1].strip(), lineno)
+        else:
+            code = linecache.getline(match.group(2), lineno).strip()
+        if code:
+            out.append(f"{match.group(1)}    {code}")
+    return "\n".join(out) + ("\n" if tb.endswith("\n") else "")
+
+
+def warning_record(w: warnings.WarningMessage) -> dict[str, Any]:
+    """A warning the calls raised, as plain data for the result envelope."""
+    category = w.category
+    return {
+        "module": category.__module__,
+        "qualname": category.__qualname__,
+        "base": _builtin_warning_base(category).__name__,
+        "message": str(w.message),
+        "filename": str(w.filename),
+        "lineno": int(w.lineno or 0),
+    }
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised on a node, attached as ``__cause__``."""
 
     def __init__(self, tb: str = "", /) -> None:
         super().__init__(tb)
-        self.tb = tb
+        self.tb = with_source_lines(tb)
 
     def __str__(self) -> str:
         return f"\n\nTraceback on the Azure Batch node:\n{self.tb}"
@@ -835,6 +921,28 @@ class ResultEnvelope:
     traceback: str = field(repr=False)
     worker: dict[str, str]
     timings: dict[str, float]
+    #: What the calls printed (``stdout``, ``stderr``; the end of it when it was long).
+    output: dict[str, str] = field(default_factory=dict, repr=False)
+    #: The warnings the calls raised, as `warning_record` made them.
+    warned: tuple[dict[str, Any], ...] = field(default=(), repr=False)
+
+    def reemit_warnings(self) -> None:
+        """Raise the calls' warnings again here, each as its own category at its remote
+        file and line, so that ``warnings`` filters and ``pytest.warns`` see them as they
+        would with ``n_jobs=1``."""
+        import builtins
+
+        for w in self.warned:
+            base = getattr(builtins, str(w.get("base", "Warning")), Warning)
+            if not (isinstance(base, type) and issubclass(base, Warning)):
+                base = Warning
+            category = _warning_category(str(w.get("module")), str(w.get("qualname")), base)
+            warnings.warn_explicit(
+                str(w.get("message", "")),
+                category,
+                str(w.get("filename", "<remote>")),
+                int(w.get("lineno", 0) or 0),
+            )
 
     def exception(self) -> BaseException | None:
         """The task's exception with its remote traceback as ``__cause__``, or None.
@@ -893,6 +1001,8 @@ def read_result(data: bytes, key: bytes, *, job_id: str, task_id: str) -> Result
             traceback=str(body["traceback"]),
             worker={str(k): str(v) for k, v in body["worker"].items()},
             timings={str(k): float(v) for k, v in body["timings"].items()},
+            output={str(k): str(v) for k, v in body.get("output", {}).items()},
+            warned=tuple(dict(w) for w in body.get("warnings", ())),
         )
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         raise PayloadError(f"The task result lacks a field: {e}") from e

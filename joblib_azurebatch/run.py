@@ -46,7 +46,14 @@ from . import identity, provision, shutdown
 from .batch import PoolInfo, PoolSpec, TaskCounts
 from .errors import AzureBatchError, TaskFailedError
 from .liveness import HEARTBEAT_EVERY, ClientRecord
-from .payload import PayloadWriter, RemoteTraceback, job_prefix, new_signing_key, read_result
+from .payload import (
+    PayloadWriter,
+    RemoteTraceback,
+    ResultEnvelope,
+    job_prefix,
+    new_signing_key,
+    read_result,
+)
 from .payload import result_blob as _result_blob
 from .pools import POOLS, PoolLease, PoolRegistry, capacity_progress
 from .progress import CallProgress, progress_enabled
@@ -449,6 +456,7 @@ class JobRun:
                     done.data or b"", self._key, job_id=self.job_id, task_id=task.task_id
                 )
                 self._learn(task.calls, envelope.timings, done)
+                self._forward(envelope)
                 value = envelope.result()
                 outcomes = [_part_outcome(o) for o in value] if task.bundled else [(True, value)]
             except BaseException as e:
@@ -463,6 +471,22 @@ class JobRun:
                 task.task_id,
             )
         return [(False, error)] * len(task.parts)
+
+    def _forward(self, envelope: ResultEnvelope) -> None:
+        """What the task's calls printed, to this process's stdout and stderr (unless
+        ``forward_output=False``), and their warnings, raised again here: the same as the
+        calls would show with ``n_jobs=1``. Runs in the tracker's thread, before the
+        task's callbacks, so output comes in the order tasks finish."""
+        if self.cfg.forward_output:
+            for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+                text = envelope.output.get(name, "")
+                if text:
+                    try:
+                        stream.write(text if text.endswith("\n") else text + "\n")
+                        stream.flush()
+                    except (OSError, ValueError):  # a closed stream must not lose results
+                        _log.debug("could not forward the %s of a task", name)
+        envelope.reemit_warnings()
 
     def _learn(self, calls: int, timings: dict[str, float], done: TaskDone) -> None:
         run = float(timings.get("run", 0.0))

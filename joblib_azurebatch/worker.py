@@ -24,8 +24,10 @@ instead of reading it as a broken node.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -33,8 +35,10 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -58,6 +62,7 @@ from joblib_azurebatch.payload import (
     encode_result,
     load_calls,
     new_attempt,
+    warning_record,
 )
 from joblib_azurebatch.storage import NodeContainer, download_url, redact_url, upload_url
 
@@ -469,12 +474,71 @@ def _hint_relative_path(error: BaseException) -> None:
             )
 
 
+class _Tail(io.TextIOBase):
+    """Writes through to the task's own stream (stdout.txt, stderr.txt stay complete) and
+    keeps the last ``OUTPUT_TAIL_CHARS`` characters for the result envelope."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._parts: collections.deque[str] = collections.deque()
+        self._size = 0
+        self.dropped = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._stream.write(text)
+        self._parts.append(text)
+        self._size += len(text)
+        while self._size > OUTPUT_TAIL_CHARS and len(self._parts) > 1:
+            gone = self._parts.popleft()
+            self._size -= len(gone)
+            self.dropped += len(gone)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def text(self) -> str:
+        text = "".join(self._parts)[-OUTPUT_TAIL_CHARS:]
+        if self.dropped or self._size > OUTPUT_TAIL_CHARS:
+            text = f"[... the start is in the task's file on the node ...]\n{text}"
+        return text
+
+
+@dataclass
+class _Captured:
+    """What the calls printed and warned, for the client."""
+
+    output: dict[str, str] = field(default_factory=dict)
+    warned: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _captured(into: _Captured) -> Iterator[None]:
+    """The calls' stdout, stderr and warnings, kept for the result envelope as well."""
+    out, err = _Tail(sys.stdout), _Tail(sys.stderr)
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        try:
+            yield
+        finally:
+            into.output = {"stdout": out.text(), "stderr": err.text()}
+            into.warned = [warning_record(w) for w in caught[:MAX_WARNINGS]]
+
+
 def _run(
     envelope: TaskEnvelope,
     cache: ObjectCache,
     out: TextIO,
     fetch: Callable[[str], bytes] | None = None,
+    captured: _Captured | None = None,
 ) -> tuple[Any, BaseException | None, dict[str, float]]:
+    captured = captured if captured is not None else _Captured()
     timings: dict[str, float] = {}
     try:
         check_versions(envelope.client)
@@ -513,7 +577,8 @@ def _run(
         timings["load"] = time.perf_counter() - start
     start = time.perf_counter()
     try:
-        value = calls()
+        with _captured(captured):
+            value = calls()
     except BaseException as e:
         # sys.exit() or KeyboardInterrupt raised by the function is its result too: the
         # caller re-raises it, as joblib's own backends do. Batch stops a task with SIGTERM
@@ -549,6 +614,12 @@ def main(
         return e.code
 
 
+#: The end of what the calls print that travels back with the result (per stream).
+OUTPUT_TAIL_CHARS = 64 * 1024
+#: Warnings raised by the calls that travel back with the result, at most.
+MAX_WARNINGS = 100
+
+
 def _run_task(
     blobs: _TaskBlobs, environ: Mapping[str, str], attempt: Mapping[str, str], out: TextIO
 ) -> int:
@@ -582,9 +653,12 @@ def _run_task(
     pruned = cache.prune()
     if pruned:
         _log(out, f"removed {pruned} objects unused for a week from the node cache")
-    value, error, timings = _run(envelope, cache, out, blobs.read_object)
+    captured = _Captured()
+    value, error, timings = _run(envelope, cache, out, blobs.read_object, captured)
     timings["download"] = timings.get("download", 0.0) + elapsed
     result = encode_result(
+        output=captured.output,
+        warned=captured.warned,
         job_id=envelope.job_id,
         task_id=envelope.task_id,
         key=key,
