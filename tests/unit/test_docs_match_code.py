@@ -375,3 +375,136 @@ def test_the_command_scan_finds_what_a_reader_would_type(tmp_path: Path) -> None
         (["cleanup"], ["--dry-run", "--nope"]),
         (["jobs", "list"], ["--all"]),
     ]
+
+
+# --------------------------------------------------------------------------- (d) shell tabs
+
+#: The content tabs every shell snippet comes in, one form per shell.
+SHELL_TABS = ("bash", "PowerShell", "cmd")
+SHELL_FENCE = re.compile(r"(`{3,}|~{3,})\s*(?:bash|sh|shell|console)\b")
+TAB_HEADER = re.compile(r'===[+!]?\s+"([^"]*)"')
+
+
+@dataclass(frozen=True)
+class ShellSnippet:
+    """A bash, sh, shell or console block: the content tab it sits in (``None`` outside
+    any tab) and the titles of every tab of that tab's group."""
+
+    place: str
+    tab: str | None
+    group: tuple[str, ...]
+
+
+def shell_snippets(page: Path) -> list[ShellSnippet]:
+    """Each shell block of ``page``. A block indented by N spaces belongs to the last
+    ``=== "..."`` header indented by N - 4; a group is the run of headers at one
+    indentation that no less indented line interrupts."""
+    groups: list[list[str]] = []
+    open_groups: dict[int, int] = {}  # indentation of the headers -> index in groups
+    current: dict[int, str] = {}  # indentation of the headers -> title of the open tab
+    found: list[tuple[int, str | None, int | None]] = []
+    fence = ""
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.lstrip(" ")
+        indent = len(line) - len(text)
+        if fence:
+            if text.startswith(fence) and not text.strip().strip(fence[0]):
+                fence = ""
+            continue
+        if not text.strip():
+            continue
+        header = TAB_HEADER.match(text)
+        for deeper in [i for i in open_groups if i > indent or (i == indent and not header)]:
+            del open_groups[deeper]
+            current.pop(deeper, None)
+        if header:
+            if indent not in open_groups:
+                open_groups[indent] = len(groups)
+                groups.append([])
+            groups[open_groups[indent]].append(header.group(1))
+            current[indent] = header.group(1)
+            continue
+        if SHELL_FENCE.match(text):
+            outer = indent - 4
+            found.append((number, current.get(outer), open_groups.get(outer)))
+        if text.startswith(("```", "~~~")):
+            fence = text[: len(text) - len(text.lstrip(text[0]))]
+    return [
+        ShellSnippet(where(page, number), tab, tuple(groups[group]) if group is not None else ())
+        for number, tab, group in found
+    ]
+
+
+def test_every_shell_snippet_has_a_bash_a_powershell_and_a_cmd_form() -> None:
+    wrong: list[str] = []
+    seen = 0
+    for page in doc_pages():
+        for snippet in shell_snippets(page):
+            seen += 1
+            if snippet.tab is None:
+                wrong.append(f"{snippet.place}: not inside a content tab")
+            elif snippet.tab != "bash":
+                wrong.append(f'{snippet.place}: inside the tab "{snippet.tab}", not "bash"')
+            missing = [tab for tab in SHELL_TABS if tab not in snippet.group]
+            if snippet.tab is not None and missing:
+                wrong.append(
+                    f"{snippet.place}: its tabs ({', '.join(snippet.group)}) lack "
+                    + ", ".join(f'=== "{tab}"' for tab in missing)
+                )
+    assert seen, "no ```bash block in docs/"
+    assert not wrong, (
+        'shell snippets in docs/ without their === "bash", === "PowerShell" and === "cmd" '
+        "tabs:\n" + "\n".join(wrong)
+    )
+
+
+def test_the_shell_tab_scan_sees_groups_and_strays(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "1. A step:\n"
+        "\n"
+        '    === "bash"\n'
+        "\n"
+        "        ```bash\n"
+        "        ls\n"
+        "        ```\n"
+        "\n"
+        '    === "PowerShell"\n'
+        "\n"
+        "        ```powershell\n"
+        "        dir\n"
+        "        ```\n"
+        "\n"
+        "        A note inside the tab.\n"
+        "\n"
+        '    === "cmd"\n'
+        "\n"
+        "        ```bat\n"
+        "        dir\n"
+        "        ```\n"
+        "\n"
+        "```sh\n"
+        '=== "bash"\n'
+        "```\n"
+        "\n"
+        '=== "bash"\n'
+        "\n"
+        "    ```console\n"
+        "    $ ls\n"
+        "    ```\n"
+        "\n"
+        "Prose ends the group.\n"
+        "\n"
+        '=== "cmd"\n'
+        "\n"
+        "    ```shell\n"
+        "    dir\n"
+        "    ```\n",
+        encoding="utf-8",
+    )
+    assert [(s.place.rsplit(":", 1)[1], s.tab, s.group) for s in shell_snippets(page)] == [
+        ("5", "bash", SHELL_TABS),
+        ("23", None, ()),
+        ("29", "bash", ("bash",)),
+        ("37", "cmd", ("cmd",)),
+    ]
