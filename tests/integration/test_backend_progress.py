@@ -33,7 +33,9 @@ def fails_on_three(x):
 
 def last_state(text: str) -> str:
     """What a terminal shows at the end of the line: the text after the last ``\\r``."""
-    return text.rstrip("\n").rsplit("\r", 1)[-1]
+    # The run's usage line, printed after the progress line ends, is not part of it.
+    lines = [ln for ln in text.split("\n") if not ln.startswith("joblib-azurebatch: job ")]
+    return "\n".join(lines).rstrip("\n").rsplit("\r", 1)[-1]
 
 
 @pytest.fixture
