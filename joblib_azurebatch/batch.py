@@ -872,22 +872,28 @@ class BatchService:
             time.sleep(max(self._poll_interval, 0.1))
 
     def pool_status(self, pool_id: str) -> PoolInfo | None:
-        """The pool with the count of its nodes in each state, or None if it is gone."""
-        info = self.get_pool(pool_id)
-        if info is None:
+        """The pool with the count of its nodes in each state, or None if it is gone.
+
+        For the run's watchdog: its requests retry only ``POLL_RETRIES`` times, since the
+        watchdog looks again soon and must not hold the tracker's thread for long."""
+        pool: bm.BatchPool | None = None
+        with self._call(f"read the pool {pool_id}", missing_ok=True):
+            pool = self._client.get_pool(pool_id, retry_total=POLL_RETRIES)
+        if pool is None:
             return None
+        info = self._pool_info(pool)
         try:
-            states = self._node_states(pool_id)
+            states = self._node_states(pool_id, retry_total=POLL_RETRIES)
         except ServiceError as e:
             if e.status_code == 404:
                 return None
             raise
         return replace(info, node_states=states)
 
-    def _node_states(self, pool_id: str) -> dict[str, int]:
+    def _node_states(self, pool_id: str, **options: Any) -> dict[str, int]:
         states: dict[str, int] = {}
         with self._call(f"list the nodes of the pool {pool_id}"):
-            for node in self._client.list_nodes(pool_id, select=["id", "state"]):
+            for node in self._client.list_nodes(pool_id, select=["id", "state"], **options):
                 key = _enum_text(node.state)
                 states[key] = states.get(key, 0) + 1
         return states
@@ -1152,14 +1158,16 @@ class BatchService:
         """The job, or None if there is none (deleted, or never created)."""
         job: bm.BatchJob | None = None
         with self._call(f"read the job {job_id}", missing_ok=True):
-            job = self._client.get_job(job_id, select=list(_JOB_FIELDS))
+            job = self._client.get_job(job_id, select=list(_JOB_FIELDS), retry_total=POLL_RETRIES)
         return None if job is None else self._job_info(job)
 
     def set_job_metadata(self, job_id: str, metadata: Mapping[str, str]) -> None:
         """Replace the job's metadata (a PATCH: nothing else of the job changes)."""
         with self._call(f"update the metadata of the job {job_id}"):
             self._client.update_job(
-                job_id, bm.BatchJobUpdateOptions(metadata=_metadata_items(metadata) or [])
+                job_id,
+                bm.BatchJobUpdateOptions(metadata=_metadata_items(metadata) or []),
+                retry_total=POLL_RETRIES,  # a heartbeat: the next one comes soon
             )
 
     def terminate_job(self, job_id: str, reason: str, *, wait: float = 60.0) -> None:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from joblib_azurebatch.errors import AzureBatchError
-from joblib_azurebatch.liveness import STALE_AFTER
+from joblib_azurebatch.errors import AzureBatchError, ConfigError
+from joblib_azurebatch.liveness import HEARTBEAT_EVERY, STALE_AFTER
 
 if TYPE_CHECKING:
     from joblib_azurebatch.batch import BatchService, JobInfo
@@ -450,6 +450,12 @@ def cleanup(
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
+    if args.stale_after < 3 * HEARTBEAT_EVERY / 60:
+        raise ConfigError(
+            f"--stale-after {args.stale_after:g} is shorter than three heartbeats of a live "
+            f"run ({3 * HEARTBEAT_EVERY / 60:g} minutes): it would take live runs on other "
+            "hosts for dead ones"
+        )
     cleanup(
         _config_from_env(container=args.container),
         dry_run=args.dry_run,

@@ -17,6 +17,7 @@ lost machine or a power cut nothing ran, so `joblib-azurebatch cleanup` finds th
 
 from __future__ import annotations
 
+import datetime as _dt
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,20 @@ __all__ = ["Leftovers", "find_leftovers", "is_library_job", "remove_leftovers"]
 
 #: The tail of the ids ``BatchConfig.new_job_id`` makes: ``-{UTC time}-{8 hex}``.
 _LIBRARY_JOB_ID = re.compile(r"-\d{8}T\d{6}-[0-9a-f]{8}$")
+
+
+#: Seconds a job folder without a job is spared (a run stores blobs before its job exists).
+YOUNG_FOLDER = 3600.0
+_STAMP = re.compile(r"-(\d{8}T\d{6})-[0-9a-f]{8}$")
+
+
+def _age(job_id: str, now: _dt.datetime) -> float:
+    """Seconds since the job id was made (its UTC stamp); 0 when it has none."""
+    match = _STAMP.search(job_id)
+    if match is None:
+        return 0.0
+    made = _dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=_dt.timezone.utc)
+    return (now - made).total_seconds()
 
 
 def is_library_job(job_id: str) -> bool:
@@ -65,7 +80,9 @@ def find_leftovers(
 ) -> Leftovers:
     """Look through the account; removes nothing (see :func:`remove_leftovers`)."""
     found = Leftovers()
+    now = _dt.datetime.now(_dt.timezone.utc)
     jobs = service.list_jobs()
+    known = {j.job_id for j in jobs}
     live_ids: set[str] = set()
     for job in jobs:
         if not is_library_job(job.job_id):
@@ -93,7 +110,19 @@ def find_leftovers(
         except FileNotFoundError:
             names = []
         folders = sorted({n.split("/")[1] for n in names if n.count("/") >= 2})
-        found.blob_prefixes = [job_prefix(j) for j in folders if j not in live_ids]
+        # A run stores its first payload before it creates its job, and may wait minutes
+        # for a quota before the job exists: a young folder without a job is left alone.
+        leaving_ids = {j.job_id for j, _ in found.jobs}
+        found.blob_prefixes = [
+            job_prefix(j)
+            for j in folders
+            if j in leaving_ids
+            or (
+                j not in live_ids
+                and j not in known
+                and _age(j, now) >= max(stale_after, YOUNG_FOLDER)
+            )
+        ]
     leaving = {j.job_id for j, _ in found.jobs}
     for pool in service.list_pools():
         if not library_pool(pool.metadata) or pool.state == "deleting":
@@ -132,6 +161,10 @@ def remove_leftovers(
             except (AzureBatchError, OSError) as e:
                 report(f"could not delete the blobs under {prefix}: {e}")
     for pool, why in found.pools:
+        # Looked at again just before: a run may have started on it since the listing.
+        if live_users(service.list_jobs(pool_id=pool.pool_id)):
+            report(f"kept pool {pool.pool_id}: a run started on it meanwhile")
+            continue
         try:
             service.delete_pool(pool.pool_id)
             pools += 1

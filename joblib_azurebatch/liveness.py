@@ -35,11 +35,24 @@ __all__ = [
 HEARTBEAT_EVERY = 60.0
 #: A heartbeat older than this (seconds) means the client is gone, seen from another host.
 STALE_AFTER = 900.0
+#: On the same host, a pid whose process started at another time is a reused pid only if
+#: the heartbeat has also been silent this long (seconds).
+REUSED_PID_SILENCE = 3 * HEARTBEAT_EVERY
 
 _HOST = "joblib-azurebatch-host"
 _PID = "joblib-azurebatch-pid"
 _STARTED = "joblib-azurebatch-process-started"
 _HEARTBEAT = "joblib-azurebatch-heartbeat"
+_PIDNS = "joblib-azurebatch-pid-namespace"
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace (Linux), so that two containers that share a host name
+    are not taken for one process table; "" where there is none to read."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
 
 
 def _now() -> _dt.datetime:
@@ -62,6 +75,7 @@ class ClientRecord:
     #: The process's start time (seconds since the epoch), to tell a reused pid apart.
     process_started: float
     heartbeat: _dt.datetime
+    pid_namespace: str = ""
 
     @classmethod
     def of_this_process(cls, now: _dt.datetime | None = None) -> ClientRecord:
@@ -71,6 +85,7 @@ class ClientRecord:
             pid=pid,
             process_started=_process_started(pid) or 0.0,
             heartbeat=now or _now(),
+            pid_namespace=_pid_namespace(),
         )
 
     def beat(self, now: _dt.datetime | None = None) -> ClientRecord:
@@ -83,6 +98,7 @@ class ClientRecord:
             _PID: str(self.pid),
             _STARTED: f"{self.process_started:.3f}",
             _HEARTBEAT: self.heartbeat.astimezone(_dt.timezone.utc).isoformat(timespec="seconds"),
+            _PIDNS: self.pid_namespace,
         }
 
     @classmethod
@@ -97,6 +113,7 @@ class ClientRecord:
                 pid=int(metadata[_PID]),
                 process_started=float(metadata[_STARTED]),
                 heartbeat=beat,
+                pid_namespace=metadata.get(_PIDNS, ""),
             )
         except (KeyError, ValueError):
             return None
@@ -111,17 +128,25 @@ def client_gone(
 ) -> str | None:
     """Why the record's client is gone, or None if it may still be alive.
 
-    On this host the process table decides at once; elsewhere only the heartbeat can.
+    On this host (and in this pid namespace) the process table decides at once; elsewhere
+    (another host, another container with the same host name) only the heartbeat can.
     """
     here = this_host if this_host is not None else socket.gethostname()
-    if record.host == here:
+    age = ((now or _now()) - record.heartbeat).total_seconds()
+    same_table = record.host == here and record.pid_namespace == _pid_namespace()
+    if same_table:
         started = _process_started(record.pid)
         if started is None:
             return f"its process {record.pid} on {record.host} has exited"
-        if record.process_started and abs(started - record.process_started) > 1.0:
+        # A start time that differs means a reused pid, or a wall clock that was stepped
+        # (process start times follow it): only a heartbeat that stopped too says gone.
+        if (
+            record.process_started
+            and abs(started - record.process_started) > 1.0
+            and age > REUSED_PID_SILENCE
+        ):
             return f"its process {record.pid} on {record.host} has exited (the pid was reused)"
         return None
-    age = ((now or _now()) - record.heartbeat).total_seconds()
     if age > stale_after:
         return (
             f"its client {record.host} (pid {record.pid}) last reported {age / 60:.0f} minutes ago"

@@ -896,7 +896,10 @@ class RemoteTraceback(Exception):
 
     def __init__(self, tb: str = "", /) -> None:
         super().__init__(tb)
-        self.tb = with_source_lines(tb)
+        try:
+            self.tb = with_source_lines(tb)
+        except Exception:  # decorating must never replace the user's exception
+            self.tb = tb
 
     def __str__(self) -> str:
         return f"\n\nTraceback on the Azure Batch node:\n{self.tb}"
@@ -936,7 +939,13 @@ class ResultEnvelope:
             base = getattr(builtins, str(w.get("base", "Warning")), Warning)
             if not (isinstance(base, type) and issubclass(base, Warning)):
                 base = Warning
-            category = _warning_category(str(w.get("module")), str(w.get("qualname")), base)
+            module = str(w.get("module"))
+            # A class of a module this process has not imported falls back to its base:
+            # a warning must not import code the worker named.
+            if module not in sys.modules:
+                category: type[Warning] = base
+            else:
+                category = _warning_category(module, str(w.get("qualname")), base)
             warnings.warn_explicit(
                 str(w.get("message", "")),
                 category,

@@ -61,6 +61,9 @@ __all__ = [
 CREATOR = "joblib-azurebatch-creator"
 #: Pool metadata: "true" when the library may delete the pool once no run uses it.
 AUTO_DELETE = "joblib-azurebatch-auto-delete"
+#: Pool metadata: "dedicated,spot,idle minutes" of the idle formula it was created with, so
+#: that a run that wakes it sets the same formula (never its own config's sizes).
+SHAPE = "joblib-azurebatch-idle-shape"
 #: Idle minutes before a pool created without keep_pool drains (BatchConfig.pool_idle_minutes).
 DEFAULT_IDLE_MINUTES = 15
 #: Job states in which a job may still run tasks: its pool is in use.
@@ -85,13 +88,23 @@ class PoolLease:
     holders: int = 0
     #: The pool's metadata lets the library delete it once no run uses it.
     auto_delete: bool = False
+    #: The pool's idle shape (``SHAPE``) when it autoscales with the library's formula.
+    shape: str | None = None
+
+    def wake(self) -> None:
+        """Wake the pool again (its formula with a fresh wake time), if it has the idle
+        formula: while a run waits for nodes its tasks are not queued yet, and a pool
+        whose nodes take longer than its idle minutes would otherwise drain again."""
+        if self.shape:
+            _wake(self.service, self.pool_id, self.shape)
 
 
 class PoolRegistry:
     """The leases of one process, so that concurrent or nested runs share one pool."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a SIGTERM handler that releases leases may run while this thread holds it.
+        self._lock = threading.RLock()
         self._leases: dict[tuple[str, str], PoolLease] = {}
 
     def acquire(
@@ -121,6 +134,7 @@ class PoolRegistry:
                     created=created,
                     keep=keep,
                     auto_delete=library_pool(info.metadata),
+                    shape=info.metadata.get(SHAPE) if info.auto_scale else None,
                 )
                 self._leases[key] = lease
                 if created:
@@ -128,8 +142,8 @@ class PoolRegistry:
                 else:
                     _log.info("using the existing pool %s", spec.pool_id)
                     warn_differences(info, spec)
-                    if info.auto_scale and info.metadata.get(CREATOR):
-                        _wake(service, spec, idle_minutes or DEFAULT_IDLE_MINUTES)
+                    if info.auto_scale and info.metadata.get(SHAPE):
+                        _wake(service, spec.pool_id, info.metadata[SHAPE])
             lease.keep = lease.keep or keep
             lease.holders += 1
             return lease
@@ -183,34 +197,38 @@ def _owned(spec: PoolSpec, *, keep: bool, idle: int | None) -> PoolSpec:
     """The spec with the metadata that records this process as the creator, and the idle
     formula: always without ``keep``, for a kept pool only if ``idle`` was given."""
     token = f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(8)}"
+    metadata = {**spec.metadata, CREATOR: token, AUTO_DELETE: "false" if keep else "true"}
     formula = None
     if not keep or idle is not None:
-        formula = idle_formula(
-            dedicated=spec.dedicated_nodes,
-            spot=spec.spot_nodes,
-            idle_minutes=idle or DEFAULT_IDLE_MINUTES,
-            wake=_dt.datetime.now(_dt.timezone.utc),
-        )
-    return replace(
-        spec,
-        metadata={**spec.metadata, CREATOR: token, AUTO_DELETE: "false" if keep else "true"},
-        autoscale_formula=formula,
-    )
+        shape = f"{spec.dedicated_nodes},{spec.spot_nodes},{idle or DEFAULT_IDLE_MINUTES}"
+        metadata[SHAPE] = shape
+        formula = _formula(shape)
+    return replace(spec, metadata=metadata, autoscale_formula=formula)
 
 
-def _wake(service: BatchApi, spec: PoolSpec, idle: int) -> None:
-    """Set the idle formula again with a fresh wake time: a drained pool grows at once."""
-    formula = idle_formula(
-        dedicated=spec.dedicated_nodes,
-        spot=spec.spot_nodes,
+def _formula(shape: str) -> str:
+    dedicated, spot, idle = (int(v) for v in shape.split(","))
+    return idle_formula(
+        dedicated=dedicated,
+        spot=spot,
         idle_minutes=idle,
         wake=_dt.datetime.now(_dt.timezone.utc),
     )
+
+
+def _wake(service: BatchApi, pool_id: str, shape: str) -> None:
+    """Set the pool's own idle formula again with a fresh wake time: a drained pool grows
+    at once, to the sizes it was created with (a joining run never resizes it)."""
     try:
-        service.enable_autoscale(spec.pool_id, formula)
+        formula = _formula(shape)
+    except ValueError:
+        _log.warning("the pool %s has an idle shape this release cannot read: %r", pool_id, shape)
+        return
+    try:
+        service.enable_autoscale(pool_id, formula)
     except AzureBatchError as e:
         # The pool still has whatever nodes it has; waiting for capacity says the rest.
-        _log.warning("could not wake the pool %s: %s", spec.pool_id, e)
+        _log.warning("could not wake the pool %s: %s", pool_id, e)
 
 
 #: The process's leases: every backend instance shares them.

@@ -15,10 +15,11 @@ pool this process created).
 
 Starting creates nothing in Batch when something is wrong: a read of the pool checks the
 Batch credential, the container checks the storage credential, the first batch is pickled
-(an unpicklable function fails here) and stored, and only then are the pool and the job
-created. The job is created before the wait for the pool's nodes: it records this client
-(:mod:`joblib_azurebatch.liveness`), tells other clients that the pool is in use, and is
-what `joblib-azurebatch cleanup` finds should this process die while waiting.
+(an unpicklable function fails here) and stored, and only then are the job and the pool
+created. The job comes first, before the pool is taken and its nodes waited for: it
+records this client (:mod:`joblib_azurebatch.liveness`), tells other clients that the pool
+is in use, and is what `joblib-azurebatch cleanup` finds should this process die while
+waiting.
 
 Nothing is left running when the process ends: ``close_live_runs`` runs at interpreter
 exit and on SIGTERM and SIGHUP (:mod:`joblib_azurebatch.shutdown`); what a SIGKILL leaves,
@@ -28,6 +29,7 @@ exit and on SIGTERM and SIGHUP (:mod:`joblib_azurebatch.shutdown`); what a SIGKI
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
 import itertools
 import logging
@@ -122,6 +124,9 @@ class Account:
     store: BlobStore
 
 
+#: Seconds between wakes of an idle-formula pool while a run waits for its nodes (less
+#: than the 5 idle minutes the formula allows at the least).
+REWAKE_EVERY = 240.0
 #: Times a task is prepared again with fresh URLs before it fails (see ``_replace_expired``).
 MAX_URL_REFRESHES = 3
 
@@ -271,6 +276,14 @@ class JobRun:
         spec = PoolSpec.from_config(cfg, start_task=start_task)
         first.prepared = self._writer.prepare(first.task_id, calls)
         shutdown.install(close_live_runs)
+        # The job exists before the pool is taken (Batch accepts a job on a pool that does
+        # not exist yet): it is what tells other clients that the pool is in use, so a
+        # client that ends now cannot delete the pool under this run, and what `cleanup`
+        # finds if this process dies while waiting for nodes.
+        record = ClientRecord.of_this_process()
+        svc.create_job(self.job_id, spec.pool_id, metadata=record.to_metadata())
+        self._held.add(Held.JOB)
+        _log.info("created the job %s on the pool %s", self.job_id, spec.pool_id)
         self._lease = self._pools.acquire(
             svc,
             spec,
@@ -279,12 +292,6 @@ class JobRun:
             idle_minutes=cfg.pool_idle_minutes,
         )
         self._held.add(Held.POOL_LEASE)
-        # The job exists before the wait for nodes: it is what tells other clients that the
-        # pool is in use, and what `cleanup` finds if this process dies while waiting.
-        record = ClientRecord.of_this_process()
-        svc.create_job(self.job_id, spec.pool_id, metadata=record.to_metadata())
-        self._held.add(Held.JOB)
-        _log.info("created the job %s on the pool %s", self.job_id, spec.pool_id)
         self._watchdog = Watchdog(
             svc,
             job_id=self.job_id,
@@ -298,10 +305,16 @@ class JobRun:
         )
         watchdog = self._watchdog
         with capacity_progress(spec.pool_id) as show:
+            lease = self._lease
+            woken = time.monotonic()
 
             def progress(info: PoolInfo) -> None:
+                nonlocal woken
                 show(info)
                 watchdog.heartbeat()
+                if time.monotonic() - woken > REWAKE_EVERY:
+                    woken = time.monotonic()
+                    lease.wake()
 
             ready = svc.wait_for_capacity(
                 spec.pool_id, min_slots=1, timeout=cfg.pool_timeout, progress=progress
@@ -315,6 +328,8 @@ class JobRun:
                 file=sys.stderr,
                 started=started,
             )
+        if self.closed:  # a SIGTERM handler ended the run while it waited for nodes
+            raise AzureBatchError(f"the run of the job {self.job_id} was closed while starting")
         self._tracker = Tracker(
             svc
             if self._progress is None
@@ -348,7 +363,8 @@ class JobRun:
                 try:
                     self._start(first, calls)
                 except BaseException:
-                    self._move(RunState.ABORTED)
+                    if not self.closed:  # a signal handler may have closed it already
+                        self._move(RunState.ABORTED)
                     raise
                 self._move(RunState.RUNNING)
                 part.calls = None
@@ -486,7 +502,10 @@ class JobRun:
                         stream.flush()
                     except (OSError, ValueError):  # a closed stream must not lose results
                         _log.debug("could not forward the %s of a task", name)
-        envelope.reemit_warnings()
+        try:
+            envelope.reemit_warnings()
+        except Exception as e:  # an "error" filter: the warning becomes the caller's error
+            _log.debug("a warning of a task was turned into an error: %s", e)
 
     def _learn(self, calls: int, timings: dict[str, float], done: TaskDone) -> None:
         run = float(timings.get("run", 0.0))
@@ -545,15 +564,17 @@ class JobRun:
                 return
             self._move(RunState.ABORTED)
             unfinished = self.calls_submitted - self.calls_completed
+        # A closed terminal (SIGHUP) must not stop the clean-up.
         if unfinished > 0:
-            print(
-                f"joblib-azurebatch: {why + ': ' if why else ''}cancelling the Batch job "
-                f"{self.job_id} ({unfinished} calls unfinished): terminating its tasks, "
-                "deleting the job and its blobs"
-                + ("" if self.cfg.keep_pool else ", releasing the pool"),
-                file=sys.stderr,
-                flush=True,
-            )
+            with contextlib.suppress(OSError, ValueError):
+                print(
+                    f"joblib-azurebatch: {why + ': ' if why else ''}cancelling the Batch job "
+                    f"{self.job_id} ({unfinished} calls unfinished): terminating its tasks, "
+                    "deleting the job and its blobs"
+                    + ("" if self.cfg.keep_pool else ", releasing the pool"),
+                    file=sys.stderr,
+                    flush=True,
+                )
         self._submitter.drain()
         if Held.JOB in self._held:
             try:
@@ -594,7 +615,8 @@ class JobRun:
             line = self.usage.line(job_id=self.job_id, pool_id=self.cfg.pool_id)
             _log.info("%s", line)
             if self._progress is not None:
-                print(line, file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError, ValueError):
+                    print(line, file=sys.stderr, flush=True)
         self._release(unfinished=bool(leftovers), aborted=was is RunState.ABORTED)
 
     def _release(self, *, unfinished: bool, aborted: bool) -> None:
@@ -674,8 +696,10 @@ def close_live_runs(*, why: str = "") -> None:
     nothing keeps running, and billing, after the process is gone."""
     for run in list(_LIVE_RUNS):
         try:
-            run.abort(why=why)
-            run.close()
+            try:
+                run.abort(why=why)
+            finally:
+                run.close()  # whatever abort met (a dead terminal), release what is held
         except Exception:  # pragma: no cover - best effort at exit
             _log.exception("closing the job %s at exit failed", run.job_id)
 

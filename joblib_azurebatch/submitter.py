@@ -134,7 +134,8 @@ class Submitter:
         self._register = register
         self._fail = fail
         self._is_open = is_open
-        self._queue: queue.Queue[Group | None] = queue.Queue()
+        # SimpleQueue: put() is reentrant, so a signal handler that drains it cannot deadlock.
+        self._queue: queue.SimpleQueue[Group | None] = queue.SimpleQueue()
         self._pool: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         #: Counters for tests and benchmarks.

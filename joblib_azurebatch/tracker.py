@@ -225,6 +225,12 @@ class Tracker:
                 _log.exception("watching the job %s failed", self._job_id)
                 lost = e
             if lost is not None:
+                # Tasks that finished before the job or pool went have their results in
+                # blobs: hand those over first, then fail only what can never finish.
+                try:
+                    self._list_and_resolve(full=True)
+                except Exception as e:
+                    _log.debug("the last listing of the job %s failed: %s", self._job_id, e)
                 self._fail_all(lost)
                 return
         if not pending:

@@ -500,6 +500,25 @@ class _Tail(io.TextIOBase):
     def flush(self) -> None:
         self._stream.flush()
 
+    # What user code may ask of sys.stdout (subprocess, faulthandler, .buffer, .encoding)
+    # is the real stream's: only text written through write() is also kept.
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self._stream, "errors", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
     def text(self) -> str:
         text = "".join(self._parts)[-OUTPUT_TAIL_CHARS:]
         if self.dropped or self._size > OUTPUT_TAIL_CHARS:

@@ -282,7 +282,9 @@ class Executor:
                 changed = True
             excess = len(live) - target
             if excess > 0:
-                victims = sorted(live, key=lambda n: (n.state != "idle", n.used_slots))
+                victims = sorted(
+                    live, key=lambda n: (n.state not in ("idle", "offline"), n.used_slots)
+                )
                 for node in victims[:excess]:
                     self._deallocate(pool, node, deallocation)
                     changed = True
@@ -413,6 +415,30 @@ class Executor:
         node.move("rebooting")
         node.start_task_info = None
         self._boot(pool, node, first_delay=max(0.05, self.allocation_delay / 2))
+        self.account.notify()
+
+    def disable_scheduling(self, node: Node, *, option: str = "requeue") -> None:
+        """Place no new task on ``node``; what runs on it is requeued (``terminate``: ended;
+        ``taskcompletion``: left to finish). It is ``offline`` once nothing runs on it."""
+        node.scheduling_enabled = False
+        option = option.lower()
+        if option == "terminate":
+            for job_id, task_id in list(node.running):
+                job = self.account.jobs.get(job_id)
+                task = job.tasks.get(task_id) if job else None
+                if task is not None:
+                    self.terminate_task(task)
+        if option != "taskcompletion":
+            self._evict(node, requeue=True)
+        if node.state == "idle":
+            node.move("offline")
+        self.account.notify()
+
+    def enable_scheduling(self, node: Node) -> None:
+        """Let the scheduler place tasks on ``node`` again."""
+        node.scheduling_enabled = True
+        if node.state == "offline":
+            node.move("idle")
         self.account.notify()
 
     def _take_down(

@@ -441,13 +441,31 @@ def reboot_node(ctx: Context) -> Reply:
     _validate(ctx)
     pool = ctx.account.pool(ctx.params["poolId"])
     node = ctx.account.node(pool.id, ctx.params["nodeId"])
-    if node.state not in ("idle", "running", "starttaskfailed"):
+    if node.state not in ("idle", "running", "offline", "starttaskfailed"):
         raise batch_error(_NO_REBOOT.get(node.state, "OperationInvalidForCurrentState"))
     option = "requeue"
     if isinstance(ctx.body, dict) and ctx.body.get("nodeRebootOption"):
         option = str(ctx.body["nodeRebootOption"])
     ctx.executor.reboot(pool, node, option=option)
     return _accepted(ctx)
+
+
+@handles("Nodes_DisableNodeScheduling")
+def disable_node_scheduling(ctx: Context) -> Reply:
+    _validate(ctx)
+    node = ctx.account.node(ctx.params["poolId"], ctx.params["nodeId"])
+    option = "requeue"
+    if isinstance(ctx.body, dict) and ctx.body.get("nodeDisableSchedulingOption"):
+        option = str(ctx.body["nodeDisableSchedulingOption"])
+    ctx.executor.disable_scheduling(node, option=option)
+    return _accepted(ctx, status=200)
+
+
+@handles("Nodes_EnableNodeScheduling")
+def enable_node_scheduling(ctx: Context) -> Reply:
+    node = ctx.account.node(ctx.params["poolId"], ctx.params["nodeId"])
+    ctx.executor.enable_scheduling(node)
+    return _accepted(ctx, status=200)
 
 
 @handles("Nodes_ListNodeFiles")

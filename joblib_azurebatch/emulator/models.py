@@ -58,13 +58,17 @@ JOB_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 NODE_TRANSITIONS: dict[str, frozenset[str]] = {
     "creating": frozenset({"starting", "leavingpool", "preempted", "unusable"}),
-    "starting": frozenset({"waitingforstarttask", "idle", "leavingpool", "preempted", "unusable"}),
+    "starting": frozenset(
+        {"waitingforstarttask", "idle", "offline", "leavingpool", "preempted", "unusable"}
+    ),
     "waitingforstarttask": frozenset(
-        {"idle", "starttaskfailed", "leavingpool", "preempted", "unusable"}
+        {"idle", "offline", "starttaskfailed", "leavingpool", "preempted", "unusable"}
     ),
     "starttaskfailed": frozenset({"leavingpool", "starting", "preempted", "unusable", "rebooting"}),
-    "idle": frozenset({"running", "leavingpool", "preempted", "unusable", "rebooting"}),
-    "running": frozenset({"idle", "leavingpool", "preempted", "unusable", "rebooting"}),
+    "idle": frozenset({"running", "offline", "leavingpool", "preempted", "unusable", "rebooting"}),
+    "running": frozenset({"idle", "offline", "leavingpool", "preempted", "unusable", "rebooting"}),
+    # Scheduling disabled (DisableNodeScheduling) and no task running.
+    "offline": frozenset({"idle", "leavingpool", "preempted", "unusable", "rebooting"}),
     "rebooting": frozenset({"starting", "leavingpool", "unusable"}),
     "preempted": frozenset({"starting", "leavingpool"}),
     "unusable": frozenset({"starting", "leavingpool"}),
@@ -191,9 +195,17 @@ class Node:
     #: Names this node in the path of its metadata endpoint (its IMDS), which the node's
     #: processes alone are told: a local process cannot be told apart by its address.
     metadata_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    #: ``schedulingState``: False after DisableNodeScheduling, until EnableNodeScheduling.
+    #: It outlasts a reboot, as on Batch.
+    scheduling_enabled: bool = True
 
     def move(self, new: str) -> None:
-        """Change state if Batch allows that change."""
+        """Change state if Batch allows that change.
+
+        A node whose scheduling is disabled is ``offline`` where it would be ``idle``.
+        """
+        if new == "idle" and not self.scheduling_enabled:
+            new = "offline"
         _move("node", NODE_TRANSITIONS, self.state, new, self.id)
         if new != self.state:
             self.state = new
@@ -210,14 +222,14 @@ class Node:
     @property
     def schedulable(self) -> bool:
         """Whether the scheduler may place tasks on this node now."""
-        return self.state in ("idle", "running") and not self.draining
+        return self.state in ("idle", "running") and not self.draining and self.scheduling_enabled
 
     def to_wire(self, base_url: str, pool: Pool) -> JSON:
         out: JSON = {
             "id": self.id,
             "url": f"{base_url}/pools/{self.pool_id}/nodes/{self.id}",
             "state": self.state,
-            "schedulingState": "enabled",
+            "schedulingState": "enabled" if self.scheduling_enabled else "disabled",
             "stateTransitionTime": format_time(self.state_transition_time),
         }
         if self.last_boot_time is not None:
@@ -376,7 +388,7 @@ class Pool(_Stamped):
             "allocationState": self.allocation_state,
             "allocationStateTransitionTime": format_time(self.allocation_state_transition_time),
             "vmSize": s.get("vmSize", ""),
-            "resizeTimeout": s.get("resizeTimeout", "PT15M"),
+            "resizeTimeout": _wire_duration(s.get("resizeTimeout"), "PT15M"),
             "currentDedicatedNodes": len(self.live_nodes(dedicated=True)),
             "targetDedicatedNodes": self.target_dedicated,
             "currentLowPriorityNodes": len(self.live_nodes(dedicated=False)),
@@ -429,6 +441,20 @@ def _title(value: str) -> str:
     return value[:1].upper() + value[1:]
 
 
+def _wire_duration(text: object, default: str) -> str:
+    """A duration as the service writes it back: ``PT10M`` for the ``PT10M00S`` the CLI sends.
+
+    The service keeps a duration as a time span, not as the text it was given; a text the
+    request check let through but that does not parse is written back as it came.
+    """
+    if not isinstance(text, str) or not text:
+        return default
+    try:
+        return format_duration(parse_duration(text))
+    except ValueError:
+        return text
+
+
 @dataclass
 class Job(_Stamped):
     """A job: its spec, the tasks in submission order, and how it ended."""
@@ -464,7 +490,9 @@ class Job(_Stamped):
     def to_wire(self, base_url: str) -> JSON:
         s = self.spec
         constraints = {
-            "maxWallClockTime": s.get("constraints", {}).get("maxWallClockTime", UNLIMITED),
+            "maxWallClockTime": _wire_duration(
+                s.get("constraints", {}).get("maxWallClockTime"), UNLIMITED
+            ),
             "maxTaskRetryCount": self.max_task_retry_count,
         }
         out: JSON = {
@@ -603,7 +631,7 @@ class Task(_Stamped):
         wall = c.get("maxWallClockTime")
         out["constraints"] = {
             "maxWallClockTime": format_duration(parse_duration(wall)) if wall else UNLIMITED,
-            "retentionTime": c.get("retentionTime", "P7D"),
+            "retentionTime": _wire_duration(c.get("retentionTime"), "P7D"),
             "maxTaskRetryCount": self.max_task_retry_count,
         }
         out["requiredSlots"] = self.required_slots

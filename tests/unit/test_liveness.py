@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+from dataclasses import replace
 
 from joblib_azurebatch.liveness import ClientRecord, client_gone
 
@@ -31,9 +32,7 @@ def test_a_process_that_exited_on_this_host_is_gone_at_once():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     record = ClientRecord.of_this_process()
-    dead = ClientRecord(
-        host=record.host, pid=child.pid, process_started=1.0, heartbeat=record.heartbeat
-    )
+    dead = replace(record, pid=child.pid, process_started=1.0)
     reason = client_gone(dead)
     assert reason is not None
     assert str(child.pid) in reason
@@ -41,15 +40,28 @@ def test_a_process_that_exited_on_this_host_is_gone_at_once():
 
 def test_a_reused_pid_is_not_mistaken_for_the_client():
     record = ClientRecord.of_this_process()
-    earlier = ClientRecord(
-        host=record.host,
-        pid=record.pid,
+    earlier = replace(
+        record,
         process_started=record.process_started - 3600,
-        heartbeat=record.heartbeat,
+        heartbeat=record.heartbeat - dt.timedelta(minutes=10),
     )
     reason = client_gone(earlier)
     assert reason is not None
     assert "reused" in reason
+
+
+def test_a_stepped_clock_with_a_fresh_heartbeat_is_not_a_reused_pid():
+    record = ClientRecord.of_this_process()
+    stepped = replace(record, process_started=record.process_started - 30)
+    assert client_gone(stepped) is None
+
+
+def test_another_pid_namespace_with_the_same_host_name_is_judged_by_its_heartbeat():
+    record = ClientRecord.of_this_process()
+    other = replace(record, pid=999_999, pid_namespace="another-container")
+    assert client_gone(other) is None
+    silent = replace(other, heartbeat=record.heartbeat - dt.timedelta(hours=1))
+    assert client_gone(silent) is not None
 
 
 def test_another_host_is_judged_by_its_heartbeat():

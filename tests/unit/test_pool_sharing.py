@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -33,9 +34,7 @@ def dead_metadata() -> dict[str, str]:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     record = ClientRecord.of_this_process()
-    return ClientRecord(
-        host=record.host, pid=child.pid, process_started=1.0, heartbeat=record.heartbeat
-    ).to_metadata()
+    return replace(record, pid=child.pid, process_started=1.0).to_metadata()
 
 
 def test_a_created_pool_records_its_creator_and_autoscales_to_idle(batch):

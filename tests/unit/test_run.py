@@ -143,8 +143,9 @@ def test_a_run_moves_through_its_states_and_releases_what_it_holds_in_order(batc
     future = run.submit(Calls(1, 2), None)
     assert run.state is RunState.RUNNING
     assert run.held == {Held.BLOBS, Held.POOL_LEASE, Held.JOB}
-    # The Batch credential is read before anything is created; the pool before the job.
-    assert log.index("get_pool") < log.index("ensure_pool") < log.index("create_job")
+    # The Batch credential is read before anything is created; the job (which tells other
+    # clients that the pool is in use) before the pool is taken.
+    assert log.index("get_pool") < log.index("create_job") < log.index("ensure_pool")
     assert log.index("ensure_container") < log.index("ensure_pool")
     wait_for(lambda: batch.added)
     finish(batch, store, run, "task-000000", [2, 4])
@@ -206,15 +207,27 @@ def test_an_unpicklable_first_batch_creates_nothing_in_batch(batch, store, log):
     assert "delete_pool" not in log
 
 
-def test_a_failed_job_creation_gives_back_the_pool_it_created(batch, store, log):
+def test_a_failed_job_creation_takes_no_pool(batch, store, log):
     batch.fail("create_job", ServiceError("quota"))
     run = make_run(batch, store)
     with pytest.raises(ServiceError):
         run.submit(Calls(1), None)
-    assert run.held == {Held.BLOBS, Held.POOL_LEASE}
+    assert run.held == {Held.BLOBS}
+    assert "ensure_pool" not in log
     run.close()
     assert "delete_job" not in log
-    assert log[-1] == "delete_pool"
+    assert "delete_pool" not in log
+
+
+def test_a_failed_pool_creation_gives_back_the_job(batch, store, log):
+    batch.fail("ensure_pool", ServiceError("no cores"))
+    run = make_run(batch, store)
+    with pytest.raises(ServiceError):
+        run.submit(Calls(1), None)
+    assert run.held == {Held.BLOBS, Held.JOB}
+    run.close()
+    assert "delete_job" in log
+    assert "delete_pool" not in log
 
 
 def test_keep_pool_keeps_the_pool(batch, store, log):

@@ -33,7 +33,6 @@ CLI_POOL: dict[str, Any] = {
             "publisher": "canonical",
             "offer": "0001-com-ubuntu-server-jammy",
             "sku": "22_04-lts",
-            "version": "latest",
         },
         "nodeAgentSKUId": "batch.node.ubuntu 22.04",
     },
