@@ -619,6 +619,11 @@ def main(
 ) -> int:
     """Run the task described by the environment; returns the process exit code."""
     environ = os.environ if environ is None else environ
+    # Line by line into stdout.txt and stderr.txt: what a call printed is there even if
+    # it ends the process abruptly, and `joblib-azurebatch logs` shows it while it runs.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     attempt = new_attempt(environ.get(NODE_ID_ENV, ""))
