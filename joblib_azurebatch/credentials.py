@@ -48,7 +48,9 @@ class _Shared:
         self.holders = 0
 
 
-_lock = threading.Lock()
+# Reentrant: a garbage collection inside the lock may finalize a client, whose close
+# releases its lease.
+_lock = threading.RLock()
 _shared: dict[int, _Shared] = {}
 
 
@@ -108,11 +110,31 @@ def lease_credential(
         return CredentialLease(given)
     key = id(cfg)
     with _lock:
-        for stale in [k for k, s in _shared.items() if s.owner() is None]:
-            del _shared[stale]
-        shared = _shared.get(key)
-        if shared is None or shared.owner() is not cfg:
-            shared = _Shared(key, weakref.ref(cfg), create())
+        shared = _current(key, cfg)
+        if shared is not None:
+            shared.holders += 1
+            return CredentialLease(shared.credential, shared)
+    # Made outside the lock: building a DefaultAzureCredential imports modules, and a
+    # garbage collection then may close another client, whose release takes the lock.
+    made: TokenCredentialLike | None = create()
+    with _lock:
+        shared = _current(key, cfg)
+        if shared is None:
+            assert made is not None
+            shared = _Shared(key, weakref.ref(cfg), made)
             _shared[key] = shared
+            made = None
         shared.holders += 1
+    if made is not None:  # another thread made one first: use it, close ours
+        close = getattr(made, "close", None)
+        if callable(close):
+            close()
     return CredentialLease(shared.credential, shared)
+
+
+def _current(key: int, cfg: BatchConfig) -> _Shared | None:
+    """The live shared credential of ``cfg`` (call with the lock held)."""
+    for stale in [k for k, s in _shared.items() if s.owner() is None]:
+        del _shared[stale]
+    shared = _shared.get(key)
+    return shared if shared is not None and shared.owner() is cfg else None
