@@ -33,6 +33,8 @@ SIGNALS: tuple[signal.Signals, ...] = tuple(
 _lock = threading.Lock()
 _previous: dict[int, Any] = {}
 _cleanup: Callable[..., None] | None = None
+#: The process that installed the handlers; a forked child inherits them but not the runs.
+_OWNER_PID = os.getpid()
 
 
 def install(cleanup: Callable[..., None]) -> bool:
@@ -44,8 +46,10 @@ def install(cleanup: Callable[..., None]) -> bool:
     global _cleanup
     if threading.current_thread() is not threading.main_thread():
         return bool(_previous)
+    global _OWNER_PID
     with _lock:
         _cleanup = cleanup
+        _OWNER_PID = os.getpid()
         for sig in SIGNALS:
             if sig in _previous:
                 continue
@@ -58,6 +62,11 @@ def install(cleanup: Callable[..., None]) -> bool:
 
 
 def _handle(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _OWNER_PID:
+        # A forked child (a multiprocessing pool) inherited the handler, not the runs.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     name = signal.Signals(signum).name
     if _cleanup is not None:
         try:

@@ -316,8 +316,10 @@ def _install_signal_handlers() -> None:
     """Once per process, from the main thread (where Python runs handlers), as
     :func:`joblib_azurebatch.shutdown.install` does: an ignored signal stays ignored, and
     the handler found is kept to be called first."""
+    global _OWNER_PID
     if threading.current_thread() is not threading.main_thread():
         return
+    _OWNER_PID = os.getpid()
     with _lock:
         for sig in SIGNALS:
             if sig in _previous:
@@ -329,7 +331,16 @@ def _install_signal_handlers() -> None:
             signal.signal(sig, _on_signal)
 
 
+#: The process whose Azurites the handler stops (a forked child inherits the handler).
+_OWNER_PID = os.getpid()
+
+
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _OWNER_PID:
+        # A forked child (a multiprocessing pool) inherited the handler, not the Azurite.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     previous = _previous.get(signum, signal.SIG_DFL)
     if callable(previous):
         # Whoever handled the signal before decides. If the process goes on, so does Azurite
