@@ -31,14 +31,13 @@ import math
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .errors import ERRORS
-from .faults import FaultPlan, RequestLog, RequestRecord
+from .faults import FaultControls, FaultPlan, RequestLog
 
 __all__ = ["BlobProxy", "blob_operation"]
 
@@ -107,13 +106,16 @@ def _header(headers: _Headers, name: bytes) -> bytes:
     return b""
 
 
-class BlobProxy:
+class BlobProxy(FaultControls):
     """A reverse proxy on 127.0.0.1 in front of a blob endpoint, answering injected faults.
 
     ``upstream`` is the endpoint's origin (``http://127.0.0.1:10000``, no path). Use it as a
     context manager or call :meth:`start` / :meth:`stop`; :attr:`url` is the origin that
     clients use instead (the account name stays the first segment of the path).
     """
+
+    #: Azure Storage throttles with 503 ``ServerBusy``.
+    THROTTLE_STATUS = 503
 
     def __init__(self, upstream: str) -> None:
         parts = urlsplit(upstream)
@@ -184,73 +186,6 @@ class BlobProxy:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    # -- faults and observation -------------------------------------------------------------
-
-    def throttle(
-        self,
-        operation_id: str = "*",
-        *,
-        times: int = 1,
-        status: int = 503,
-        retry_after: float | None = 1.0,
-    ) -> None:
-        """Refuse the next ``times`` requests of ``operation_id`` with ``status`` (503
-        ``ServerBusy`` is how Azure Storage throttles) and ``Retry-After``."""
-        self.faults.add(
-            operation_id, times=times, status=status, retry_after=retry_after, after_commit=False
-        )
-
-    def throttle_share(
-        self,
-        share: float,
-        operation_id: str = "*",
-        *,
-        times: int = 1000,
-        status: int = 503,
-        retry_after: float | None = 1.0,
-        seed: int | None = 0,
-    ) -> None:
-        """Refuse a random ``share`` of the requests of ``operation_id`` (at most ``times``
-        of them; ``seed`` makes the draw repeatable), as a busy account does."""
-        self.faults.add(
-            operation_id,
-            times=times,
-            status=status,
-            retry_after=retry_after,
-            after_commit=False,
-            share=share,
-            seed=seed,
-        )
-
-    def fail(
-        self,
-        operation_id: str,
-        *,
-        status: int,
-        code: str,
-        times: int = 1,
-        retry_after: float | None = None,
-    ) -> None:
-        """Refuse the next ``times`` requests of ``operation_id`` with ``status`` and the
-        Storage error ``code`` (``x-ms-error-code``)."""
-        self.faults.add(
-            operation_id,
-            times=times,
-            status=status,
-            retry_after=retry_after,
-            after_commit=False,
-            code=code,
-        )
-
-    @property
-    def counters(self) -> Counter[str]:
-        """Requests per operation (``counters["GetBlob"]``), refused ones included."""
-        return self.log.counters
-
-    def requests(self, operation_id: str | None = None) -> list[RequestRecord]:
-        """The request log, optionally for one operation."""
-        return self.log.records(operation_id)
 
     # -- requests ---------------------------------------------------------------------------
 

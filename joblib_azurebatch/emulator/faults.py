@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["FaultPlan", "RequestLog", "RequestRecord"]
+__all__ = ["FaultControls", "FaultPlan", "RequestLog", "RequestRecord"]
 
 
 @dataclass(frozen=True)
@@ -140,3 +140,93 @@ class RequestLog:
         with self._lock:
             self._records.clear()
             self.counters.clear()
+
+
+class FaultControls:
+    """The fault and observation calls a test makes on a local service (the Batch
+    emulator, the blob proxy in front of Azurite), over its ``faults`` and ``log``.
+
+    ``THROTTLE_STATUS`` is how the service throttles: 429 for Batch, 503 ``ServerBusy``
+    for Azure Storage.
+    """
+
+    THROTTLE_STATUS = 429
+    faults: FaultPlan
+    log: RequestLog
+
+    def throttle(
+        self,
+        operation_id: str = "*",
+        *,
+        times: int = 1,
+        status: int | None = None,
+        retry_after: float | None = 1.0,
+    ) -> None:
+        """Answer the next ``times`` requests of ``operation_id`` with ``status`` (by
+        default the service's throttling status) and ``Retry-After``."""
+        self.faults.add(
+            operation_id,
+            times=times,
+            status=status or self.THROTTLE_STATUS,
+            retry_after=retry_after,
+            after_commit=False,
+        )
+
+    def throttle_share(
+        self,
+        share: float,
+        operation_id: str = "*",
+        *,
+        times: int = 1000,
+        status: int | None = None,
+        retry_after: float | None = 1.0,
+        seed: int | None = 0,
+    ) -> None:
+        """Answer a random ``share`` of the requests of ``operation_id`` with ``status``.
+
+        A busy account throttles some requests of every kind, not the next few of one: this
+        is how a client's retries are tried across a whole run. ``times`` bounds the faulty
+        answers so that a test that forgets ``faults.clear()`` cannot throttle the rest of
+        the session forever; ``seed`` makes the draw repeatable.
+        """
+        self.faults.add(
+            operation_id,
+            times=times,
+            status=status or self.THROTTLE_STATUS,
+            retry_after=retry_after,
+            after_commit=False,
+            share=share,
+            seed=seed,
+        )
+
+    def fail(
+        self,
+        operation_id: str,
+        *,
+        status: int,
+        code: str,
+        times: int = 1,
+        retry_after: float | None = None,
+    ) -> None:
+        """Refuse the next ``times`` requests of ``operation_id`` with ``status`` and the
+        service's error ``code``, changing nothing: a reached quota (409
+        ``ActiveJobAndScheduleQuotaReached`` on ``Jobs_CreateJob``), an outage (500
+        ``InternalError``), any refusal the service can give."""
+        self.faults.add(
+            operation_id,
+            times=times,
+            status=status,
+            retry_after=retry_after,
+            after_commit=False,
+            code=code,
+        )
+
+    @property
+    def counters(self) -> Counter[str]:
+        """Requests per operation (``counters["Tasks_CreateTaskCollection"]``), refused
+        ones included."""
+        return self.log.counters
+
+    def requests(self, operation_id: str | None = None) -> list[RequestRecord]:
+        """The request log, optionally for one operation."""
+        return self.log.records(operation_id)

@@ -33,7 +33,7 @@ from .auth import SharedKeyVerifier
 from .autoscale import AutoScaler
 from .errors import BatchServiceError, batch_error
 from .execution import Executor
-from .faults import FaultPlan, RequestLog, RequestRecord
+from .faults import FaultControls, FaultPlan, RequestLog
 from .handlers import HANDLERS, Context, Reply, add_pool
 from .images import BareImage, default_images, python_version, slim_image
 from .models import Account, ManagedIdentity, Node, Pool
@@ -71,7 +71,7 @@ def _operation_for(method: str, raw_path: str) -> tuple[str, dict[str, str]] | N
     return op.operation_id, params
 
 
-class BatchEmulator:
+class BatchEmulator(FaultControls):
     """An emulated Azure Batch account served over HTTP on 127.0.0.1.
 
     Use it as a context manager or call :meth:`start` / :meth:`stop`. Fault injection
@@ -338,82 +338,11 @@ class BatchEmulator:
 
     # -- observation ------------------------------------------------------------------------
 
-    @property
-    def counters(self) -> Counter[str]:
-        """Requests per operationId (``counters["Tasks_CreateTaskCollection"]``)."""
-        return self.log.counters
-
-    def requests(self, operation_id: str | None = None) -> list[RequestRecord]:
-        """The request log, optionally for one operationId."""
-        return self.log.records(operation_id)
-
     def process_ids(self) -> list[int]:
         """Process ids of the task processes running now."""
         return self.executor.process_ids()
 
     # -- faults -----------------------------------------------------------------------------
-
-    def throttle(
-        self,
-        operation_id: str = "*",
-        *,
-        times: int = 1,
-        status: int = 429,
-        retry_after: float | None = 1.0,
-    ) -> None:
-        """Answer the next ``times`` requests of ``operation_id`` with ``status`` (429 or 503)."""
-        self.faults.add(
-            operation_id, times=times, status=status, retry_after=retry_after, after_commit=False
-        )
-
-    def throttle_share(
-        self,
-        share: float,
-        operation_id: str = "*",
-        *,
-        times: int = 1000,
-        status: int = 429,
-        retry_after: float | None = 1.0,
-        seed: int | None = 0,
-    ) -> None:
-        """Answer a random ``share`` of the requests of ``operation_id`` with ``status``.
-
-        A busy account throttles some requests of every kind, not the next few of one: this
-        is how a client's retries are tried across a whole run. ``times`` bounds the faulty
-        answers so that a test that forgets ``faults.clear()`` cannot throttle the rest of
-        the session forever; ``seed`` makes the draw repeatable.
-        """
-        self.faults.add(
-            operation_id,
-            times=times,
-            status=status,
-            retry_after=retry_after,
-            after_commit=False,
-            share=share,
-            seed=seed,
-        )
-
-    def fail(
-        self,
-        operation_id: str,
-        *,
-        status: int,
-        code: str,
-        times: int = 1,
-        retry_after: float | None = None,
-    ) -> None:
-        """Refuse the next ``times`` requests of ``operation_id`` with ``status`` and the Batch
-        error ``code``, changing nothing: a reached quota (409
-        ``ActiveJobAndScheduleQuotaReached`` on ``Jobs_CreateJob``), an outage (500
-        ``InternalError``), any refusal the service can give."""
-        self.faults.add(
-            operation_id,
-            times=times,
-            status=status,
-            retry_after=retry_after,
-            after_commit=False,
-            code=code,
-        )
 
     def fail_after_commit(
         self, operation_id: str = "Tasks_CreateTaskCollection", *, times: int = 1, status: int = 500
