@@ -36,17 +36,16 @@ if TYPE_CHECKING:
 __all__ = ["Leftovers", "find_leftovers", "is_library_job", "remove_leftovers"]
 
 #: The tail of the ids ``BatchConfig.new_job_id`` makes: ``-{UTC time}-{8 hex}``.
-_LIBRARY_JOB_ID = re.compile(r"-\d{8}T\d{6}-[0-9a-f]{8}$")
+_LIBRARY_JOB_ID = re.compile(r"-(\d{8}T\d{6})-[0-9a-f]{8}$")
 
 
 #: Seconds a job folder without a job is spared (a run stores blobs before its job exists).
 YOUNG_FOLDER = 3600.0
-_STAMP = re.compile(r"-(\d{8}T\d{6})-[0-9a-f]{8}$")
 
 
 def _age(job_id: str, now: _dt.datetime) -> float:
     """Seconds since the job id was made (its UTC stamp); 0 when it has none."""
-    match = _STAMP.search(job_id)
+    match = _LIBRARY_JOB_ID.search(job_id)
     if match is None:
         return 0.0
     made = _dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S").replace(tzinfo=_dt.timezone.utc)

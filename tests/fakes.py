@@ -38,6 +38,7 @@ __all__ = [
     "FakeJob",
     "FakePool",
     "FakeTask",
+    "MemoryStore",
     "pool_spec",
 ]
 
@@ -675,3 +676,39 @@ if TYPE_CHECKING:
         """A type checker run over this file fails here when the fakes drift from the
         protocols they stand in for."""
         return batch, clock
+
+
+class MemoryStore:
+    """The `payload.ObjectStore` interface in memory, counting what is written; its SAS URLs
+    are plain text that names the blob, the permission and the expiry."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.uploads: list[str] = []
+        self.lock = threading.Lock()
+
+    def upload(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
+        with self.lock:
+            if not overwrite and name in self.blobs:
+                raise FileExistsError(name)
+            self.blobs[name] = bytes(data)
+            self.uploads.append(name)
+
+    def download(self, name: str) -> bytes:
+        return self.blobs[name]
+
+    def upload_if_absent(self, name: str, data: bytes) -> bool:
+        try:
+            self.upload(name, data, overwrite=False)
+        except FileExistsError:
+            return False
+        return True
+
+    def sas_url(
+        self, name: str, *, read: bool = False, write: bool = False, expiry: dt.timedelta
+    ) -> str:
+        assert read != write, "a task URL grants read or write, not both"
+        return f"memory://{name}?{'r' if read else 'cw'}&se={expiry.total_seconds():.0f}"
+
+    def object_uploads(self) -> list[str]:
+        return [name for name in self.uploads if "/objects/" in name]

@@ -28,6 +28,7 @@ from joblib_azurebatch.payload import (
     decode_task,
     key_blob,
 )
+from tests.fakes import MemoryStore
 
 RID = (
     "/subscriptions/0b1f6471-1bf0-4dda-aec3-111122223333/resourceGroups/science/providers/"
@@ -38,32 +39,13 @@ KEY = bytes(range(32))
 CONTAINER = "https://acct.blob.core.windows.net/joblib-azurebatch"
 
 
-class IdentityStore:
+class IdentityStore(MemoryStore):
     """`payload.NodeIdentityStore` in memory; signing a SAS URL is a test failure."""
 
     def __init__(self, node_identity: str | None = RID) -> None:
+        super().__init__()
         self.node_identity = node_identity
         self.container_url = CONTAINER
-        self.blobs: dict[str, bytes] = {}
-        self.uploads: list[str] = []
-        self._lock = threading.Lock()
-
-    def upload(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
-        with self._lock:
-            if not overwrite and name in self.blobs:
-                raise FileExistsError(name)
-            self.blobs[name] = bytes(data)
-            self.uploads.append(name)
-
-    def upload_if_absent(self, name: str, data: bytes) -> bool:
-        try:
-            self.upload(name, data, overwrite=False)
-        except FileExistsError:
-            return False
-        return True
-
-    def download(self, name: str) -> bytes:
-        return self.blobs[name]
 
     def blob_url(self, name: str) -> str:
         return f"{CONTAINER}/{name}"

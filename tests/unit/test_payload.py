@@ -10,7 +10,6 @@ import threading
 import types
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 from typing import Any, cast
 
 import cloudpickle
@@ -37,40 +36,9 @@ from joblib_azurebatch.payload import (
     load_calls,
     read_result,
 )
+from tests.fakes import MemoryStore
 
 KEY = bytes(range(32))
-
-
-class MemoryStore:
-    """The `payload.ObjectStore` interface in memory, counting what is written."""
-
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-        self.uploads: list[str] = []
-        self.lock = threading.Lock()
-
-    def upload(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
-        with self.lock:
-            if not overwrite and name in self.blobs:
-                raise FileExistsError(name)
-            self.blobs[name] = bytes(data)
-            self.uploads.append(name)
-
-    def upload_if_absent(self, name: str, data: bytes) -> bool:
-        try:
-            self.upload(name, data, overwrite=False)
-        except FileExistsError:
-            return False
-        return True
-
-    def sas_url(
-        self, name: str, *, read: bool = False, write: bool = False, expiry: timedelta
-    ) -> str:
-        assert read != write, "a task URL grants read or write, not both"
-        return f"memory://{name}?{'r' if read else 'cw'}&se={expiry.total_seconds():.0f}"
-
-    def object_uploads(self) -> list[str]:
-        return [name for name in self.uploads if "/objects/" in name]
 
 
 def batch(*calls: tuple[Any, tuple[Any, ...], dict[str, Any]]) -> BatchedCalls:
