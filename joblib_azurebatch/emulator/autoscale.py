@@ -1305,13 +1305,15 @@ class AutoScaler:
             counts = tasks.get(job.pool_id or "")
             if counts is None or job.state in ("completed", "deleting"):
                 continue
-            for task in job.tasks.values():
-                if task.state == "active" and Executor.dependencies_met(job, task):
-                    counts[0] += 1
-                elif task.state in ("running", "preparing"):
-                    counts[1] += 1
-                elif task.state == "completed":
-                    counts[2 if task.failure is None else 3] += 1
+            # From the job's index: a sample of a job with 100,000 completed tasks reads
+            # its counters, and walks only the active tasks (their dependencies).
+            index = job.index
+            counts[0] += sum(
+                1 for t in index.in_state("active") if Executor.dependencies_met(job, t)
+            )
+            counts[1] += index.count("running", "preparing")
+            counts[2] += index.count("completed") - index.failed
+            counts[3] += index.failed
         out = {}
         for pool in pools:
             active, running, succeeded, failed = tasks[pool.id]

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from joblib_azurebatch.errors import AzureBatchError
 
+from .execution import EXECUTION_MODES, SIMULATED_WORKERS
+
 if TYPE_CHECKING:
     from .localbatch import LocalBatch
 
@@ -104,6 +106,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_count(1),
         default=None,
         help="cap on task processes running at once (default: 4 x CPUs)",
+    )
+    parser.add_argument(
+        "--execution",
+        choices=EXECUTION_MODES,
+        default="processes",
+        help="tasks run as local processes, or are simulated: timers, with joblib calls run "
+        "in the emulator's process (processes)",
+    )
+    parser.add_argument(
+        "--task-duration",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="with --execution simulated: seconds each task holds its slots (1)",
+    )
+    parser.add_argument(
+        "--simulated-worker",
+        choices=SIMULATED_WORKERS,
+        default="inline",
+        help="with --execution simulated: how a joblib task's calls run (inline)",
+    )
+    parser.add_argument(
+        "--worker-threads",
+        type=_count(1),
+        default=8,
+        help="with --execution simulated: threads running joblib calls at once (8)",
     )
     parser.add_argument(
         "--bare-nodes",
@@ -233,12 +261,22 @@ def run(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
             allocation_delay=args.allocation_delay,
             max_processes=args.max_processes,
             bare_nodes=args.bare_nodes,
+            execution=args.execution,
+            task_duration=args.task_duration,
+            simulated_worker=args.simulated_worker,
+            worker_threads=args.worker_threads,
         ) as local:
             kind = "bare nodes" if args.bare_nodes else "nodes"
             spot = f" + {args.spot_nodes} spot" if args.spot_nodes else ""
             print(f"Batch endpoint:  {local.batch_url}  (account {local.batch_account})", file=out)
             print(f"Blob endpoint:   {local.blob_url}  (account {local.storage_account})", file=out)
             print(f"Proposed pool:   {args.nodes}{spot} {kind} x {args.slots} slots", file=out)
+            if args.execution == "simulated":
+                print(
+                    f"Execution:       simulated, {args.task_duration:g} s a task, "
+                    f"{args.simulated_worker} worker",
+                    file=out,
+                )
             print(f"\nSet these in another shell ({shell}):", file=out)
             for line in format_variables(account_variables(local), shell):
                 print(line, file=out)

@@ -14,6 +14,15 @@ Container images are pulled from the emulator's image table (:mod:`.images`): a 
 pool prefetches an image the table lacks goes ``unusable`` with a node error, and a task or
 start task whose image the table lacks completes with a ``ContainerInvalidImage`` failure,
 as on Batch.
+
+With ``execution="simulated"`` nothing runs as a process, so that a pool of 1,000 slots and
+100,000 tasks fits on a laptop: a placed task holds its slots for ``task_duration`` seconds
+(a timer of the executor thread), a joblib worker task meanwhile runs its calls in one of
+``worker_threads`` threads of this process (:mod:`.inprocess`), and the task completes once
+both are done, with the exit code the worker returned. Everything else (slots, node and
+task states, retries, requeues, wall-clock limits, task counts) is what it is with
+processes. Start tasks succeed at once; resource and output files are not transferred; a
+task's ``stdout.txt`` and ``stderr.txt`` are written only when it fails.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import contextlib
 import heapq
 import itertools
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -36,14 +46,20 @@ from pathlib import Path
 from typing import Any
 
 from . import images as _images
-from . import imds
+from . import imds, inprocess
 from .images import BareImage
 from .models import Account, Job, Node, Pool, StartTaskInfo, Task
 from .staging import StagingError, download_resource_files, upload_output_files
 from .tls import TokenRegistry
 from .wire import parse_duration, utcnow
 
-__all__ = ["Executor"]
+__all__ = ["EXECUTION_MODES", "SIMULATED_WORKERS", "Executor"]
+
+#: How tasks run: as local processes, or simulated (timers, and the worker in-process).
+EXECUTION_MODES = ("processes", "simulated")
+#: What a simulated joblib task runs: the worker inline, the worker's own ``main``, or
+#: nothing (the task only takes its duration and writes no result).
+SIMULATED_WORKERS = (*inprocess.MODES, "none")
 
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -89,6 +105,13 @@ class _Run:
     deadline: float | None = None
     thread: threading.Thread | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: Simulated execution: the task, whether its duration is over, whether its in-process
+    #: worker call is still to finish, and how that call ended.
+    task: Task | None = None
+    simulated: bool = False
+    elapsed: bool = False
+    calling: bool = False
+    outcome: inprocess.Outcome | None = None
 
 
 def host_settings(environ: Mapping[str, str]) -> dict[str, str]:
@@ -148,8 +171,35 @@ class Executor:
         deletion_delay: float = 0.2,
         bare: BareImage | None = None,
         tokens: TokenRegistry | None = None,
+        execution: str = "processes",
+        task_duration: float = 1.0,
+        simulated_worker: str = "inline",
+        worker_threads: int = 8,
     ) -> None:
+        if execution not in EXECUTION_MODES:
+            raise ValueError(
+                f"execution must be one of {', '.join(EXECUTION_MODES)}, not {execution!r}"
+            )
+        if simulated_worker not in SIMULATED_WORKERS:
+            raise ValueError(
+                f"simulated_worker must be one of {', '.join(SIMULATED_WORKERS)}, "
+                f"not {simulated_worker!r}"
+            )
+        if task_duration < 0:
+            raise ValueError(f"task_duration must be at least 0, not {task_duration}")
+        if worker_threads < 1:
+            raise ValueError(f"worker_threads must be at least 1, not {worker_threads}")
         self.account = account
+        #: ``simulated``: tasks are timers and the worker runs in this process (module doc).
+        self.simulated = execution == "simulated"
+        self.task_duration = task_duration
+        self.simulated_worker = simulated_worker
+        self.worker_threads = worker_threads
+        #: Calls of simulated joblib tasks waiting for one of the worker threads; those
+        #: threads are daemons, so that a call still retrying its blob requests when the
+        #: account stops never holds up the interpreter's exit (a pool's threads would).
+        self._calls: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._callers: list[threading.Thread] = []
         #: Mints the tokens of the pools' managed identities (for resource files fetched
         #: as an identity; task processes get theirs from their node's metadata endpoint).
         self.tokens = tokens or TokenRegistry()
@@ -205,6 +255,10 @@ class Executor:
             self.account.notify()
         self._thread.join(timeout)
         atexit.unregister(self._kill_all)
+        # Calls under way end on their own (their blob requests fail once Azurite stops).
+        for _ in self._callers:
+            self._calls.put(None)
+        self._callers = []
         deadline = time.monotonic() + timeout
         for run in runs:
             run.done.wait(max(0.0, deadline - time.monotonic()))
@@ -500,6 +554,14 @@ class Executor:
         task id: Batch sets neither for a start task), in its ``containerSettings`` image
         when it names one, and records ``startTaskInfo`` as the node agent does.
         """
+        if self.simulated:
+            now = utcnow()
+            node.start_task_info = StartTaskInfo(
+                state="completed", start_time=now, end_time=now, exit_code=0
+            )
+            if node.state == "waitingforstarttask":
+                node.move("idle")
+            return
         info = StartTaskInfo()
         node.start_task_info = info
         run = _Run(key=("$start", node.id), attempt=node.generation, node=node)
@@ -591,30 +653,51 @@ class Executor:
         return sorted(jobs, key=lambda j: (-j.priority, j.creation_time))
 
     def _schedule(self) -> None:
+        """Place active tasks on free slots, oldest first, job by job in priority order.
+
+        Each pass costs what it places, not what the jobs hold: active tasks come off the
+        job's queue (:meth:`TaskIndex.pop_active`) until the pool has no free slot, and the
+        free slots of a pool are counted once per pass (:class:`_FreeSlots`).
+        """
         if self._stopping:
             return
+        free: dict[str, _FreeSlots] = {}
         for job in self._schedulable_jobs():
+            if not job.index.count("active"):
+                continue
             pool = self.account.pools.get(job.pool_id or "")
             if pool is None or pool.state != "active":
                 continue
-            spread = (
-                str(pool.spec.get("taskSchedulingPolicy", {}).get("nodeFillType", "spread")).lower()
-                == "spread"
-            )
+            slots = free.get(pool.id)
+            if slots is None:
+                slots = free[pool.id] = _FreeSlots(pool)
+            if slots.empty:
+                continue
             limit = int(job.spec.get("maxParallelTasks", -1))
-            running = sum(1 for t in job.tasks.values() if t.state in ("running", "preparing"))
-            for task in job.tasks.values():
-                if task.state != "active" or not self.dependencies_met(job, task):
+            running = job.index.count("running", "preparing")
+            unplaced: list[Task] = []
+            for task in job.index.pop_active():
+                if not self.dependencies_met(job, task):
+                    unplaced.append(task)
                     continue
-                if len(self._runs) >= self.max_processes:
-                    return
-                if limit >= 0 and running >= limit:
+                if self._at_process_cap() or (limit >= 0 and running >= limit):
+                    unplaced.append(task)
                     break
-                node = self._pick_node(pool, task.required_slots, spread=spread)
+                node = slots.take(task.required_slots)
                 if node is None:
+                    unplaced.append(task)
+                    if slots.empty:
+                        break
                     continue  # a smaller task further on may still fit
                 self._dispatch(job, pool, node, task)
                 running += 1
+            job.index.put_back(unplaced)
+            if self._at_process_cap():
+                return
+
+    def _at_process_cap(self) -> bool:
+        """Whether ``max_processes`` task processes run now (simulated runs are not any)."""
+        return not self.simulated and len(self._runs) >= self.max_processes
 
     @staticmethod
     def dependencies_met(job: Job, task: Task) -> bool:
@@ -630,18 +713,6 @@ class Executor:
             if dep is None or dep.state != "completed" or dep.failure is not None:
                 return False
         return True
-
-    def _pick_node(self, pool: Pool, slots: int, *, spread: bool) -> Node | None:
-        free = [
-            n
-            for n in pool.nodes.values()
-            if n.schedulable and pool.slots_per_node - n.used_slots >= slots
-        ]
-        if not free:
-            return None
-        if spread:
-            return min(free, key=lambda n: (n.used_slots, n.id))
-        return max(free, key=lambda n: (n.used_slots, n.id))
 
     def _dispatch(self, job: Job, pool: Pool, node: Node, task: Task) -> None:
         task.attempt += 1
@@ -679,6 +750,9 @@ class Executor:
             settings=settings,
             identity=task.spec.get("userIdentity"),
         )
+        if self.simulated:
+            self._simulate(task, run, env)
+            return
         thread = threading.Thread(
             target=self._task_body,
             args=(task, run, task_dir, env, dict(task.spec)),
@@ -791,25 +865,25 @@ class Executor:
             if job.state == "active" and limit is not None and now - job.creation_time > limit:
                 self.terminate_job(job, reason="MaxWallClockTimeExpiry")
             if job.state == "terminating":
-                if not any(t.state in ("running", "preparing") for t in job.tasks.values()):
+                if not job.index.count("running", "preparing"):
                     job.move("completed")
                     job.end_time = utcnow()
                     job.touch()
                     self.job_finished(job)
             elif job.state == "active":
                 mode = str(job.spec.get("onAllTasksComplete", "noaction")).lower()
-                if mode == "terminatejob" and all(
-                    t.state == "completed" for t in job.tasks.values()
-                ):
+                if mode == "terminatejob" and job.index.count("completed") == len(job.tasks):
                     job.terminate_reason = "AllTasksComplete"
                     job.move("terminating")
                     job.move("completed")
                     job.end_time = utcnow()
                     job.touch()
                     self.job_finished(job)
-                elif str(job.spec.get("onTaskFailure", "noaction")).lower() == (
-                    "performexitoptionsjobaction"
-                ) and any(t.state == "completed" and t.failure for t in job.tasks.values()):
+                elif (
+                    str(job.spec.get("onTaskFailure", "noaction")).lower()
+                    == ("performexitoptionsjobaction")
+                    and job.index.failed
+                ):
                     job.terminate_reason = "TaskFailed"
                     self.terminate_job(job, reason="TaskFailed")
 
@@ -829,7 +903,7 @@ class Executor:
         job.terminate_reason = reason
         job.move("terminating")
         job.touch()
-        for task in job.tasks.values():
+        for task in [*job.index.in_state("running"), *job.index.in_state("preparing")]:
             if task.state in ("running", "preparing"):
                 self.terminate_task(task)
         self.account.notify()
@@ -839,8 +913,83 @@ class Executor:
     def _kill(self, run: _Run, reason: str) -> None:
         if run.stop_reason is None:
             run.stop_reason = reason
+        if run.simulated:
+            # No process to wait for: the attempt ends here. Its in-process call, if one
+            # runs, finishes unheeded, as a killed process may have uploaded a result.
+            if self._runs.get(run.key) is run:
+                del self._runs[run.key]
+            if reason == "wallclock" and run.task is not None:
+                self._finish(run.task, run, 137, None)
+            run.done.set()
+            return
         if run.process is not None and run.process.poll() is None:
             _killpg(run.process)
+
+    # -- simulated execution ----------------------------------------------------------------
+
+    def _simulate(self, task: Task, run: _Run, env: dict[str, str]) -> None:
+        """Run ``task`` without a process: it ends after ``task_duration`` seconds, and
+        not before its in-process worker call (if it is a joblib task) has returned."""
+        run.simulated = True
+        run.task = task
+        if self.simulated_worker != "none" and inprocess.is_worker_task(env):
+            run.calling = True
+            while len(self._callers) < self.worker_threads:
+                caller = threading.Thread(
+                    target=self._call_loop,
+                    name=f"batch-emulator-worker-{len(self._callers)}",
+                    daemon=True,
+                )
+                self._callers.append(caller)
+                caller.start()
+            self._calls.put(lambda: self._simulated_call(task, run, env))
+        self.later(self.task_duration, lambda: self._simulated_elapsed(task, run))
+
+    def _call_loop(self) -> None:
+        """A worker thread: run the queued calls until told to stop (None)."""
+        while True:
+            call = self._calls.get()
+            if call is None:
+                return
+            call()
+
+    def _simulated_elapsed(self, task: Task, run: _Run) -> None:
+        """The task's duration is over (executor thread, lock held)."""
+        if self._runs.get(run.key) is not run:
+            return
+        run.elapsed = True
+        if not run.calling:
+            self._simulated_end(task, run)
+
+    def _simulated_call(self, task: Task, run: _Run, env: dict[str, str]) -> None:
+        """The worker's part of a simulated task (a worker thread, lock not held)."""
+        with self.account.lock:
+            if self._runs.get(run.key) is not run:
+                return  # ended (terminated, requeued) before its turn came
+        try:
+            outcome = inprocess.run_worker(env, mode=self.simulated_worker)
+        except Exception as e:  # an emulator bug: the task fails, the executor lives on
+            outcome = inprocess.Outcome(1, stderr=f"in-process worker failed: {e!r}\n")
+        with self.account.lock:
+            run.outcome = outcome
+            run.calling = False
+            if run.elapsed and self._runs.get(run.key) is run:
+                self._simulated_end(task, run)
+            self.account.notify()
+
+    def _simulated_end(self, task: Task, run: _Run) -> None:
+        """Complete a simulated attempt with its worker's exit code (0 when none ran)."""
+        outcome = run.outcome or inprocess.Outcome(0)
+        if outcome.exit_code != 0 and task.task_dir is not None:
+            # What the client reads when a task failed: the tail of its stderr.txt.
+            with contextlib.suppress(OSError):
+                (task.task_dir / "wd").mkdir(parents=True, exist_ok=True)
+                (task.task_dir / "stdout.txt").write_text(outcome.stdout, encoding="utf-8")
+                (task.task_dir / "stderr.txt").write_text(outcome.stderr, encoding="utf-8")
+        del self._runs[run.key]
+        run.done.set()
+        self._finish(task, run, outcome.exit_code, None)
+        self.account.notify()
 
     def _interpreter(
         self, container: Mapping[str, Any] | None
@@ -1025,6 +1174,61 @@ class Executor:
             return imds.token_for(self.tokens, identity, imds.STORAGE_SCOPE)[0]
 
         return token
+
+
+class _FreeSlots:
+    """A pool's free task slots during one scheduling pass, and which node takes a task.
+
+    The rule is the service's ``nodeFillType``: ``spread`` places a task on the node with
+    the fewest tasks (the lowest id among equals), ``pack`` on the fullest node that still
+    fits it (the highest id among equals). A heap keeps the next node for a one-slot task
+    in O(log nodes), where a scan of 1,000 nodes per placement would make 100,000 tasks
+    cost 10^8 steps; tasks that need several slots scan the nodes.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        policy = pool.spec.get("taskSchedulingPolicy", {}).get("nodeFillType", "spread")
+        self.spread = str(policy).lower() == "spread"
+        self.capacity = pool.slots_per_node
+        ordered = sorted((n for n in pool.nodes.values() if n.schedulable), key=lambda n: n.id)
+        self.nodes = ordered
+        self.used = {n.id: n.used_slots for n in ordered}
+        self.rank = {n.id: i for i, n in enumerate(ordered)}
+        self.free = sum(max(0, self.capacity - u) for u in self.used.values())
+        self._heap = [self._entry(n) for n in ordered if self.used[n.id] < self.capacity]
+        heapq.heapify(self._heap)
+
+    def _entry(self, node: Node) -> tuple[int, int, int, Node]:
+        used = self.used[node.id]
+        rank = self.rank[node.id]
+        return (used, rank, used, node) if self.spread else (-used, -rank, used, node)
+
+    @property
+    def empty(self) -> bool:
+        """No slot is free on any node that takes tasks."""
+        return self.free <= 0
+
+    def take(self, slots: int) -> Node | None:
+        """The node that gets a task of ``slots`` slots (now counted as used), or None."""
+        node: Node | None = None
+        if slots == 1:
+            while self._heap:
+                _, _, used, candidate = heapq.heappop(self._heap)
+                if used == self.used[candidate.id]:
+                    node = candidate
+                    break
+        else:
+            fits = [n for n in self.nodes if self.capacity - self.used[n.id] >= slots]
+            if fits:
+                order = lambda n: (self.used[n.id], n.id)  # noqa: E731
+                node = min(fits, key=order) if self.spread else max(fits, key=order)
+        if node is None:
+            return None
+        self.used[node.id] += slots
+        self.free -= slots
+        if self.used[node.id] < self.capacity:
+            heapq.heappush(self._heap, self._entry(node))
+        return node
 
 
 def _killpg(process: subprocess.Popen[bytes]) -> None:

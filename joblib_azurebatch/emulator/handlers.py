@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote, urlencode
 
 from .errors import BatchServiceError, batch_error
 from .models import Account, Job, ManagedIdentity, Pool, Task
-from .odata import parse_filter, select_fields
+from .odata import compile_filter, parse_filter, select_fields
 from .wire import format_time, http_date, utcnow
 
 if TYPE_CHECKING:
@@ -153,8 +153,7 @@ def _validate(ctx: Context) -> None:
         raise BatchServiceError(first.code, values=dict(first.values))
 
 
-def _page(ctx: Context, kind: str, items: list[JSON]) -> Reply:
-    """One page of a list, with ``odata.nextLink`` when more remain."""
+def _max_results(ctx: Context) -> int:
     raw_max = ctx.query.get("maxresults")
     try:
         max_results = int(raw_max) if raw_max else MAX_RESULTS
@@ -167,30 +166,47 @@ def _page(ctx: Context, kind: str, items: list[JSON]) -> Reply:
             QueryParameterName="maxresults",
             QueryParameterValue=str(raw_max),
         )
+    return max_results
+
+
+def _skip_token(ctx: Context) -> int:
+    """The number a ``$skiptoken`` of this emulator carries (0 without one)."""
     token = ctx.query.get("$skiptoken")
-    start = 0
-    if token:
-        try:
-            start = int(base64.urlsafe_b64decode(token.encode()).decode())
-        except ValueError:
-            raise batch_error(
-                "InvalidQueryParameterValue",
-                "the $skiptoken is not one this service issued",
-                QueryParameterName="$skiptoken",
-                QueryParameterValue=token,
-            ) from None
+    if not token:
+        return 0
+    try:
+        return int(base64.urlsafe_b64decode(token.encode()).decode())
+    except ValueError:
+        raise batch_error(
+            "InvalidQueryParameterValue",
+            "the $skiptoken is not one this service issued",
+            QueryParameterName="$skiptoken",
+            QueryParameterValue=token,
+        ) from None
+
+
+def _list_reply(ctx: Context, kind: str, page: list[JSON], next_token: int | None) -> Reply:
+    """A list answer; ``next_token`` (when more remain) goes into ``odata.nextLink``."""
+    body: JSON = {"odata.metadata": f"{ctx.base_url}/$metadata#{kind}", "value": page}
+    if next_token is not None:
+        params = {k: v for k, v in ctx.query.items() if k not in ("$skiptoken", "api-version")}
+        params["maxresults"] = str(_max_results(ctx))
+        params["$skiptoken"] = base64.urlsafe_b64encode(str(next_token).encode()).decode()
+        params = {"api-version": ctx.query.get("api-version", "2025-06-01"), **params}
+        body["odata.nextLink"] = f"{ctx.base_url}{ctx.path}?{urlencode(params, quote_via=quote)}"
+    return Reply(200, json=body)
+
+
+def _page(ctx: Context, kind: str, items: list[JSON]) -> Reply:
+    """One page of a list, with ``odata.nextLink`` when more remain."""
+    max_results = _max_results(ctx)
+    start = _skip_token(ctx)
     predicate = parse_filter(ctx.query.get("$filter"))
     kept = [i for i in items if predicate(i)]
     select = _select(ctx)
     page = [select_fields(i, select) for i in kept[start : start + max_results]]
-    body: JSON = {"odata.metadata": f"{ctx.base_url}/$metadata#{kind}", "value": page}
-    if start + max_results < len(kept):
-        params = {k: v for k, v in ctx.query.items() if k not in ("$skiptoken", "api-version")}
-        params["maxresults"] = str(max_results)
-        params["$skiptoken"] = base64.urlsafe_b64encode(str(start + max_results).encode()).decode()
-        params = {"api-version": ctx.query.get("api-version", "2025-06-01"), **params}
-        body["odata.nextLink"] = f"{ctx.base_url}{ctx.path}?{urlencode(params, quote_via=quote)}"
-    return Reply(200, json=body)
+    more = start + max_results < len(kept)
+    return _list_reply(ctx, kind, page, start + max_results if more else None)
 
 
 def _require_body(ctx: Context) -> JSON:
@@ -639,7 +655,7 @@ def disable_job(ctx: Context) -> Reply:
         raise batch_error("JobNotActive")
     option = str(_require_body(ctx).get("disableTasks", "requeue")).lower()
     job.move("disabling")
-    for task in job.tasks.values():
+    for task in job.index.in_state("running"):
         if task.state == "running":
             if option == "terminate":
                 ctx.executor.terminate_task(task)
@@ -668,16 +684,22 @@ def enable_job(ctx: Context) -> Reply:
 @handles("Jobs_GetJobTaskCounts")
 def get_job_task_counts(ctx: Context) -> Reply:
     job = ctx.account.job(ctx.params["jobId"])
-    counts = dict.fromkeys(("active", "running", "completed", "succeeded", "failed"), 0)
-    slots = dict(counts)
-    for task in job.tasks.values():
-        bucket = "running" if task.state in ("running", "preparing") else task.state
-        counts[bucket] += 1
-        slots[bucket] += task.required_slots
-        if task.state == "completed":
-            outcome = "failed" if task.failure is not None else "succeeded"
-            counts[outcome] += 1
-            slots[outcome] += task.required_slots
+    index = job.index
+    completed, completed_slots = index.count("completed"), index.slots("completed")
+    counts = {
+        "active": index.count("active"),
+        "running": index.count("running", "preparing"),
+        "completed": completed,
+        "succeeded": completed - index.failed,
+        "failed": index.failed,
+    }
+    slots = {
+        "active": index.slots("active"),
+        "running": index.slots("running", "preparing"),
+        "completed": completed_slots,
+        "succeeded": completed_slots - index.failed_slots,
+        "failed": index.failed_slots,
+    }
     return Reply(200, json={"taskCounts": counts, "taskSlotCounts": slots})
 
 
@@ -709,13 +731,12 @@ def _new_task(job: Job, spec: JSON) -> Task:
         spec=copy.deepcopy(spec),
         default_retries=job.max_task_retry_count,
     )
-    job.tasks[task.id] = task
+    job.add_task(task)
     return task
 
 
 def _task_exists(job: Job, task_id: str) -> bool:
-    low = task_id.lower()
-    return any(t.lower() == low for t in job.tasks)
+    return job.has_task_id(task_id)
 
 
 @handles("Tasks_CreateTask")
@@ -802,8 +823,27 @@ def create_task_collection(ctx: Context) -> Reply:
 @handles("Tasks_ListTasks")
 def list_tasks(ctx: Context) -> Reply:
     job = ctx.account.job(ctx.params["jobId"])
-    items = [t.to_wire(ctx.base_url) for t in job.tasks.values()]
-    return _page(ctx, "tasks", items)
+    max_results = _max_results(ctx)
+    after = _skip_token(ctx)
+    found = compile_filter(ctx.query.get("$filter"))
+    select = _select(ctx)
+    index = job.index
+    page: list[JSON] = []
+    last = after
+    # The page's tasks in submission order, then one more to know whether to link a next
+    # page. The $skiptoken is the submission number of the page's last task, so that a
+    # task completing between two pages neither shifts a task out of the listing nor
+    # repeats one; and the index reads only tasks the filter's state and time can keep.
+    for task in index.candidates(states=found.states, since=found.since, after=after):
+        wire = task.to_wire(ctx.base_url)
+        index.examined += 1
+        if not found.predicate(wire):
+            continue
+        if len(page) == max_results:
+            return _list_reply(ctx, "tasks", page, last)
+        page.append(select_fields(wire, select))
+        last = task.seq
+    return _list_reply(ctx, "tasks", page, None)
 
 
 @handles("Tasks_GetTask")
@@ -837,7 +877,7 @@ def delete_task(ctx: Context) -> Reply:
     task = ctx.account.task(job.id, ctx.params["taskId"])
     _check_conditions(ctx, task.etag, task.last_modified)
     ctx.executor.forget_task(task)
-    del job.tasks[task.id]
+    job.remove_task(task)
     ctx.account.notify()
     return Reply(200)
 

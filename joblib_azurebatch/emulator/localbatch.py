@@ -54,6 +54,11 @@ class LocalBatch:
     ``autoscale_speedup`` makes the clock that autoscale formulas run on go that many times
     faster than real time (see :class:`~joblib_azurebatch.emulator.server.BatchEmulator`), so
     that a pool left idle drains in seconds instead of minutes.
+    ``execution="simulated"`` runs no task process, for runs of many thousands of tasks:
+    a task holds its slots for ``task_duration`` seconds, and the calls of a joblib task run
+    in one of ``worker_threads`` threads of the emulator's process (``simulated_worker``:
+    ``"inline"``, the worker's steps, safe to run concurrently; ``"main"``, the worker's own
+    ``main``, one at a time; ``"none"``, nothing, so no result is written).
     :meth:`managed_identity` and :meth:`add_identity_pool` stand in for the management plane
     (``az identity create`` and a Bicep template): they make a pool with a user-assigned
     managed identity, for ``BatchConfig(node_identity=...)``; with ``tls=True`` Azurite
@@ -76,6 +81,10 @@ class LocalBatch:
         root: str | Path | None = None,
         blob_faults: bool = False,
         autoscale_speedup: float = 1.0,
+        execution: str = "processes",
+        task_duration: float = 1.0,
+        simulated_worker: str = "inline",
+        worker_threads: int = 8,
     ) -> None:
         if blob_faults and tls:
             raise ValueError("blob_faults=True needs tls=False: the blob proxy speaks http")
@@ -99,6 +108,10 @@ class LocalBatch:
             bare_nodes=bare_nodes,
             root=root,
             autoscale_speedup=autoscale_speedup,
+            execution=execution,
+            task_duration=task_duration,
+            simulated_worker=simulated_worker,
+            worker_threads=worker_threads,
         )
         self._wants_blob_faults = blob_faults
         self._blob_proxy: BlobProxy | None = None

@@ -8,17 +8,27 @@ that silently jumps from ``active`` to ``completed`` with a start time.
 
 All mutation happens under :attr:`Account.lock`; the HTTP handlers and the executor thread
 share one :class:`Account`.
+
+A job keeps its tasks twice: in ``Job.tasks`` (by id, in submission order) and in its
+:class:`TaskIndex`, which every state change updates, so that what a client asks of a job
+with 100,000 tasks costs what the answer holds rather than the whole job: task counts are
+counters, a listing filtered on state and ``stateTransitionTime`` reads a time-ordered
+index, an add-collection checks ids in a set, and the scheduler takes the oldest active
+tasks from a heap.
 """
 
 from __future__ import annotations
 
+import bisect
 import copy
 import datetime as _dt
 import hashlib
+import heapq
+import itertools
 import secrets
 import threading
-from collections import deque
-from collections.abc import Mapping
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +44,7 @@ __all__ = [
     "Node",
     "Pool",
     "Task",
+    "TaskIndex",
 ]
 
 JSON = dict[str, Any]
@@ -301,6 +312,9 @@ class Pool(_Stamped):
     #: User-assigned managed identities, given through the management plane only (the
     #: data plane's pool creation has no ``identity``); read back as ``identity``.
     identities: list[ManagedIdentity] = field(default_factory=list)
+    _ranks: tuple[tuple[int, int], dict[str, int]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def identity(self, resource_id: str) -> ManagedIdentity | None:
         """The pool's identity with this ARM resource id (compared case-insensitively)."""
@@ -342,9 +356,21 @@ class Pool(_Stamped):
             if n.is_dedicated == dedicated and n.state != "leavingpool"
         ]
 
+    def node_rank(self, node_id: str) -> int:
+        """The node's position among the pool's node ids in sorted order (0 if not a node).
+
+        Sorted once per membership: listing 1,000 nodes must not sort them 1,000 times.
+        Nodes are only added (which bumps ``node_counter``) or removed (which shrinks the
+        dict), so ``(len(nodes), node_counter)`` never comes back to an earlier value.
+        """
+        key = (len(self.nodes), self.node_counter)
+        if self._ranks is None or self._ranks[0] != key:
+            self._ranks = (key, {nid: i for i, nid in enumerate(sorted(self.nodes))})
+        return self._ranks[1].get(node_id, 0)
+
     def inbound_endpoints(self, node: Node) -> list[JSON]:
         """The node's public endpoints: the pool's inbound NAT pools, else the default SSH rule."""
-        index = sorted(self.nodes).index(node.id) if node.id in self.nodes else 0
+        index = self.node_rank(node.id)
         nat = (
             self.spec.get("networkConfiguration", {})
             .get("endpointConfiguration", {})
@@ -465,11 +491,28 @@ class Job(_Stamped):
     terminate_reason: str | None = None
     #: The id of the pool made from ``poolInfo.autoPoolSpecification``, if any.
     auto_pool_id: str | None = None
+    #: The tasks by state, by time and by age (see :class:`TaskIndex`).
+    index: TaskIndex = field(default_factory=lambda: TaskIndex(), repr=False, compare=False)
 
     def move(self, new: str) -> None:
         """Change the job state if Batch allows it."""
         _move("job", JOB_TRANSITIONS, self.state, new, self.id)
         self._set_state(new)
+
+    def add_task(self, task: Task) -> None:
+        """Add ``task`` (a new id) to the job and its index."""
+        self.tasks[task.id] = task
+        self.index.add(task)
+
+    def remove_task(self, task: Task) -> None:
+        """Take ``task`` out of the job and its index (DeleteTask)."""
+        if self.tasks.get(task.id) is task:
+            del self.tasks[task.id]
+            self.index.remove(task)
+
+    def has_task_id(self, task_id: str) -> bool:
+        """Whether a task of this id exists; ids are case-insensitive, as on Batch."""
+        return self.index.has_id(task_id)
 
     @property
     def pool_id(self) -> str | None:
@@ -562,12 +605,23 @@ class Task(_Stamped):
     default_retries: int = 0
     #: Bumped on every (re)dispatch so that a stale run cannot finish a newer one.
     attempt: int = 0
+    #: Submission order within the job, and the index that tracks the task (set by
+    #: :meth:`TaskIndex.add`; None once the task is deleted).
+    seq: int = 0
+    index: TaskIndex | None = field(default=None, repr=False, compare=False)
+    #: Whether the index counted this task's completion as a failure.
+    counted_failed: bool = False
+    #: Names the task's live entry in the index's queue of active tasks.
+    queue_token: int = 0
 
     def move(self, new: str) -> None:
-        """Change the task state if Batch allows it."""
+        """Change the task state if Batch allows it (and tell the job's index)."""
         _move("task", TASK_TRANSITIONS, self.state, new, f"{self.job_id}/{self.id}")
+        old = self.state
         self._set_state(new)
         self.touch()
+        if self.index is not None and old != new:
+            self.index.moved(self, old)
 
     @property
     def required_slots(self) -> int:
@@ -668,6 +722,205 @@ class Task(_Stamped):
                 "taskRootDirectoryUrl": f"{node_url}/files/{rel}",
             }
         return out
+
+
+#: Task states in the order Batch lists them in task counts.
+TASK_STATES = ("active", "preparing", "running", "completed")
+#: A lower bound on ``stateTransitionTime`` is widened by this much when the index picks
+#: candidates, so that rounding in the wire's text form can never drop a task the full
+#: filter would keep (the filter is applied to every candidate anyway).
+_TIME_SLACK = _dt.timedelta(milliseconds=1)
+
+
+class TaskIndex:
+    """A job's tasks by state, by state-transition time and by submission order.
+
+    It holds, updated on every state change (:meth:`Task.move` calls :meth:`moved`):
+
+    * the tasks in each state (counts and slot counts are the sizes of these sets, and the
+      succeeded and failed counts are kept as tasks complete), so task counts cost nothing;
+    * a per-state timeline, ``(stateTransitionTime, seq, task)`` in time order, so that
+      "completed since T" reads only what completed since T (stale entries of tasks that
+      moved on are skipped, and dropped when they outnumber the live ones);
+    * the tasks in submission order, for listings without a usable filter, and the
+      lower-cased ids, so that an add-collection of 100 tasks checks 100 ids, not 100 x n;
+    * a heap of the active tasks by submission order, which the scheduler pops from until
+      the pool is full, instead of walking every task of the job on every tick.
+
+    ``examined`` counts the tasks whose wire form a listing built and tested, and
+    ``popped`` the active tasks the scheduler took off the queue: what listings and
+    scheduling cost, which tests compare with the size of what they produced.
+    """
+
+    def __init__(self) -> None:
+        self._seq = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._order: list[Task] = []
+        self._order_seqs: list[int] = []
+        self._removed = 0
+        self._ids: set[str] = set()
+        self._by_state: dict[str, dict[str, Task]] = {s: {} for s in TASK_STATES}
+        self._slots: Counter[str] = Counter()
+        self._timeline: dict[str, list[tuple[_dt.datetime, int, Task]]] = {
+            s: [] for s in TASK_STATES
+        }
+        self._queue: list[tuple[int, int, Task]] = []
+        self.failed = 0
+        self.failed_slots = 0
+        self.examined = 0
+        self.popped = 0
+
+    # -- membership ---------------------------------------------------------------------
+
+    def add(self, task: Task) -> None:
+        """Index a new task (its state as it is now)."""
+        task.seq = next(self._seq)
+        task.index = self
+        self._order.append(task)
+        self._order_seqs.append(task.seq)
+        self._ids.add(task.id.lower())
+        self._enter(task, task.state)
+
+    def remove(self, task: Task) -> None:
+        """Forget a deleted task; its entries in the order and timelines go stale."""
+        if task.index is not self:
+            return
+        self._leave(task, task.state)
+        self._ids.discard(task.id.lower())
+        task.index = None
+        self._removed += 1
+        if self._removed > 1024 and self._removed * 2 > len(self._order):
+            kept = [t for t in self._order if t.index is self]
+            self._order = kept
+            self._order_seqs = [t.seq for t in kept]
+            self._removed = 0
+
+    def has_id(self, task_id: str) -> bool:
+        """Whether a task with this id (compared case-insensitively) exists."""
+        return task_id.lower() in self._ids
+
+    def moved(self, task: Task, old: str) -> None:
+        """Record that ``task`` went from ``old`` to its current state."""
+        self._leave(task, old)
+        self._enter(task, task.state)
+
+    def _enter(self, task: Task, state: str) -> None:
+        self._by_state.setdefault(state, {})[task.id] = task
+        self._slots[state] += task.required_slots
+        line = self._timeline.setdefault(state, [])
+        entry = (task.state_transition_time, task.seq, task)
+        if not line or line[-1][:2] <= entry[:2]:
+            line.append(entry)  # the usual case: transitions come in time order
+        else:
+            bisect.insort(line, entry, key=lambda e: e[:2])
+        if len(line) > 1024 and len(line) > 2 * len(self._by_state[state]):
+            self._compact(state)
+        if state == "completed":
+            task.counted_failed = task.failure is not None
+            if task.counted_failed:
+                self.failed += 1
+                self.failed_slots += task.required_slots
+        elif state == "active":
+            task.queue_token = next(self._tokens)
+            heapq.heappush(self._queue, (task.seq, task.queue_token, task))
+
+    def _leave(self, task: Task, state: str) -> None:
+        if self._by_state.get(state, {}).pop(task.id, None) is None:
+            return
+        self._slots[state] -= task.required_slots
+        if state == "completed" and task.counted_failed:
+            self.failed -= 1
+            self.failed_slots -= task.required_slots
+            task.counted_failed = False
+
+    def _compact(self, state: str) -> None:
+        live = self._by_state.get(state, {}).values()
+        self._timeline[state] = sorted(
+            ((t.state_transition_time, t.seq, t) for t in live), key=lambda e: e[:2]
+        )
+
+    # -- counts -------------------------------------------------------------------------
+
+    def count(self, *states: str) -> int:
+        """How many tasks are in any of ``states`` now."""
+        return sum(len(self._by_state.get(s, {})) for s in states)
+
+    def slots(self, *states: str) -> int:
+        """The slots that the tasks in ``states`` need (``requiredSlots`` summed)."""
+        return sum(self._slots[s] for s in states)
+
+    def in_state(self, state: str) -> list[Task]:
+        """The tasks in ``state`` now (a copy: the caller may change their states)."""
+        return list(self._by_state.get(state, {}).values())
+
+    # -- the scheduler's queue ----------------------------------------------------------
+
+    def pop_active(self) -> Iterator[Task]:
+        """The active tasks, oldest submission first, each taken off the queue.
+
+        The scheduler gives back with :meth:`put_back` the ones it could not place.
+        """
+        while self._queue:
+            _, token, task = heapq.heappop(self._queue)
+            if task.index is self and task.state == "active" and task.queue_token == token:
+                self.popped += 1
+                yield task
+
+    def put_back(self, tasks: Iterable[Task]) -> None:
+        """Queue again active tasks that :meth:`pop_active` gave and were not placed."""
+        for task in tasks:
+            if task.index is self and task.state == "active":
+                heapq.heappush(self._queue, (task.seq, task.queue_token, task))
+
+    # -- listings -----------------------------------------------------------------------
+
+    def candidates(
+        self,
+        *,
+        states: frozenset[str] | None,
+        since: _dt.datetime | None,
+        after: int,
+    ) -> Iterator[Task]:
+        """Tasks with ``seq > after`` in submission order, a superset of those in one of
+        ``states`` (None: any) whose ``stateTransitionTime`` is at or after ``since``
+        (None: any time). The caller applies the full filter to each.
+
+        With a time bound, each state's timeline is read from ``since`` on: the cost is
+        that of the tasks that moved since then, not of the job. With states alone, a few
+        of them are gathered and sorted; a state that holds most of the job is read in
+        submission order instead, checking states as it goes.
+        """
+        if states is not None:
+            states = frozenset(s for s in states if s in self._by_state)
+        if states is not None and since is not None:
+            low = since - _TIME_SLACK
+            found: list[Task] = []
+            for state in states:
+                line = self._timeline[state]
+                start = bisect.bisect_left(line, low, key=lambda e: e[0])
+                found.extend(
+                    task
+                    for when, seq, task in line[start:]
+                    if seq > after
+                    and task.index is self
+                    and task.state == state
+                    and task.state_transition_time == when
+                )
+            found.sort(key=lambda t: t.seq)
+            yield from found
+            return
+        if states is not None:
+            size = self.count(*states)
+            if size * 8 < len(self._order) - self._removed:
+                picked = [t for s in states for t in self._by_state[s].values() if t.seq > after]
+                picked.sort(key=lambda t: t.seq)
+                yield from picked
+                return
+        start = bisect.bisect_right(self._order_seqs, after)
+        for i in range(start, len(self._order)):
+            task = self._order[i]
+            if task.index is self and (states is None or task.state in states):
+                yield task
 
 
 class Account:

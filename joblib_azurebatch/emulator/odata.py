@@ -5,6 +5,11 @@ path (``state``, ``executionInfo/exitCode``) and a literal (``'completed'``,
 ``datetime'2026-01-01T00:00:00Z'``, numbers, ``true``/``false``), joined with ``and``,
 ``or``, ``not`` and parentheses, plus ``startswith(id,'prefix')``. A filter the parser does
 not understand gets 400 ``InvalidQueryParameterValue`` rather than a silently wrong list.
+
+:func:`compile_filter` also says what every entity the filter keeps must have: one of a few
+``state`` values, a ``stateTransitionTime`` at or after some moment. A job's task index
+uses that to read only the tasks that can match (the client's "completed since T" poll
+reads what completed since T, not the whole job); the full filter still decides.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 from .errors import BatchServiceError, batch_error
 from .wire import parse_time
 
-__all__ = ["Predicate", "parse_filter", "select_fields"]
+__all__ = ["Filter", "Predicate", "compile_filter", "parse_filter", "select_fields"]
 
 Predicate = Callable[[Mapping[str, Any]], bool]
 
@@ -43,6 +48,37 @@ class _Literal:
 @dataclass(frozen=True)
 class _Path:
     parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Filter:
+    """A compiled ``$filter``: the predicate, and what it implies of every entity it keeps.
+
+    ``states`` (lower case) holds the only ``state`` values a kept entity can have, and
+    ``since`` a moment its ``stateTransitionTime`` is at or after; None when the filter
+    does not say. Both are implications, never the filter itself: an index may use them to
+    skip entities, then applies ``predicate`` to the rest.
+    """
+
+    predicate: Predicate
+    states: frozenset[str] | None = None
+    since: _dt.datetime | None = None
+
+
+def _both(a: Filter, b: Filter) -> Filter:
+    """``a and b``: what either implies, both hold."""
+    states = a.states if b.states is None else b.states if a.states is None else a.states & b.states
+    since = a.since if b.since is None else b.since if a.since is None else max(a.since, b.since)
+    pa, pb = a.predicate, b.predicate
+    return Filter(lambda e: pa(e) and pb(e), states, since)
+
+
+def _either(a: Filter, b: Filter) -> Filter:
+    """``a or b``: only what both imply holds."""
+    states = None if a.states is None or b.states is None else a.states | b.states
+    since = None if a.since is None or b.since is None else min(a.since, b.since)
+    pa, pb = a.predicate, b.predicate
+    return Filter(lambda e: pa(e) or pb(e), states, since)
 
 
 def _tokens(text: str) -> list[_Tok]:
@@ -92,38 +128,38 @@ class _Parser:
             return True
         return False
 
-    def parse(self) -> Predicate:
-        pred = self.or_expr()
+    def parse(self) -> Filter:
+        found = self.or_expr()
         extra = self.peek()
         if extra is not None:
             raise _bad(self.text, f"unexpected {extra.text!r}")
-        return pred
+        return found
 
-    def or_expr(self) -> Predicate:
+    def or_expr(self) -> Filter:
         left = self.and_expr()
         while self.keyword("or"):
             right = self.and_expr()
-            left = _or(left, right)
+            left = _either(left, right)
         return left
 
-    def and_expr(self) -> Predicate:
+    def and_expr(self) -> Filter:
         left = self.unary()
         while self.keyword("and"):
             right = self.unary()
-            left = _and(left, right)
+            left = _both(left, right)
         return left
 
-    def unary(self) -> Predicate:
+    def unary(self) -> Filter:
         if self.keyword("not"):
-            inner = self.unary()
-            return lambda e: not inner(e)
+            inner = self.unary().predicate
+            return Filter(lambda e: not inner(e))
         tok = self.peek()
         if tok is not None and tok.kind == "lp":
             self.take()
-            inner = self.or_expr()
+            found = self.or_expr()
             if self.take().kind != "rp":
                 raise _bad(self.text, "a parenthesis is not closed")
-            return inner
+            return found
         return self.comparison()
 
     def operand(self) -> _Literal | _Path:
@@ -146,21 +182,21 @@ class _Parser:
             return _Path(tuple(tok.text.split("/")))
         raise _bad(self.text, f"expected a property or a value, found {tok.text!r}")
 
-    def comparison(self) -> Predicate:
+    def comparison(self) -> Filter:
         tok = self.peek()
         if (
             tok is not None
             and tok.kind == "name"
             and tok.text.lower() in ("startswith", "endswith")
         ):
-            return self.function()
+            return Filter(self.function())
         left = self.operand()
         op_tok = self.take()
         op = op_tok.text.lower()
         if op_tok.kind != "name" or op not in _COMPARE:
             raise _bad(self.text, f"expected a comparison operator, found {op_tok.text!r}")
         right = self.operand()
-        return _compare(left, op, right)
+        return _implied(left, op, right)
 
     def function(self) -> Predicate:
         name = self.take().text.lower()
@@ -182,12 +218,31 @@ class _Parser:
         return pred
 
 
-def _and(a: Predicate, b: Predicate) -> Predicate:
-    return lambda e: a(e) and b(e)
+#: ``literal op path`` read as ``path op' literal``.
+_MIRROR = {"eq": "eq", "ne": "ne", "gt": "lt", "ge": "le", "lt": "gt", "le": "ge"}
 
 
-def _or(a: Predicate, b: Predicate) -> Predicate:
-    return lambda e: a(e) or b(e)
+def _implied(left: _Literal | _Path, op: str, right: _Literal | _Path) -> Filter:
+    """A comparison, with what it implies of ``state`` and ``stateTransitionTime``."""
+    pred = _compare(left, op, right)
+    if isinstance(left, _Literal) and isinstance(right, _Path):
+        left, right, op = right, left, _MIRROR[op]
+    if not isinstance(left, _Path) or not isinstance(right, _Literal):
+        return Filter(pred)
+    name = "/".join(left.parts)
+    value = right.value
+    if name == "state" and op == "eq" and isinstance(value, str):
+        return Filter(pred, states=frozenset({value.lower()}))
+    if name == "stateTransitionTime" and op in ("gt", "ge"):
+        when = value
+        if isinstance(when, str):
+            try:
+                when = parse_time(when)
+            except ValueError:
+                return Filter(pred)
+        if isinstance(when, _dt.datetime):
+            return Filter(pred, since=when)
+    return Filter(pred)
 
 
 def _value(operand: _Literal | _Path, entity: Mapping[str, Any]) -> Any:
@@ -234,11 +289,16 @@ def _compare(left: _Literal | _Path, op: str, right: _Literal | _Path) -> Predic
     return pred
 
 
+def compile_filter(text: str | None) -> Filter:
+    """Compile a ``$filter`` clause with what it implies; an empty clause keeps everything."""
+    if text is None or not text.strip():
+        return Filter(lambda _e: True)
+    return _Parser(text).parse()
+
+
 def parse_filter(text: str | None) -> Predicate:
     """Compile a ``$filter`` clause; an empty clause keeps everything."""
-    if text is None or not text.strip():
-        return lambda _e: True
-    return _Parser(text).parse()
+    return compile_filter(text).predicate
 
 
 def select_fields(entity: Mapping[str, Any], select: Sequence[str] | None) -> dict[str, Any]:

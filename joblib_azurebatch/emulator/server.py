@@ -92,6 +92,11 @@ class BatchEmulator(FaultControls):
     service's minimum evaluation interval of 5 minutes passes in 5 seconds, samples are
     taken every half second, and a formula's ``time() - time("...")`` grows a minute per
     second. The 30-second limit between two EnableAutoScale calls stays in real time.
+
+    ``execution="simulated"`` runs no process (see :mod:`.execution`): a task holds its
+    slots for ``task_duration`` seconds, and a joblib task's calls run in one of
+    ``worker_threads`` threads of this process, as ``simulated_worker`` says (``inline``,
+    ``main`` or ``none``: see :mod:`.inprocess`).
     """
 
     def __init__(
@@ -110,6 +115,10 @@ class BatchEmulator(FaultControls):
         tls: bool = False,
         bare_nodes: bool = False,
         autoscale_speedup: float = 1.0,
+        execution: str = "processes",
+        task_duration: float = 1.0,
+        simulated_worker: str = "inline",
+        worker_threads: int = 8,
     ) -> None:
         self.account_name = account
         self.key = key or base64.b64encode(secrets.token_bytes(64)).decode()
@@ -143,6 +152,10 @@ class BatchEmulator(FaultControls):
             allocation_delay=allocation_delay,
             bare=bare,
             tokens=self.tokens,
+            execution=execution,
+            task_duration=task_duration,
+            simulated_worker=simulated_worker,
+            worker_threads=worker_threads,
         )
         #: Samples, evaluates and applies the autoscale formulas of the account's pools.
         self.autoscale = AutoScaler(self.account, self.executor, speedup=autoscale_speedup)
