@@ -35,8 +35,14 @@ test: lint typecheck docs pytest
 docs: $(BIN)/.installed
 	$(BIN)/mkdocs build --strict
 
-bench: $(BIN)/.installed $(AZURITE)
-	$(BIN)/python bench/run.py
+# The peers the benchmark compares (dask, matplotlib for its plot) are the bench extra's.
+$(VENV)/.bench-installed: $(BIN)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@
+
+# `make bench BENCH_ARGS=--quick` for a smoke run; see `python -m bench.run --help`.
+bench: $(VENV)/.bench-installed $(AZURITE)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache site

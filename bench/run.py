@@ -1,266 +1,581 @@
-"""Benchmark: a 10-fold KFold over a ~50 MB X, on a local Batch account and on loky.
+"""Benchmark: joblib-azurebatch beside dask.distributed and loky, on the same work.
 
-Prints, for the azurebatch backend on ``LocalBatch``: Batch requests per task (from the
-emulator's per-route counters), bytes the client uploaded to blob storage, the number of
-Batch tasks, and the wall time; and the wall time of the same loop on joblib's loky
-backend. Writes the figures to docs/benchmarks.md.
+Prints one table, a row as soon as it is measured, with a column per backend and the goal
+azurebatch aims at: sleep calls against their ideal wall time, 2,000 tiny calls, the bytes
+uploaded for large shared arguments (arrays, a fitted forest, a DataFrame, a list), the
+client's memory over 2,000 calls with their own arrays, the latency of a small call on a
+warm pool, and a worker's start-up. Then what the azurebatch calls cost on the wire, and
+the scale simulation of ``bench/scale.py`` (1,000 to 100,000 tasks) with its growth and a
+plot. Writes it all to docs/benchmarks.md (and the plot beside it).
 
-These are figures, not tests: nothing here asserts. The local account's nodes are
-processes on this machine, so its wall time measures the machinery's overhead (process
-start, uploads, polling), not what a real pool of VMs would gain.
+The backends and how each figure is measured are described in ``bench/peers.py`` and on
+the page itself. Nothing here asserts: the figures are for reading.
 
-    .venv/bin/python bench/run.py [--rows 65536] [--cols 100] [--folds 10] [--no-write]
+    python -m bench.run [--quick] [--no-long-sleep] [--scale-sizes N ...]
+                        [--backends azurebatch,dask,loky] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
 import sys
-import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
+
+# Run as a file (python bench/run.py) as well as a module: bench.* must import either way.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import contextlib
+import importlib
+import itertools
+import json
+import multiprocessing
+import pickle
+import shlex
+import statistics
+import subprocess
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
 from typing import Any
 
-import joblib
-import numpy as np
-from sklearn.linear_model import Ridge
-from sklearn.model_selection import KFold
+import cloudpickle
+from joblib import delayed
 
-import joblib_azurebatch  # noqa: F401  (registers the "azurebatch" backend)
-from joblib_azurebatch.emulator import LocalBatch
-from joblib_azurebatch.storage import BlobStore
+from bench import peers, report, work
+from bench.peers import WORKERS, AzureBatchPeer, CallStats, Peer
+from bench.report import NOT_MEASURED, PEERS, ScalePoint, megabytes, seconds, verdict
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs" / "benchmarks.md"
+PAGE = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "benchmarks-scale.png"
 
 
-def fit_fold(X: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
-    """One fold: fit a ridge regression on the training rows, score it on the test rows."""
-    model = Ridge(alpha=1.0).fit(X[train], y[train])
-    return float(model.score(X[test], y[test]))
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each row does. The defaults are the rows the goals are set for."""
+
+    sleep_calls: int = 40
+    short_sleep: float = 1.0
+    long_sleep: float = 5.0
+    tiny_calls: int = 2_000
+    array_mb: float = 52.4
+    array_calls: int = 10
+    forest_trees: int = 200
+    forest_samples: int = 7_200
+    forest_calls: int = 20
+    frame_rows: int = 360_000
+    frame_calls: int = 10
+    list_ints: int = 1_000_000
+    list_calls: int = 10
+    rss_calls: int = 2_000
+    rss_kilobytes: int = 100
+    latency_calls: int = 10
+    startup_tries: int = 5
+    scale_sizes: tuple[int, ...] = (1_000, 10_000, 100_000)
 
 
-def make_data(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((rows, cols))
-    y = X @ rng.standard_normal(cols) + 0.1 * rng.standard_normal(rows)
-    return X, y
+FULL = Sizes()
+#: A smoke run: every row and code path, in a few minutes.
+QUICK = Sizes(
+    sleep_calls=8,
+    long_sleep=2.0,
+    tiny_calls=200,
+    array_mb=5.2,
+    array_calls=4,
+    forest_trees=20,
+    forest_samples=2_000,
+    forest_calls=4,
+    frame_rows=36_000,
+    frame_calls=4,
+    list_ints=100_000,
+    list_calls=4,
+    rss_calls=200,
+    latency_calls=3,
+    startup_tries=2,
+    scale_sizes=(100, 1_000),
+)
 
 
-def run_loop(X: np.ndarray, y: np.ndarray, folds: int, **parallel: Any) -> list[float]:
-    splits = list(KFold(n_splits=folds, shuffle=True, random_state=0).split(X))
-    with joblib.parallel_config(**parallel):
-        return list(
-            joblib.Parallel(n_jobs=-1)(
-                joblib.delayed(fit_fold)(X, y, train, test) for train, test in splits
+class WrongResults(RuntimeError):
+    """A backend returned other results than the calls compute."""
+
+
+@dataclass
+class Cell:
+    """One backend's figure for one row: its text, and the number a goal is judged on."""
+
+    text: str
+    value: float | None = None
+
+
+@dataclass
+class Row:
+    work: str
+    cells: dict[str, Cell] = field(default_factory=dict)
+    goal: str = ""
+    stats: CallStats | None = None
+
+    def line(self) -> list[str]:
+        return [
+            self.work,
+            *(self.cells.get(p, Cell(NOT_MEASURED)).text for p in PEERS),
+            self.goal,
+        ]
+
+
+def progress(message: str) -> None:
+    """Progress goes to stderr, so that stdout is the tables alone."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit(line: str) -> None:
+    print(line, flush=True)
+
+
+def timed(peer: Peer, calls: Iterable[Any], expected: list[Any]) -> float:
+    """Wall time of one Parallel call on ``peer``; its results must be ``expected``."""
+    started = time.perf_counter()
+    out = peer.run(calls)
+    wall = time.perf_counter() - started
+    if out != expected:
+        wrong = sum(1 for a, b in zip(out, expected, strict=False) if a != b)
+        raise WrongResults(
+            f"{peer.name}: {len(out)} results for {len(expected)} calls, {wrong} of them wrong"
+        )
+    return wall
+
+
+class Bench:
+    """The side-by-side rows, measured one after the other on peers already warm."""
+
+    def __init__(self, sizes: Sizes, running: dict[str, Peer]) -> None:
+        self.sizes = sizes
+        self.peers = running
+        self.rows: list[Row] = []
+
+    # -- cells --------------------------------------------------------------------------
+
+    def _cell(self, name: str, what: str, measure: Callable[[Peer], Cell]) -> Cell:
+        peer = self.peers.get(name)
+        if peer is None:
+            return Cell("not run")
+        progress(f"  {what} on {name} ...")
+        if isinstance(peer, AzureBatchPeer):
+            peer.last = None  # what this cell observes, never an earlier row's
+        try:
+            cell = measure(peer)
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            cell = Cell(f"error: {type(e).__name__}")
+        progress(f"  {what} on {name}: {cell.text}")
+        return cell
+
+    def _stats(self) -> CallStats | None:
+        peer = self.peers.get("azurebatch")
+        return peer.last if isinstance(peer, AzureBatchPeer) else None
+
+    def _finish(self, row: Row) -> None:
+        self.rows.append(row)
+        emit(report.md_row(row.line()))
+
+    # -- rows ---------------------------------------------------------------------------
+
+    def sleeps(self, seconds_each: float, target: float) -> None:
+        n = self.sizes.sleep_calls
+        ideal = n * seconds_each / WORKERS
+        what = f"{n} x sleep({seconds_each:g})"
+        row = Row(f"{what} on {WORKERS} slots (ideal {ideal:g} s): wall, % of ideal")
+
+        def measure(peer: Peer) -> Cell:
+            wall = timed(
+                peer, (delayed(work.nap)(seconds_each) for _ in range(n)), [seconds_each] * n
             )
+            share = 100 * ideal / wall
+            return Cell(f"{seconds(wall)} ({share:.0f} %)", share)
+
+        for name in PEERS:
+            row.cells[name] = self._cell(name, what, measure)
+            if name == "azurebatch":
+                row.stats = self._stats()
+        value = row.cells["azurebatch"].value
+        row.goal = f"≥ {target:.0f} %: {verdict(value, target, at_most=False)}"
+        self._finish(row)
+
+    def tiny(self) -> None:
+        n = self.sizes.tiny_calls
+        what = f"{n:,} tiny calls"
+        row = Row(f"{what}: wall")
+
+        def measure(peer: Peer) -> Cell:
+            wall = timed(peer, (delayed(work.tiny)(i) for i in range(n)), [i + 1 for i in range(n)])
+            return Cell(seconds(wall), wall)
+
+        for name in PEERS:
+            row.cells[name] = self._cell(name, what, measure)
+            if name == "azurebatch":
+                row.stats = self._stats()
+        dask = row.cells["dask"].value
+        limit = 3 * dask if dask is not None else None
+        bound = f" = {seconds(limit)}" if limit is not None else ""
+        row.goal = (
+            f"≤ 3 x dask{bound}: {verdict(row.cells['azurebatch'].value, limit, at_most=True)}"
         )
+        self._finish(row)
+
+    def uploads(self, label: str, make: Callable[[], Any], calls: int) -> None:
+        progress(f"  making {label} ...")
+        obj = make()
+        pickled = len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        what = f"{label} to {calls} calls"
+        row = Row(f"{label} ({megabytes(pickled)} pickled) to {calls} calls: uploaded / pickled")
+
+        def measure(peer: Peer) -> Cell:
+            timed(peer, (delayed(work.touch)(obj, i) for i in range(calls)), list(range(calls)))
+            stats = self._stats()
+            if stats is None:
+                raise RuntimeError("the azurebatch peer did not observe the call")
+            ratio = stats.uploaded / pickled
+            return Cell(f"{ratio:.3f} ({megabytes(stats.uploaded)})", ratio)
+
+        row.cells["azurebatch"] = self._cell("azurebatch", what, measure)
+        row.stats = self._stats()
+        row.goal = f"≤ 1.05: {verdict(row.cells['azurebatch'].value, 1.05, at_most=True)}"
+        self._finish(row)
+
+    def memory(self) -> None:
+        n, kb = self.sizes.rss_calls, self.sizes.rss_kilobytes
+        what = f"{n:,} calls with their own {kb} kB array"
+        row = Row(f"{what}: client RSS growth (fresh process)")
+
+        def measure(peer: Peer) -> Cell:
+            spec: dict[str, Any] = {"peer": peer.name, "calls": n, "kilobytes": kb}
+            if isinstance(peer, AzureBatchPeer):
+                spec["azurebatch"] = peer.child_spec()
+            child = subprocess.run(
+                [sys.executable, "-m", "bench.rss"],
+                input=json.dumps(spec),
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+                timeout=3600,
+                check=False,
+            )
+            if child.returncode != 0:
+                raise RuntimeError(f"bench.rss for {peer.name} exited with {child.returncode}")
+            figures = json.loads(child.stdout.strip().splitlines()[-1])
+            growth = figures["peak_mb"] - figures["baseline_mb"]
+            return Cell(
+                f"+{growth:.0f} MB peak (in {seconds(figures['wall_s'])})",
+                growth,
+            )
+
+        for name in PEERS:
+            row.cells[name] = self._cell(name, what, measure)
+        row.goal = f"≤ 100 MB: {verdict(row.cells['azurebatch'].value, 100, at_most=True)}"
+        self._finish(row)
+
+    def latency(self) -> None:
+        n = self.sizes.latency_calls
+        what = f"{n} calls of {WORKERS} tiny calls"
+        row = Row(f"one call of {WORKERS} tiny calls, {n} in a row: median")
+        stats: list[CallStats] = []
+
+        def measure(peer: Peer) -> Cell:
+            walls = []
+            for _ in range(n):
+                calls = (delayed(work.tiny)(i) for i in range(WORKERS))
+                walls.append(timed(peer, calls, [i + 1 for i in range(WORKERS)]))
+                last = self._stats() if isinstance(peer, AzureBatchPeer) else None
+                if last is not None:
+                    stats.append(last)
+            median = statistics.median(walls)
+            return Cell(
+                f"{seconds(median)} ({seconds(min(walls))} to {seconds(max(walls))})", median
+            )
+
+        for name in PEERS:
+            row.cells[name] = self._cell(name, what, measure)
+        if stats:
+            row.stats = sum(stats[1:], stats[0])
+        row.goal = f"≤ 1 s: {verdict(row.cells['azurebatch'].value, 1.0, at_most=True)}"
+        self._finish(row)
+
+    def startup(self) -> None:
+        tries = self.sizes.startup_tries
+        row = Row(f"worker start-up: import in a fresh interpreter, best of {tries}")
+
+        def best(code: str) -> float:
+            times = []
+            for _ in range(tries):
+                started = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+                times.append(time.perf_counter() - started)
+            return min(times)
+
+        progress("  worker start-up ...")
+        try:
+            worker = best("import joblib_azurebatch.worker")
+            bare = best("pass")
+            row.cells["azurebatch"] = Cell(
+                f"{seconds(worker)} (bare interpreter {seconds(bare)})", worker
+            )
+        except (OSError, subprocess.CalledProcessError) as e:
+            row.cells["azurebatch"] = Cell(f"error: {type(e).__name__}")
+        row.goal = f"≤ 0.3 s: {verdict(row.cells['azurebatch'].value, 0.3, at_most=True)}"
+        self._finish(row)
+
+    # -- all of it ----------------------------------------------------------------------
+
+    def run(self, *, long_sleep: bool) -> None:
+        s = self.sizes
+        for line in report.md_table(report.HEADER, []):
+            emit(line)
+        self.sleeps(s.short_sleep, 90)
+        if long_sleep:
+            self.sleeps(s.long_sleep, 95)
+        self.tiny()
+        self.uploads(
+            f"a {s.array_mb:g} MB ndarray", lambda: work.array_mb(s.array_mb), s.array_calls
+        )
+        self.uploads(
+            f"a fitted {s.forest_trees}-tree random forest",
+            lambda: work.forest(s.forest_trees, s.forest_samples),
+            s.forest_calls,
+        )
+        self.uploads(
+            f"a {s.frame_rows:,}-row DataFrame with a string column",
+            lambda: work.frame(s.frame_rows),
+            s.frame_calls,
+        )
+        self.uploads(
+            f"a list of {s.list_ints:,} ints", lambda: work.ints(s.list_ints), s.list_calls
+        )
+        self.memory()
+        self.latency()
+        self.startup()
+
+    def details(self) -> tuple[list[str], list[str]]:
+        """The azurebatch calls on the wire, per row, and the Batch requests by operation."""
+        rows = []
+        total: Counter[str] = Counter()
+        for row in self.rows:
+            st = row.stats
+            if st is None:
+                continue
+            total += st.requests
+            kinds = ", ".join(f"{k} {report.size(v)}" for k, v in sorted(st.upload_kinds.items()))
+            rows.append(
+                [
+                    row.work.split(":")[0],
+                    str(st.calls),
+                    "?" if st.tasks is None else f"{st.tasks:,}",
+                    f"{sum(st.requests.values()):,}",
+                    f"{st.requests.get(peers.POLL_OPERATION, 0):,}",
+                    f"{report.size(st.uploaded)} in {st.uploaded_blobs:,} blobs"
+                    f" ({kinds or 'none'})",
+                    " / ".join(str(n) for n in st.node_fetches) or "n/a",
+                ]
+            )
+        header = (
+            "work",
+            "Parallel calls",
+            "Batch tasks",
+            "Batch requests",
+            "task-count polls",
+            "client uploads",
+            "objects fetched per node",
+        )
+        details = report.md_table(header, rows) if rows else []
+        operations = (
+            report.md_table(
+                ("operation", "requests"),
+                [[f"`{op}`", f"{n:,}"] for op, n in sorted(total.items())],
+            )
+            if total
+            else []
+        )
+        return details, operations
 
 
-def timed(fn: Callable[[], list[float]]) -> tuple[list[float], float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+# --------------------------------------------------------------------------- scale
 
 
-def request_counts(local: Any) -> Counter[str]:
-    """Requests the emulator answered so far, per operationId."""
-    return Counter(local.emulator.counters)
+def _scale_child(conn: Connection, tasks: int) -> None:
+    """In a fresh process: one size of the simulation, sent back as a `ScalePoint`."""
+    try:
+        scale = importlib.import_module("bench.scale")
+        conn.send(ScalePoint.of(scale.measure(tasks)))
+    except BaseException as e:
+        conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
 
 
-def uploaded_by_client(store: BlobStore, job_id: str) -> tuple[int, int]:
-    """Bytes and blobs the client wrote for one job (payloads and objects, not results)."""
-    total = 0
-    count = 0
-    for name in store.list_names(f"jobs/{job_id}/"):
-        if name.endswith("/result"):
+def scale_in_fresh_process(tasks: int) -> ScalePoint:
+    """``bench.scale.measure(tasks)`` in a new interpreter: its peak RSS is the process's
+    own, which in this one would carry every earlier row's heap."""
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_scale_child, args=(child, tasks), name=f"scale-{tasks}")
+    process.start()
+    child.close()
+    try:
+        answer = parent.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"the simulation's process ended with {process.exitcode}") from None
+    process.join()
+    if isinstance(answer, BaseException):
+        raise answer
+    point: ScalePoint = answer
+    return point
+
+
+def scale_points(sizes: Sequence[int]) -> tuple[list[ScalePoint], str | None]:
+    """Run ``bench.scale.measure`` for each size, each in a fresh process, printing each as
+    it comes; the points and a note for the page when the simulation could not run (or not
+    fully)."""
+    try:
+        scale = importlib.import_module("bench.scale")
+    except ModuleNotFoundError as e:
+        if e.name == "bench.scale":
+            return [], "`bench/scale.py` is not there yet: the scale simulation was skipped."
+        return [], f"`bench/scale.py` could not be imported ({e}): the simulation was skipped."
+    except Exception as e:
+        return [], f"`bench/scale.py` failed to import ({type(e).__name__}: {e}): skipped."
+    measure = getattr(scale, "measure", None)
+    if not callable(measure):
+        return [], "`bench/scale.py` has no `measure` yet: the scale simulation was skipped."
+    points: list[ScalePoint] = []
+    failed: list[str] = []
+    for line in report.md_table(report.SCALE_HEADER, []):
+        emit(line)
+    for n in sorted(sizes):
+        progress(f"  scale simulation, {n:,} tasks ...")
+        try:
+            point = scale_in_fresh_process(n)
+        except Exception as e:
+            traceback.print_exc(file=sys.stderr)
+            failed.append(f"{n:,} tasks ({type(e).__name__}: {e})")
             continue
-        total += len(store.download(name))
-        count += 1
-    return total, count
+        points.append(point)
+        emit(report.md_row(report.scale_cells(point)))
+    for before, after in itertools.pairwise(points):
+        emit(report.md_row(report.growth_cells(before, after)))
+    note = f"The simulation failed for {', '.join(failed)}." if failed else None
+    return points, note
 
 
-def node_cache_entries(local: Any, pool_id: str) -> dict[str, int]:
-    """Objects in each node's cache: how many times a node downloaded a shared object."""
-    pool = local.emulator.account.pools[pool_id]
-    out = {}
-    for node in pool.nodes.values():
-        cache = Path(node.root) / "shared" / "joblib-azurebatch" / "objects"
-        out[node.id] = (
-            sum(1 for p in cache.iterdir() if not p.name.startswith(".")) if cache.is_dir() else 0
-        )
-    return out
+# --------------------------------------------------------------------------- main
 
 
-def bench_azurebatch(
-    X: np.ndarray, y: np.ndarray, *, folds: int, nodes: int, slots: int
-) -> dict[str, Any]:
-    with LocalBatch(nodes=nodes, slots_per_node=slots) as local:
-        cfg = local.config(pool_id="bench", keep_pool=True)
-        # Warm-up: create the pool and let its nodes come up, so that the timed run
-        # measures one Parallel call on a ready pool (as with keep_pool=True on Azure).
-        run_loop(X[:100], y[:100], 2, backend="azurebatch", config=cfg)
-        for node in local.emulator.account.pools["bench"].nodes.values():
-            cache = Path(node.root) / "shared" / "joblib-azurebatch" / "objects"
-            if cache.is_dir():
-                for p in cache.iterdir():
-                    p.unlink()
-        jobs_before = set(local.emulator.account.jobs)
-        before = request_counts(local)
-        kept = cfg.replace(keep_blobs=True, keep_job=True)
-        out, seconds = timed(lambda: run_loop(X, y, folds, backend="azurebatch", config=kept))
-        routes = request_counts(local) - before
-        (job_id,) = set(local.emulator.account.jobs) - jobs_before
-        with local.emulator.account.lock:
-            job = local.emulator.account.jobs[job_id]
-            tasks = len(job.tasks)
-            runs = sum(1 + t.retry_count + t.requeue_count for t in job.tasks.values())
-        caches = node_cache_entries(local, "bench")
-        with BlobStore.from_config(kept) as store:
-            uploaded, blobs = uploaded_by_client(store, job_id)
-    return {
-        "scores": out,
-        "seconds": seconds,
-        "routes": dict(sorted(routes.items())),
-        "requests": sum(routes.values()),
-        "tasks": tasks,
-        "runs": runs,
-        "uploaded": uploaded,
-        "blobs": blobs,
-        "caches": caches,
-    }
+@contextlib.contextmanager
+def started(names: Sequence[str]) -> Iterator[dict[str, Peer]]:
+    """Start each peer (the azurebatch pool warm), and stop all of them at the end."""
+    running: dict[str, Peer] = {}
+    try:
+        for name in names:
+            progress(f"starting {name} ...")
+            t = time.perf_counter()
+            running[name] = peers.start(name)
+            progress(f"{name} ready in {seconds(time.perf_counter() - t)}")
+        yield running
+    finally:
+        for peer in running.values():
+            with contextlib.suppress(Exception):
+                peer.close()
 
 
-def bench_loky(X: np.ndarray, y: np.ndarray, *, folds: int, n_jobs: int) -> dict[str, Any]:
-    run_loop(X[:100], y[:100], 2, backend="loky", n_jobs=n_jobs)  # start the workers
-    out, seconds = timed(lambda: run_loop(X, y, folds, backend="loky", n_jobs=n_jobs))
-    return {"scores": out, "seconds": seconds}
-
-
-def figures(
-    args: argparse.Namespace,
-    X: np.ndarray,
-    ab: dict[str, Any],
-    loky: dict[str, Any],
-    seq_seconds: float,
-    same: bool,
-) -> list[tuple[str, str]]:
-    tasks = ab["tasks"] or 1
-    per_task = ab["requests"] / tasks
-    polls = ab["routes"].get("Jobs_GetJobTaskCounts", 0)
-    cached = ab["caches"]
-    return [
-        ("X", f"{X.shape[0]} x {X.shape[1]} float64, {X.nbytes / 1e6:.1f} MB"),
-        ("folds (joblib calls)", str(args.folds)),
-        ("local pool", f"{args.nodes} nodes x {args.slots} slots"),
-        ("Batch tasks", f"{ab['tasks']} ({ab['runs']} runs, retries and requeues included)"),
-        ("Batch requests in the call", str(ab["requests"])),
-        ("Batch requests per task", f"{per_task:.1f}"),
-        (
-            "Batch requests per task, task-count polls aside",
-            f"{(ab['requests'] - polls) / tasks:.1f} ({polls} polls of the job's task counts)",
-        ),
-        (
-            "bytes uploaded by the client",
-            f"{ab['uploaded']:,} ({ab['uploaded'] / X.nbytes:.2f} x X) in {ab['blobs']} blobs",
-        ),
-        (
-            "objects downloaded into each node's cache",
-            " and ".join(str(n) for n in cached.values()) + f" ({len(cached)} nodes)",
-        ),
-        ("wall time, azurebatch on LocalBatch", f"{ab['seconds']:.2f} s"),
-        (f"wall time, loky (n_jobs={args.nodes * args.slots})", f"{loky['seconds']:.2f} s"),
-        ("wall time, n_jobs=1", f"{seq_seconds:.2f} s"),
-        ("scores identical to n_jobs=1", "yes" if same else "NO"),
-    ]
-
-
-def format_text(rows: list[tuple[str, str]], routes: dict[str, int]) -> str:
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
-    lines.append("requests by operation:")
-    lines += [f"  {op:<40} {n}" for op, n in routes.items()]
-    return "\n".join(lines)
-
-
-def format_markdown(rows: list[tuple[str, str]], routes: dict[str, int]) -> str:
-    machine = (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the end"
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=(__doc__ or "").splitlines()[0]
     )
-    out = [
-        "# Benchmarks",
-        "",
-        "`bench/run.py` (`make bench`) runs a 10-fold KFold loop over a ~50 MB `X` (a ridge",
-        "regression per fold) through the azurebatch backend on a local account, and the same",
-        "loop on joblib's loky backend and in-process. The local account's nodes are processes",
-        "on the same machine, so its wall time shows the machinery's overhead (task start-up,",
-        "uploads, polling), not what a pool of VMs would gain; the request and byte counts are",
-        "what an Azure account would see for the same call.",
-        "",
-        f"Measured on {machine}.",
-        "The pool was warm (`keep_pool=True`, as a second run on Azure would have), and the",
-        "job and blobs were kept so that they could be counted.",
-        "",
-        "| figure | value |",
-        "| --- | --- |",
-    ]
-    out += [f"| {k} | {v} |" for k, v in rows]
-    out += [
-        "",
-        "Batch requests by operation during the call (the emulator's per-operation counters):",
-        "",
-        "| operation | requests |",
-        "| --- | --- |",
-    ]
-    out += [f"| `{op}` | {n} |" for op, n in routes.items()]
-    out += [
-        "",
-        "How to read it:",
-        "",
-        "* **Data moved once.** The shared `X` crosses the network once per job: the bytes",
-        "  uploaded are one `X` and `y`, plus each fold's training-index array (larger than",
-        "  `inline_threshold`, so stored as an object too) and the small task payloads, not",
-        "  one `X` per fold. Each node downloads an object at most once, into a cache its",
-        "  tasks share: `X` and `y` once per node, and the index arrays of the folds it ran.",
-        "* **Requests grow with time, not with tasks.** No request is made per task except its",
-        "  share of a `create_task_collection` call (up to 100 tasks each). The tracker polls",
-        "  the job's task counts once per `poll_interval` and lists completed tasks (filtered",
-        "  by time, `$select`ed) only when the counts moved. The local account polls every",
-        "  0.2 s, so most requests above are polls; at Azure's default of 2 s there would be",
-        "  a tenth as many for the same wall time.",
-        "* **Wall time.** On the local account the tasks are Python processes on the same",
-        "  two cores, each paying interpreter and import start-up, so loky and even `n_jobs=1`",
-        "  are faster here. The backend is for loops whose folds take minutes, on pools whose",
-        "  nodes have cores of their own.",
-        "",
-    ]
-    return "\n".join(out)
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: every row, with smaller sizes"
+    )
+    parser.add_argument(
+        "--no-long-sleep", action="store_true", help="leave out the 40 x sleep(5) row"
+    )
+    parser.add_argument(
+        "--scale-sizes",
+        type=int,
+        nargs="*",
+        metavar="N",
+        help="tasks for the scale simulation (default 1000 10000 100000; none: skip it)",
+    )
+    parser.add_argument(
+        "--backends",
+        default=",".join(PEERS),
+        help="the peers to run, comma-separated (default: all three)",
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only: leave docs/benchmarks.md alone"
+    )
+    args = parser.parse_args(argv)
+    unknown = set(args.backends.split(",")) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown backends {', '.join(sorted(unknown))}: choose from {PEERS}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=65_536)
-    parser.add_argument("--cols", type=int, default=100)
-    parser.add_argument("--folds", type=int, default=10)
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--slots", type=int, default=2)
-    parser.add_argument("--no-write", action="store_true", help="do not rewrite the docs page")
-    args = parser.parse_args(argv)
+    args = parse(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.scale_sizes is not None:
+        sizes = replace(sizes, scale_sizes=tuple(args.scale_sizes))
+    names = [p for p in PEERS if p in args.backends.split(",")]
+    command = shlex.join(["python", "-m", "bench.run", *(sys.argv[1:] if argv is None else argv)])
+    began = time.perf_counter()
+    load_start = report.load_average()
+    facts = report.machine_facts(ROOT)
+    for key, value in facts:
+        progress(f"{key}: {value}")
 
-    X, y = make_data(args.rows, args.cols)
-    print(f"X: {X.shape[0]} x {X.shape[1]} float64 = {X.nbytes / 1e6:.1f} MB; {args.folds} folds")
-    sequential, seq_seconds = timed(lambda: run_loop(X, y, args.folds, n_jobs=1))
-    ab = bench_azurebatch(X, y, folds=args.folds, nodes=args.nodes, slots=args.slots)
-    loky = bench_loky(X, y, folds=args.folds, n_jobs=args.nodes * args.slots)
-    rows = figures(args, X, ab, loky, seq_seconds, same=ab["scores"] == sequential)
-    print(format_text(rows, ab["routes"]))
-    if not args.no_write:
-        DOCS.write_text(format_markdown(rows, ab["routes"]))
-        print(f"wrote {DOCS.relative_to(ROOT)}")
+    # The nodes, dask's and loky's workers import nothing of bench/: send the work by value.
+    cloudpickle.register_pickle_by_value(work)
+
+    with started(names) as running:
+        bench = Bench(sizes, running)
+        bench.run(long_sleep=not args.no_long_sleep)
+    details, operations = bench.details()
+    if details:
+        emit("")
+        for line in [*details, "", *operations]:
+            emit(line)
+
+    emit("")
+    points, scale_note = scale_points(sizes.scale_sizes) if sizes.scale_sizes else ([], None)
+    if not sizes.scale_sizes:
+        scale_note = "The scale simulation was not run (`--scale-sizes` with no size)."
+    if scale_note:
+        progress(scale_note)
+
+    if args.no_write:
+        return 0
+    plot = None
+    if points:
+        report.plot_scale(points, PLOT)
+        plot = PLOT.name
+        progress(f"wrote {PLOT.relative_to(ROOT)}")
+    page = report.Page(
+        command=command,
+        quick=args.quick,
+        facts=facts,
+        load_start=load_start,
+        load_end=report.load_average(),
+        duration_s=time.perf_counter() - began,
+        main=report.md_table(report.HEADER, [row.line() for row in bench.rows]),
+        details=details,
+        operations=operations,
+        scale=report.scale_table(points) if points else [],
+        scale_note=scale_note,
+        plot=plot,
+    )
+    PAGE.write_text(report.render_page(page), encoding="utf-8")
+    progress(f"wrote {PAGE.relative_to(ROOT)}")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: joblib-azurebatch beside dask and loky (``python -m bench.run``)."""
