@@ -158,7 +158,6 @@ def test_every_table_line_of_the_page_has_its_header_s_number_of_cells() -> None
 
 
 def test_the_plot_is_a_png_of_the_three_panels(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib", reason="matplotlib comes with the bench extra")
     target = tmp_path / "plot.png"
     report.plot_scale(
         [point(100, 1.0, 10, 200, 80.0, 5.0), point(1_000, 5.0, 20, 2_000, 85.0, 4.0)], target
