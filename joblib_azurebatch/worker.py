@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from joblib_azurebatch.environment import check_pins, current_environment
@@ -64,7 +64,14 @@ from joblib_azurebatch.payload import (
     new_attempt,
     warning_record,
 )
-from joblib_azurebatch.storage import NodeContainer, download_url, redact_url, upload_url
+
+# SAS URLs are read and written with the standard library (sasurl.py): a task that has
+# them, the default, never imports the Azure SDKs. Only node-identity mode needs the blob
+# SDK and azure-identity, and imports storage.py where it reads that mode's environment.
+from joblib_azurebatch.sasurl import download_url, redact_url, upload_url
+
+if TYPE_CHECKING:
+    from joblib_azurebatch.storage import NodeContainer
 
 __all__ = [
     "EXIT_BAD_ENVIRONMENT",
@@ -409,6 +416,8 @@ def _read_environment(environ: Mapping[str, str]) -> _TaskBlobs:
         _missing(environ, (*names, JOB_ID_ENV, TASK_ID_ENV))
         container_url = environ[CONTAINER_URL_ENV]
         try:
+            from joblib_azurebatch.storage import NodeContainer
+
             container = NodeContainer(container_url, identity=environ[NODE_IDENTITY_ENV])
         except ValueError as e:
             raise _InfrastructureError(EXIT_BAD_ENVIRONMENT, f"{CONTAINER_URL_ENV}: {e}") from e
@@ -416,7 +425,8 @@ def _read_environment(environ: Mapping[str, str]) -> _TaskBlobs:
             raise _InfrastructureError(
                 EXIT_BAD_ENVIRONMENT,
                 f"the task names a managed identity but the node cannot use one ({e}): "
-                "install azure-identity in the worker image (docker/requirements.txt has it)",
+                "install azure-identity and azure-storage-blob in the worker image "
+                "(docker/requirements.txt has them)",
             ) from e
         return _IdentityBlobs(
             container,
