@@ -17,13 +17,23 @@ the binding, whoever may write to the container could swap two tasks' payload bl
 task would run the other's calls) or two result blobs (the client would hand back the
 wrong values), and every signature would still verify.
 
-Large arguments (numpy arrays, bytes, and through their arrays pandas objects) are not
-copied into every task: a cloudpickle `Pickler` replaces each one at or above
-``inline_threshold`` bytes by the persistent id ``("joblib-azurebatch-object", sha256)``,
-stores it once per job under ``jobs/{job_id}/objects/{sha256}``, and hands the task a
-read-only SAS URL for it (in node-identity mode, its blob name). The sha256 travels inside
-the signed payload, so the worker verifies every object it downloads (or finds in its node
-cache) before unpickling it.
+Large arguments are not copied into every task. Every top-level argument of a call (a
+positional argument, a keyword value) and the callable itself (the instance of a bound
+method, the function and arguments of a ``functools.partial``) whose pickle is at least
+``inline_threshold`` bytes, whatever its type, and every numpy array or bytes of that size
+elsewhere in the calls, is pickled on its own and replaced in the calls by the persistent id
+``("joblib-azurebatch-object", sha256)`` of those bytes. The digest is always taken from the
+bytes a task sends, so an array changed in place is sent with its new content, and the
+writer keeps no reference to the user's objects once a task is prepared.
+
+Where the bytes travel is decided for the tasks prepared together (`PayloadWriter.store`,
+one submitter flush): an object that several calls of the flush share, or that the job sent
+before, is stored once per job under ``jobs/{job_id}/objects/{sha256}`` and the task gets a
+read-only SAS URL for it (in node-identity mode, its blob name); an object that one call
+alone uses travels inside that task's signed payload (``inline``), since a separate blob
+would cost a request and save nothing. The sha256 travels inside the signed payload, so the
+worker verifies every object, inline, downloaded or found in its node cache, before
+unpickling it.
 
 Warning classes that cloudpickle would send by reference travel as ``(module, qualname,
 builtin base)`` instead: scikit-learn ships the caller's ``warnings.filters`` with every call,
@@ -33,6 +43,7 @@ would otherwise stop every task with ``ModuleNotFoundError`` before the user's c
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import importlib
@@ -45,8 +56,10 @@ import secrets
 import sys
 import threading
 import traceback
+import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol, runtime_checkable
@@ -54,6 +67,7 @@ from typing import Any, Protocol, runtime_checkable
 import cloudpickle
 import joblib
 
+from joblib_azurebatch.bundle import Bundle
 from joblib_azurebatch.errors import PayloadError, RemoteError, VersionMismatchError
 
 __all__ = [
@@ -69,6 +83,8 @@ __all__ = [
     "RESULT_URL_ENV",
     "SIGNING_KEY_ENV",
     "TASK_MAGIC",
+    "DumpedTask",
+    "Mapper",
     "NodeIdentityStore",
     "ObjectStore",
     "PayloadWriter",
@@ -97,9 +113,10 @@ __all__ = [
 
 TASK_MAGIC = b"JABT"
 RESULT_MAGIC = b"JABR"
+#: 3: a task envelope carries the objects that only its own calls use (``inline``).
 #: 2: a result envelope names its job and attempt, and both envelopes are checked
 #: against the task they are read for (1 had neither check).
-ENVELOPE_VERSION = 2
+ENVELOPE_VERSION = 3
 OBJECT_TAG = "joblib-azurebatch-object"
 _HEADER = 4 + 1 + 32
 # The body of an envelope is plain data; protocol 4 keeps it readable by any Python >= 3.8.
@@ -295,20 +312,102 @@ class PreparedTask:
     #: SAS URLs and the signing key, or, in node-identity mode, blob names only.
     environment: dict[str, str] = field(repr=False)
     payload_bytes: int
+    #: The sha256 of each object the task reads from the job's object store.
     objects: tuple[str, ...]
+    #: The sha256 of each object that travels inside the task's own payload.
+    inline: tuple[str, ...] = ()
 
 
-def _large_size(obj: Any, threshold: int) -> int | None:
-    """The serialized size if ``obj`` goes to the object store, else None (fast path)."""
+@dataclass(frozen=True, eq=False)
+class DumpedTask:
+    """A task's calls pickled, nothing stored yet: the first phase of `PayloadWriter.store`.
+
+    It holds bytes only, never the user's objects, so the caller may drop its calls as soon
+    as they are dumped. ``objects`` maps the sha256 of every large object the calls
+    reference to its bytes (None when the job had already stored it: they are not kept);
+    ``uses`` holds the digests each call references, so that the tasks dumped together can
+    tell an object several calls share from one that a single call uses.
+    """
+
+    task_id: str
+    calls: bytes = field(repr=False)
+    objects: dict[str, bytes | None] = field(repr=False)
+    uses: tuple[frozenset[str], ...]
+
+
+#: Mapping over a flush's tasks and objects: ``map``, or a thread pool's ``map`` to do them
+#: in parallel (the submitter's prepare pool).
+Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
+
+
+def _fast_size(obj: Any) -> int | None:
+    """The size of what pickles as one flat buffer (bytes, a numpy array not of object
+    dtype), read without pickling it; None for anything else."""
     kind = type(obj)
     if kind is bytes or kind is bytearray:
-        size = len(obj)
-    else:
-        numpy = sys.modules.get("numpy")
-        if numpy is None or not isinstance(obj, numpy.ndarray) or obj.dtype.hasobject:
+        return len(obj)
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not isinstance(obj, numpy.ndarray) or obj.dtype.hasobject:
+        return None
+    return int(obj.nbytes)
+
+
+#: Values that are never worth storing on their own (a long ``str`` is looked at).
+_SCALARS = (type(None), bool, int, float, complex)
+#: The least size of an argument other than an array or bytes stored on its own, whatever
+#: ``inline_threshold`` says: below it, its persistent id, object table entry and URL
+#: would cost about as much as the copy, and a function or class that travels by name
+#: (a module-level function, ``len``) is never this large.
+_MIN_OBJECT = 1024
+
+
+def _callable_parts(func: Any, depth: int = 0) -> list[Any]:
+    """What of a callable may be a large argument in its own right: the instance of a bound
+    method (``model.predict``), the function and arguments of a ``functools.partial``, what
+    a ``functools.wraps`` wrapper wraps (scikit-learn's ``delayed``); else the callable."""
+    if depth > 8:
+        return [func]
+    if isinstance(func, types.MethodType):
+        return [func.__self__, *_callable_parts(func.__func__, depth + 1)]
+    if isinstance(func, types.BuiltinMethodType) and not isinstance(
+        func.__self__, types.ModuleType
+    ):
+        return [func.__self__]
+    if isinstance(func, functools.partial):
+        return [*_callable_parts(func.func, depth + 1), *func.args, *func.keywords.values()]
+    try:
+        wrapped = inspect.getattr_static(func, "__wrapped__", None)
+    except Exception:  # pragma: no cover - getattr_static reads no user code
+        wrapped = None
+    if wrapped is not None and wrapped is not func and not isinstance(func, type):
+        return _callable_parts(wrapped, depth + 1)
+    return [func]
+
+
+def _calls_of(calls: Any) -> list[tuple[Any, tuple[Any, ...], dict[str, Any]]] | None:
+    """The ``(func, args, kwargs)`` of every call of a task (a joblib ``BatchedCalls`` or a
+    `Bundle` of them), or None for any other callable: its large arguments are then found
+    only where they are numpy arrays or bytes."""
+    if isinstance(calls, Bundle):
+        found: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
+        for part in calls.parts:
+            items = _calls_of(part)
+            if items is None:
+                return None
+            found.extend(items)
+        return found
+    items = getattr(calls, "items", None)
+    if not isinstance(items, list):
+        return None
+    for item in items:
+        if not (
+            isinstance(item, tuple)
+            and len(item) == 3
+            and isinstance(item[1], tuple)
+            and isinstance(item[2], dict)
+        ):
             return None
-        size = int(obj.nbytes)
-    return size if size >= threshold else None
+    return items
 
 
 def _builtin_warning_base(category: type[Warning]) -> type[Warning]:
@@ -354,21 +453,8 @@ def _warning_category(module: str, qualname: str, base: type[Warning]) -> type[W
     return stand_in
 
 
-class _ObjectPickler(cloudpickle.Pickler):  # type: ignore[misc]
-    """cloudpickle, with large arguments swapped for persistent ids and warning classes
-    sent by name (see `_warning_category`)."""
-
-    def __init__(self, file: io.BytesIO, writer: PayloadWriter) -> None:
-        super().__init__(file)
-        self._writer = writer
-        self.referenced: dict[str, None] = {}
-
-    def persistent_id(self, obj: Any) -> Any:
-        if _large_size(obj, self._writer.inline_threshold) is None:
-            return None
-        sha = self._writer._digest(obj)
-        self.referenced[sha] = None
-        return (OBJECT_TAG, sha)
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, with warning classes sent by name (see `_warning_category`)."""
 
     def reducer_override(self, obj: Any) -> Any:
         reduced = super().reducer_override(obj)
@@ -385,13 +471,108 @@ class _ObjectPickler(cloudpickle.Pickler):  # type: ignore[misc]
         return reduced
 
 
-class PayloadWriter:
-    """Writes the tasks of one Batch job: objects once, a signed payload per task.
+def _dumps(obj: Any) -> bytes:
+    """The bytes of one large object: self-contained, for ``pickle.loads`` on the node."""
+    if _fast_size(obj) is not None:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    buffer = io.BytesIO()
+    _Pickler(buffer).dump(obj)
+    return buffer.getvalue()
 
-    One writer per job (``JobRun``); thread-safe, so a submitter thread may prepare tasks
-    while the caller's thread dispatches more. Each distinct large object is serialized
-    and hashed once (cached by ``id()`` with a strong reference, so an id is not reused by
-    another object while the job runs) and uploaded once.
+
+class _Dump:
+    """The large objects of one pickling of one task.
+
+    Objects are remembered by ``id()`` for this dump only (while the calls being pickled
+    keep them alive), so an object that several calls of the task share is pickled once,
+    and one changed in place is pickled again by the next task.
+    """
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        #: sha256 -> the bytes, for every object pickled on its own.
+        self.objects: dict[str, bytes] = {}
+        #: The digests the calls' pickle really references.
+        self.referenced: dict[str, None] = {}
+        #: Digests of arrays and bytes found below the top level (no call is known for them).
+        self.nested: dict[str, None] = {}
+        self._memo: dict[int, tuple[Any, str | None]] = {}
+
+    def _known(self, obj: Any) -> tuple[bool, str | None]:
+        entry = self._memo.get(id(obj))
+        if entry is not None and entry[0] is obj:
+            return True, entry[1]
+        return False, None
+
+    def _remember(self, obj: Any, sha: str | None) -> str | None:
+        self._memo[id(obj)] = (obj, sha)
+        return sha
+
+    def _add(self, obj: Any, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self.objects.setdefault(sha, data)
+        self._remember(obj, sha)
+        return sha
+
+    def argument(self, obj: Any) -> str | None:
+        """The digest of a top-level argument pickled on its own, or None: it is small and
+        stays in the calls' pickle."""
+        known, sha = self._known(obj)
+        if known:
+            return sha
+        if isinstance(obj, _SCALARS) or (
+            type(obj) is str and len(obj) < max(self.threshold, _MIN_OBJECT) // 4
+        ):
+            return None
+        size = _fast_size(obj)
+        if size is not None:
+            if size < self.threshold:
+                return self._remember(obj, None)
+            return self._add(obj, _dumps(obj))
+        data = _dumps(obj)
+        if len(data) < max(self.threshold, _MIN_OBJECT):
+            return self._remember(obj, None)
+        return self._add(obj, data)
+
+    def persistent_id(self, obj: Any) -> str | None:
+        """The digest that replaces ``obj`` in the calls' pickle, or None."""
+        known, sha = self._known(obj)
+        if not known:
+            size = _fast_size(obj)
+            if size is None or size < self.threshold:
+                return None
+            sha = self._add(obj, _dumps(obj))
+            self.nested[sha] = None
+        if sha is not None:
+            self.referenced[sha] = None
+        return sha
+
+
+class _ObjectPickler(_Pickler):
+    """`_Pickler`, with large objects swapped for persistent ids."""
+
+    def __init__(self, file: io.BytesIO, dump: _Dump) -> None:
+        super().__init__(file)
+        self._dump = dump
+
+    def persistent_id(self, obj: Any) -> Any:
+        sha = self._dump.persistent_id(obj)
+        return None if sha is None else (OBJECT_TAG, sha)
+
+
+class PayloadWriter:
+    """Writes the tasks of one Batch job: a signed payload per task, shared objects once.
+
+    One writer per job (``JobRun``); thread-safe, so the submitter may dump and store tasks
+    on a pool of threads. Preparing is two phases, so that the tasks of one submitter flush
+    are decided together: `dump` pickles a task (its calls, and each large object on its
+    own), then `store` sees every object of the flush, stores once per job those that
+    several calls share or that the job sent before, puts the others inside the payload of
+    their one task, and uploads the payloads. `prepare` does both for one task alone.
+
+    The writer keeps digests, never the user's objects: each dump pickles and hashes its
+    objects again (what a task sends is what it names), and the bytes of an object are held
+    only until its task's payload or the object itself is uploaded.
     """
 
     def __init__(
@@ -411,13 +592,18 @@ class PayloadWriter:
             sas_expiry if isinstance(sas_expiry, timedelta) else timedelta(seconds=sas_expiry)
         )
         self._lock = threading.Lock()
-        self._by_id: dict[int, tuple[Any, str]] = {}
-        self._unsent: dict[str, bytes] = {}
+        #: Bytes of objects dumped and not stored yet, by sha256: tasks dumped at the same
+        #: time share one copy of an object they all reference.
+        self._pending: dict[str, bytes] = {}
+        #: Every digest a stored task of this job referenced (inline or stored).
+        self._seen: set[str] = set()
         self._stored: set[str] = set()
         self._sha_locks: dict[str, threading.Lock] = {}
         self.objects_hashed = 0
         self.objects_uploaded = 0
         self.object_bytes_uploaded = 0
+        self.objects_inlined = 0
+        self.inline_bytes = 0
         #: The pool's managed identity when the nodes reach the container as it (set on the
         #: store from ``BatchConfig.node_identity``); None: the nodes get SAS URLs.
         self._node_identity = node_identity_of(store)
@@ -425,49 +611,63 @@ class PayloadWriter:
 
     # -- pickling
 
-    def _digest(self, obj: Any) -> str:
-        with self._lock:
-            cached = self._by_id.get(id(obj))
-            if cached is not None and cached[0] is obj:
-                return cached[1]
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        sha = hashlib.sha256(data).hexdigest()
-        with self._lock:
-            self._by_id[id(obj)] = (obj, sha)
-            self.objects_hashed += 1
-            if sha not in self._stored:
-                self._unsent.setdefault(sha, data)
-        return sha
-
-    def _dump(self, calls: Any) -> tuple[bytes, list[str]]:
-        """Cloudpickle ``calls``; returns the bytes and the sha256 of each object referenced.
+    def _pickle(self, calls: Any) -> tuple[bytes, dict[str, bytes], tuple[frozenset[str], ...]]:
+        """Cloudpickle ``calls`` with each large object on its own; returns the calls' bytes,
+        the objects' bytes by sha256 and the digests each call references.
 
         An unpicklable function or argument raises `PayloadError` naming it, before anything
         is uploaded.
         """
+        dump = _Dump(self.inline_threshold)
         buffer = io.BytesIO()
-        pickler = _ObjectPickler(buffer, self)
         try:
-            pickler.dump(calls)
+            items = _calls_of(calls)
+            uses: list[frozenset[str]] = []
+            for func, args, kwargs in items or ():
+                shas = (dump.argument(a) for a in (*_callable_parts(func), *args, *kwargs.values()))
+                uses.append(frozenset(sha for sha in shas if sha is not None))
+            _ObjectPickler(buffer, dump).dump(calls)
         except Exception as e:
             raise _unpicklable(calls, e) from e
-        return buffer.getvalue(), list(pickler.referenced)
+        if dump.nested:
+            uses.append(frozenset(dump.nested))
+        referenced = frozenset(dump.referenced)
+        objects = {sha: dump.objects[sha] for sha in dump.referenced}
+        with self._lock:
+            self.objects_hashed += len(dump.objects)
+        return (
+            buffer.getvalue(),
+            objects,
+            tuple(use & referenced for use in uses if use & referenced),
+        )
 
     def pickles(self, calls: Any) -> list[bytes]:
         """The bytes a task of ``calls`` would send: the calls, then each large object.
 
         For finding what the nodes must import (`environment.referenced_modules`): a
-        DataFrame sent as an object names pandas only in its own pickle. Nothing is uploaded;
-        the objects stay queued for the task that sends them.
+        DataFrame or an estimator sent as an object names its modules only in its own
+        pickle. Nothing is uploaded or kept.
         """
-        calls_bytes, shas = self._dump(calls)
+        calls_bytes, objects, _ = self._pickle(calls)
+        return [calls_bytes, *objects.values()]
+
+    def dump(self, task_id: str, calls: Any) -> DumpedTask:
+        """Pickle the task ``task_id`` of ``calls``; nothing is uploaded (`store` does it).
+
+        Raises `PayloadError` naming the function or argument that does not pickle.
+        """
+        calls_bytes, objects, uses = self._pickle(calls)
+        kept: dict[str, bytes | None] = {}
         with self._lock:
-            objects = [self._unsent[sha] for sha in shas if sha in self._unsent]
-        return [calls_bytes, *objects]
+            for sha, data in objects.items():
+                kept[sha] = None if sha in self._stored else self._pending.setdefault(sha, data)
+        return DumpedTask(task_id=task_id, calls=calls_bytes, objects=kept, uses=uses)
 
     # -- storing
 
-    def _store_object(self, sha: str) -> None:
+    def _store_object(self, sha: str, data: bytes) -> None:
+        """Upload one object unless the job stored it: once per digest, even when several
+        threads store tasks that share it (the others wait for the first)."""
         with self._lock:
             if sha in self._stored:
                 return
@@ -476,17 +676,153 @@ class PayloadWriter:
             with self._lock:
                 if sha in self._stored:
                     return
-                data = self._unsent[sha]
             uploaded = self._store.upload_if_absent(object_blob(self.job_id, sha), data)
             with self._lock:
                 self._stored.add(sha)
-                del self._unsent[sha]
+                self._pending.pop(sha, None)
+                self._sha_locks.pop(sha, None)
                 if uploaded:
                     self.objects_uploaded += 1
                     self.object_bytes_uploaded += len(data)
 
+    def _try_store_object(self, item: tuple[str, bytes]) -> Exception | None:
+        try:
+            self._store_object(*item)
+        except Exception as e:
+            return e
+        return None
+
+    def store(
+        self, dumped: Sequence[DumpedTask], *, map: Mapper = map
+    ) -> list[PreparedTask | Exception]:
+        """Store the tasks ``dumped`` together; a `PreparedTask` or the error, per task.
+
+        An object goes to the job's object store (once per job) when more than one call of
+        these tasks references it, or when a task of this job referenced it before (it is
+        then stored already, or is stored now); an object that one call alone references
+        travels inside its task's payload. Objects are uploaded first, each distinct
+        digest once, through ``map`` (a thread pool's, to upload them in parallel), then
+        the payloads. A failed upload fails only the tasks that need it.
+        """
+        return self._store_dumped(dumped, map, share_all=False)
+
+    def _store_dumped(
+        self, dumped: Sequence[DumpedTask], mapper: Mapper, *, share_all: bool
+    ) -> list[PreparedTask | Exception]:
+        calls_of: Counter[str] = Counter(sha for d in dumped for use in d.uses for sha in use)
+        with self._lock:
+            referenced = {sha for d in dumped for sha in d.objects}
+            shared = {
+                sha
+                for sha in referenced
+                if share_all or calls_of[sha] > 1 or sha in self._seen or sha in self._stored
+            }
+            self._seen |= referenced
+        new: dict[str, bytes] = {}
+        for d in dumped:
+            for sha, data in d.objects.items():
+                if sha in shared and data is not None:  # None: stored before the dump
+                    new.setdefault(sha, data)
+        failed = {
+            sha: error
+            for sha, error in zip(
+                new, mapper(self._try_store_object, list(new.items())), strict=True
+            )
+            if error is not None
+        }
+        try:
+            return list(mapper(functools.partial(self._finish, shared, failed), list(dumped)))
+        finally:
+            # The bytes now live in the dumped tasks only, and go with them.
+            with self._lock:
+                for sha in referenced:
+                    self._pending.pop(sha, None)
+
+    def _finish(
+        self, shared: set[str], failed: dict[str, Exception], dumped: DumpedTask
+    ) -> PreparedTask | Exception:
+        for sha in dumped.objects:
+            if sha in failed:
+                return failed[sha]
+        try:
+            return self._seal_task(dumped, shared)
+        except Exception as e:
+            return e
+
+    def _seal_task(self, dumped: DumpedTask, shared: set[str]) -> PreparedTask:
+        """Sign and upload the payload of one task whose shared objects are stored."""
+        stored = tuple(sha for sha in dumped.objects if sha in shared)
+        inline: dict[str, bytes] = {}
+        for sha, data in dumped.objects.items():
+            if sha in shared:
+                continue
+            if data is None:  # pragma: no cover - a digest stored before is always shared
+                raise PayloadError(f"the bytes of object {sha} are no longer held")
+            inline[sha] = data
+        identity = self._node_identity
+        if identity is not None:
+            self._store_key()
+            table = {sha: object_blob(self.job_id, sha) for sha in stored}
+        else:
+            table = {
+                sha: self._store.sas_url(
+                    object_blob(self.job_id, sha), read=True, expiry=self._expiry
+                )
+                for sha in stored
+            }
+        body = {
+            "job_id": self.job_id,
+            "task_id": dumped.task_id,
+            "client": versions(),
+            "objects": table,
+            "inline": inline,
+            "calls": dumped.calls,
+        }
+        envelope = _seal(TASK_MAGIC, body, self._key)
+        payload_name = payload_blob(self.job_id, dumped.task_id)
+        result_name = result_blob(self.job_id, dumped.task_id)
+        self._store.upload(payload_name, envelope, overwrite=True)
+        if inline:
+            with self._lock:
+                self.objects_inlined += len(inline)
+                self.inline_bytes += sum(map(len, inline.values()))
+        if identity is not None:
+            environment = {
+                CONTAINER_URL_ENV: self._container_url(),
+                PAYLOAD_BLOB_ENV: payload_name,
+                RESULT_BLOB_ENV: result_name,
+                KEY_BLOB_ENV: key_blob(self.job_id),
+                NODE_IDENTITY_ENV: identity,
+            }
+        else:
+            environment = self._signed_environment(payload_name, result_name)
+        return PreparedTask(
+            task_id=dumped.task_id,
+            payload_blob=payload_name,
+            result_blob=result_name,
+            environment=environment,
+            payload_bytes=len(envelope),
+            objects=stored,
+            inline=tuple(inline),
+        )
+
+    def _signed_environment(self, payload_name: str, result_name: str) -> dict[str, str]:
+        """A task's settings with SAS URLs: read the payload, write the result, the key."""
+        return {
+            PAYLOAD_URL_ENV: self._store.sas_url(payload_name, read=True, expiry=self._expiry),
+            RESULT_URL_ENV: self._store.sas_url(result_name, write=True, expiry=self._expiry),
+            SIGNING_KEY_ENV: self._key.hex(),
+        }
+
+    def _container_url(self) -> str:
+        assert isinstance(self._store, NodeIdentityStore)
+        return self._store.container_url
+
     def prepare(self, task_id: str, calls: Any) -> PreparedTask:
-        """Pickle, store new objects, store the signed payload, and sign the task's URLs.
+        """Pickle, store the objects, store the signed payload, and sign the task's URLs.
+
+        One task on its own: with no other task to compare with, every large object is
+        stored in the job's object store (`store` decides for tasks prepared together).
 
         The returned `PreparedTask.environment` is the task's environment settings: a read
         SAS for the payload, a write SAS for the result, the job's signing key. The object
@@ -497,39 +833,10 @@ class PayloadWriter:
         the identity's resource id, the object table holds blob names, and the job's key is
         stored once, as the blob `key_blob`, for the nodes to read as that identity.
         """
-        if self._node_identity is not None:
-            return self._prepare_for_identity(task_id, calls, self._node_identity)
-        calls_bytes, shas = self._dump(calls)
-        for sha in shas:
-            self._store_object(sha)
-        objects = {
-            sha: self._store.sas_url(object_blob(self.job_id, sha), read=True, expiry=self._expiry)
-            for sha in shas
-        }
-        body = {
-            "job_id": self.job_id,
-            "task_id": task_id,
-            "client": versions(),
-            "objects": objects,
-            "calls": calls_bytes,
-        }
-        envelope = _seal(TASK_MAGIC, body, self._key)
-        payload_name = payload_blob(self.job_id, task_id)
-        result_name = result_blob(self.job_id, task_id)
-        self._store.upload(payload_name, envelope, overwrite=True)
-        environment = {
-            PAYLOAD_URL_ENV: self._store.sas_url(payload_name, read=True, expiry=self._expiry),
-            RESULT_URL_ENV: self._store.sas_url(result_name, write=True, expiry=self._expiry),
-            SIGNING_KEY_ENV: self._key.hex(),
-        }
-        return PreparedTask(
-            task_id=task_id,
-            payload_blob=payload_name,
-            result_blob=result_name,
-            environment=environment,
-            payload_bytes=len(envelope),
-            objects=tuple(shas),
-        )
+        (prepared,) = self._store_dumped([self.dump(task_id, calls)], map, share_all=True)
+        if isinstance(prepared, Exception):
+            raise prepared
+        return prepared
 
     def _store_key(self) -> None:
         """Store the job's key for the nodes, once per job (node-identity mode)."""
@@ -539,47 +846,14 @@ class PayloadWriter:
             self._store.upload(key_blob(self.job_id), self._key, overwrite=True)
             self._key_stored = True
 
-    def _prepare_for_identity(self, task_id: str, calls: Any, identity: str) -> PreparedTask:
-        """`prepare` in node-identity mode: blob names in the task, the key in a blob."""
-        assert isinstance(self._store, NodeIdentityStore)
-        calls_bytes, shas = self._dump(calls)
-        self._store_key()
-        for sha in shas:
-            self._store_object(sha)
-        body = {
-            "job_id": self.job_id,
-            "task_id": task_id,
-            "client": versions(),
-            "objects": {sha: object_blob(self.job_id, sha) for sha in shas},
-            "calls": calls_bytes,
-        }
-        envelope = _seal(TASK_MAGIC, body, self._key)
-        payload_name = payload_blob(self.job_id, task_id)
-        result_name = result_blob(self.job_id, task_id)
-        self._store.upload(payload_name, envelope, overwrite=True)
-        environment = {
-            CONTAINER_URL_ENV: self._store.container_url,
-            PAYLOAD_BLOB_ENV: payload_name,
-            RESULT_BLOB_ENV: result_name,
-            KEY_BLOB_ENV: key_blob(self.job_id),
-            NODE_IDENTITY_ENV: identity,
-        }
-        return PreparedTask(
-            task_id=task_id,
-            payload_blob=payload_name,
-            result_blob=result_name,
-            environment=environment,
-            payload_bytes=len(envelope),
-            objects=tuple(shas),
-        )
-
     def refresh(self, old_task_id: str, new_task_id: str) -> PreparedTask:
         """The stored payload of ``old_task_id`` again, for a new task ``new_task_id``, with
-        fresh URLs: its calls are not pickled again (the client may no longer hold them).
+        fresh URLs: its calls are not pickled again (the client no longer holds them).
 
         For a task that could not run because its URLs expired (a long queue, a long run): the
         envelope is verified with the job's key, re-bound to the new task id, given fresh read
-        URLs for its objects, sealed and stored under the new task's name.
+        URLs for its stored objects (its inline objects travel with it), sealed and stored
+        under the new task's name.
         """
         store = self._store
         stored = store.download(payload_blob(self.job_id, old_task_id))
@@ -601,13 +875,10 @@ class PayloadWriter:
             task_id=new_task_id,
             payload_blob=payload_name,
             result_blob=result_name,
-            environment={
-                PAYLOAD_URL_ENV: store.sas_url(payload_name, read=True, expiry=expiry),
-                RESULT_URL_ENV: store.sas_url(result_name, write=True, expiry=expiry),
-                SIGNING_KEY_ENV: self._key.hex(),
-            },
+            environment=self._signed_environment(payload_name, result_name),
             payload_bytes=len(envelope),
             objects=tuple(body["objects"]),
+            inline=tuple(body.get("inline", {})),
         )
 
 
@@ -660,6 +931,8 @@ class TaskEnvelope:
     client: dict[str, str]
     objects: dict[str, str] = field(repr=False)  # sha256 -> read SAS URL, or blob name
     calls: bytes = field(repr=False)
+    #: sha256 -> bytes of the objects that travel inside the payload (used by one call).
+    inline: dict[str, bytes] = field(default_factory=dict, repr=False)
 
 
 def check_task_binding(envelope: TaskEnvelope, *, job_id: str, task_id: str) -> None:
@@ -691,6 +964,7 @@ def decode_task(data: bytes, key: bytes) -> TaskEnvelope:
             client={str(k): str(v) for k, v in body["client"].items()},
             objects={str(k): str(v) for k, v in body["objects"].items()},
             calls=bytes(body["calls"]),
+            inline={str(k): bytes(v) for k, v in body["inline"].items()},
         )
     except (KeyError, AttributeError, TypeError) as e:
         raise PayloadError(f"The task payload lacks a field: {e}") from e
@@ -712,15 +986,19 @@ class _ObjectUnpickler(pickle.Unpickler):
 
 
 def load_calls(envelope: TaskEnvelope, load_object: Callable[[str], bytes]) -> Any:
-    """Unpickle the calls; ``load_object(sha256)`` returns the verified bytes of an object.
+    """Unpickle the calls; ``load_object(sha256)`` returns the bytes of a stored object.
 
-    Call only after `check_versions(envelope.client)`.
+    An object is read from the payload's ``inline`` objects first, else through
+    ``load_object``; either way its sha256 is checked before it is unpickled. Call only
+    after `check_versions(envelope.client)`.
     """
 
     def load(sha: str) -> Any:
-        if sha not in envelope.objects:
-            raise pickle.UnpicklingError(f"object {sha} is not in the payload's object table")
-        data = load_object(sha)
+        data = envelope.inline.get(sha)
+        if data is None:
+            if sha not in envelope.objects:
+                raise pickle.UnpicklingError(f"object {sha} is not in the payload's object table")
+            data = load_object(sha)
         if hashlib.sha256(data).hexdigest() != sha:
             raise PayloadError(f"object {sha} does not match its sha256; it was not unpickled")
         return pickle.loads(data)

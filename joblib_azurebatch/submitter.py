@@ -8,6 +8,12 @@ batch per task, or a group of pulled tail batches split into one bundle per slot
 prepares them on a small thread pool and adds them with ``add_tasks`` (which chunks into
 ``create_task_collection`` calls of at most 100).
 
+With a `PayloadWriter`'s ``prepare``, a flush is prepared in two phases on that pool: every
+task is dumped (pickled), then the writer stores the flush at once, so that it sees which
+large objects several calls share (stored once per job) and which one call alone uses
+(sent inside that task's payload). A part's calls are dropped as soon as its task is
+dumped: neither the submitter nor the writer keeps a user's object past that point.
+
 Every task handed to the submitter is registered with the run (``register``) before it is
 added, and every failure before the task reaches Batch (an unpicklable call, an upload or
 submission error) is reported through ``fail``, so that every callback still comes from the
@@ -23,11 +29,12 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .batch import ResourceFile, TaskSpec
 from .bundle import Bundle
-from .payload import PreparedTask
+from .payload import DumpedTask, PayloadWriter, PreparedTask
 
 if TYPE_CHECKING:
     from .service import BatchApi
@@ -65,6 +72,9 @@ class Task:
     parts: list[Part]
     bundled: bool
     prepared: PreparedTask | None = None
+    #: Pickled but not stored yet (the first task: dumped before anything exists in Azure,
+    #: stored with the first flush).
+    dumped: DumpedTask | None = None
     #: How often the task was prepared again under a new id because its URLs expired.
     refreshes: int = 0
 
@@ -110,7 +120,12 @@ def split_parts(parts: list[Part], groups: int) -> list[list[Part]]:
 
 
 class Submitter:
-    """Owns the queue of batches not yet in Batch, and the thread that empties it."""
+    """Owns the queue of batches not yet in Batch, and the thread that empties it.
+
+    ``prepare`` turns one task's calls into a `PreparedTask`. When it is the ``prepare`` of
+    a `PayloadWriter`, each flush is prepared through that writer in two phases instead
+    (`PayloadWriter.dump`, then `PayloadWriter.store` for the whole flush).
+    """
 
     def __init__(
         self,
@@ -128,6 +143,8 @@ class Submitter:
         self._service = service
         self._job_id = job_id
         self._prepare_calls = prepare
+        owner = getattr(prepare, "__self__", None)
+        self._writer = owner if isinstance(owner, PayloadWriter) else None
         self.template = template
         self._n_jobs = max(1, n_jobs)
         self._new_task_id = new_task_id
@@ -227,19 +244,54 @@ class Submitter:
                     tasks.append(Task(self._new_task_id(), chunk, bundled=len(chunk) > 1))
         return tasks
 
+    @staticmethod
+    def _calls_of(task: Task) -> Any:
+        """What the task runs: its one batch, or a `Bundle` of its parts' batches."""
+        if task.bundled:
+            return Bundle([p.calls for p in task.parts])
+        return task.parts[0].calls
+
     def _prepare(self, task: Task) -> PreparedTask | BaseException:
         if task.prepared is not None:
             return task.prepared
-        calls: Any = task.parts[0].calls
-        if task.bundled:
-            calls = Bundle([p.calls for p in task.parts])
         try:
-            return self._prepare_calls(task.task_id, calls)
+            return self._prepare_calls(task.task_id, self._calls_of(task))
         except BaseException as e:
             return e
         finally:
             for part in task.parts:
                 part.calls = None
+
+    def _dump(self, writer: PayloadWriter, task: Task) -> PreparedTask | DumpedTask | BaseException:
+        """Phase one of a flush: the task pickled (or as it already is)."""
+        if task.prepared is not None:
+            return task.prepared
+        if task.dumped is not None:
+            return task.dumped
+        try:
+            return writer.dump(task.task_id, self._calls_of(task))
+        except BaseException as e:
+            return e
+        finally:
+            for part in task.parts:
+                part.calls = None
+
+    def prepare_all(self, tasks: list[Task]) -> list[PreparedTask | BaseException]:
+        """Prepare the tasks of one flush, on the prepare pool; a result or error per task."""
+        mapper: Any = self._pool.map if self._pool is not None else map
+        writer = self._writer
+        try:
+            if writer is None:
+                return list(mapper(self._prepare, tasks))
+            dumped = list(mapper(partial(self._dump, writer), tasks))
+            todo = [d for d in dumped if isinstance(d, DumpedTask)]
+            stored = iter(writer.store(todo, map=mapper))
+            return [next(stored) if isinstance(d, DumpedTask) else d for d in dumped]
+        finally:
+            for task in tasks:
+                task.dumped = None
+                for part in task.parts:
+                    part.calls = None
 
     def spec_of(self, prepared: PreparedTask) -> TaskSpec:
         """The Batch task for a prepared payload, from the job's template."""
@@ -256,10 +308,7 @@ class Submitter:
     def flush(self, tasks: list[Task]) -> None:
         """Register, prepare and add ``tasks``; a failure fails only the tasks it concerns."""
         self._register(tasks)
-        if self._pool is not None:
-            prepared = list(self._pool.map(self._prepare, tasks))
-        else:
-            prepared = [self._prepare(t) for t in tasks]
+        prepared = self.prepare_all(tasks)
         specs: list[TaskSpec] = []
         for task, result in zip(tasks, prepared, strict=True):
             if isinstance(result, BaseException):

@@ -129,7 +129,8 @@ def test_large_array_is_stored_once_for_many_tasks() -> None:
     w = writer(store, threshold=65536)
     X = np.random.default_rng(0).normal(size=(2000, 50))  # 800 kB
     tasks = [w.prepare(f"t{i}", batch((np.sum, (X,), {}))) for i in range(10)]
-    assert w.objects_hashed == 1
+    # Hashed by every task (from the bytes it sends), stored once.
+    assert w.objects_hashed == 10
     assert w.objects_uploaded == 1
     assert len(store.object_uploads()) == 1
     assert w.object_bytes_uploaded >= X.nbytes
@@ -139,7 +140,7 @@ def test_large_array_is_stored_once_for_many_tasks() -> None:
     assert run_on_worker(store, tasks[3]).result() == [pytest.approx(X.sum())]
     # Equal content in another array is the same object: hashed again, stored once.
     w.prepare("copy", batch((np.sum, (X.copy(),), {})))
-    assert (w.objects_hashed, w.objects_uploaded) == (2, 1)
+    assert (w.objects_hashed, w.objects_uploaded) == (11, 1)
 
 
 def test_several_objects_and_repeats_in_one_task() -> None:
@@ -170,22 +171,26 @@ def test_threshold_is_inclusive() -> None:
     assert (len(at.objects), len(below.objects)) == (1, 0)
 
 
-def test_pandas_frames_travel_through_their_arrays() -> None:
+def test_a_pandas_frame_of_any_dtypes_is_one_object() -> None:
     store = MemoryStore()
     frame = pd.DataFrame(np.random.default_rng(1).normal(size=(10000, 4)), columns=list("abcd"))
     frame["label"] = ["x", "y"] * 5000
     task = writer(store, threshold=65536).prepare("t", batch((column_means, (frame,), {})))
-    assert len(task.objects) >= 1
-    assert task.payload_bytes < frame.memory_usage(deep=True).sum() / 4
+    assert len(task.objects) == 1  # the string column too, not only the numeric block
+    assert task.payload_bytes < 4096
     assert run_on_worker(store, task).result() == [column_means(frame)]
 
 
-def test_object_arrays_stay_inline() -> None:
+def test_object_arrays_are_objects_as_arguments_and_inline_when_nested_small() -> None:
     store = MemoryStore()
     arr = np.array([object()] * 10 + ["s" * 10000], dtype=object)
-    task = writer(store, threshold=16).prepare("t", batch((len, (arr,), {})))
-    assert task.objects == ()
+    task = writer(store, threshold=4096).prepare("t", batch((len, (arr,), {})))
+    assert len(task.objects) == 1  # by its pickle's size, not by the fast path
     assert run_on_worker(store, task).result() == [11]
+    small = np.array(["s"] * 10, dtype=object)
+    task = writer(store, threshold=16).prepare("u", batch((len, (small,), {})))
+    assert task.objects == ()  # under the least size of an object stored on its own
+    assert run_on_worker(store, task).result() == [10]
 
 
 def test_concurrent_tasks_store_each_object_once() -> None:
@@ -330,13 +335,23 @@ def _sealed_as_version(magic: bytes, body: dict[str, Any], version: int) -> byte
     return head + hmac.new(KEY, head + data, hashlib.sha256).digest() + data
 
 
+def test_a_task_envelope_without_inline_objects_is_refused_by_its_version() -> None:
+    body = {"job_id": "job1", "task_id": "t", "client": payload.versions(), "objects": {}}
+    data = _sealed_as_version(payload.TASK_MAGIC, {**body, "calls": b""}, 2)
+    with pytest.raises(PayloadError, match="envelope version 2, this side reads version 3"):
+        decode_task(data, KEY)
+
+
 def test_an_envelope_of_the_previous_format_is_refused_on_both_sides() -> None:
     old_result = {"task_id": "t", "ok": True, "value": pickle.dumps([1]), "exception": None}
     data = _sealed_as_version(payload.RESULT_MAGIC, old_result, 1)
     with pytest.raises(PayloadError) as info:
         read_result(data, KEY, job_id="j", task_id="t")
     message = str(info.value)
-    assert "task result has envelope version 1, this side reads version 2" in message
+    assert (
+        f"task result has envelope version 1, this side reads version {payload.ENVELOPE_VERSION}"
+        in message
+    )
     assert "an older release of joblib-azurebatch wrote it" in message
     assert "install the same release in both" in message
     newer = bytearray(_sealed())
