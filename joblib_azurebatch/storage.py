@@ -23,11 +23,11 @@ SDK's own, so that the account's logs tell its requests apart.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from azure.core.exceptions import (
     AzureError,
@@ -39,7 +39,6 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.storage.blob import (
-    BlobClient,
     BlobSasPermissions,
     BlobServiceClient,
     ContainerClient,
@@ -54,6 +53,7 @@ from joblib_azurebatch import retries
 from joblib_azurebatch.config import _package_version
 from joblib_azurebatch.credentials import CredentialLease, lease_credential
 from joblib_azurebatch.errors import ConfigError, CredentialError, ServiceError, service_error
+from joblib_azurebatch.sasurl import download_url, redact_url, upload_url
 
 if TYPE_CHECKING:
     from joblib_azurebatch.config import BatchConfig, TokenCredentialLike
@@ -68,6 +68,9 @@ _CLIENT_KWARGS: dict[str, Any] = {
     "max_block_size": 8 * 1024 * 1024,
 }
 _MAX_CONCURRENCY = 4
+# A blob batch request deletes at most 256 blobs; a few such requests run at once.
+_DELETE_CHUNK = 256
+_DELETE_WORKERS = 4
 # Blobs at least this large are checked with a HEAD before an upload_if_absent, so that a
 # second writer does not send megabytes only to be told that the blob exists.
 _HEAD_FIRST_BYTES = 1024 * 1024
@@ -152,12 +155,6 @@ def _client_kwargs(
     if ca_bundle:
         kwargs["connection_verify"] = ca_bundle
     return kwargs
-
-
-def redact_url(url: str) -> str:
-    """The URL without its query string, so a SAS signature never reaches a message."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def _describe(e: AzureError) -> str:
@@ -464,29 +461,84 @@ class BlobStore:
     def delete_prefix(self, prefix: str) -> int:
         """Delete every blob under a prefix; returns how many were deleted.
 
-        Deletes in batch requests of up to 256 blobs; a blob that vanished meanwhile (a
-        concurrent cleanup) is not an error.
+        Lists the names, then deletes them as `delete_blobs` does (batch requests, a few in
+        parallel); a blob that vanished meanwhile (a concurrent cleanup) is not an error.
         """
         if not prefix:
             raise ValueError(
                 "delete_prefix needs a non-empty prefix; it never empties the container"
             )
-        names = self.list_names(prefix)
+        return self._delete_names(self.list_names(prefix), self._where(prefix + "*"))
+
+    def delete_blobs(self, names: Sequence[str]) -> int:
+        """Delete the named blobs; returns how many were deleted.
+
+        One batch request per ``_DELETE_CHUNK`` names, up to ``_DELETE_WORKERS`` of them at
+        once (a job's 200,000 blobs are 782 requests, not one after the other). A blob that
+        does not exist is not an error: the end-of-run sweep and a task's own deletion may
+        meet. A refused credential raises `CredentialError`; another failure of a chunk
+        raises once the chunks already started have ended.
+        """
+        if not names:
+            return 0
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        return self._delete_names(names, self._where(names[0]) + more)
+
+    def _delete_names(self, names: Sequence[str], where: str) -> int:
+        """`delete_blobs` with the place named in errors (a prefix, or the first name)."""
+        chunks = [list(names[i : i + _DELETE_CHUNK]) for i in range(0, len(names), _DELETE_CHUNK)]
+        if len(chunks) <= 1:
+            return sum(self._delete_chunk(chunk, where) for chunk in chunks)
+        todo = list(reversed(chunks))
+        lock = threading.Lock()
         deleted = 0
-        for start in range(0, len(names), 256):
-            chunk = names[start : start + 256]
-            with _translated("Deleting blobs", where=self._where(prefix + "*")):
-                for response in self._container.delete_blobs(*chunk, raise_on_any_failure=False):
-                    if response.status_code in (200, 202):
-                        deleted += 1
-                    elif response.status_code == 403:
-                        raise CredentialError(
-                            f"Deleting blobs under {self._where(prefix)} was refused (HTTP 403): "
-                            "the credential may not delete blobs in this container",
-                            403,
-                            str(response.headers.get("x-ms-error-code") or ""),
-                            _operation("Deleting blobs", self._where(prefix + "*")),
-                        )
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            nonlocal deleted
+            while True:
+                with lock:
+                    if not todo or errors:
+                        return
+                    chunk = todo.pop()
+                try:
+                    n = self._delete_chunk(chunk, where)
+                except BaseException as e:  # handed to the caller below
+                    with lock:
+                        errors.append(e)
+                    return
+                with lock:
+                    deleted += n
+
+        # Plain daemon threads, not an executor: this also runs at interpreter exit, when an
+        # executor no longer accepts work.
+        threads = [
+            threading.Thread(target=work, name="azurebatch-delete", daemon=True)
+            for _ in range(min(_DELETE_WORKERS, len(chunks)))
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return deleted
+
+    def _delete_chunk(self, chunk: list[str], where: str) -> int:
+        """One blob batch request (at most 256 names); returns how many were deleted."""
+        deleted = 0
+        with _translated("Deleting blobs", where=where):
+            for response in self._container.delete_blobs(*chunk, raise_on_any_failure=False):
+                if response.status_code in (200, 202):
+                    deleted += 1
+                elif response.status_code == 403:
+                    raise CredentialError(
+                        f"Deleting blobs in {where} was refused (HTTP 403): "
+                        "the credential may not delete blobs in this container",
+                        403,
+                        str(response.headers.get("x-ms-error-code") or ""),
+                        _operation("Deleting blobs", where),
+                    )
         return deleted
 
     # ------------------------------------------------------------------ SAS URLs
@@ -577,28 +629,9 @@ class BlobStore:
 # ---------------------------------------------------------------------- worker side
 
 
-def _blob_client(url: str) -> BlobClient:
-    # A node has no config: its budget is retries.WORKER_RETRY_BUDGET, or what the node's
-    # environment sets (a task that gives up exits non-zero and Batch retries it).
-    kwargs = _client_kwargs(retry_budget=retries.worker_retry_budget())
-    try:
-        return BlobClient.from_blob_url(url, **kwargs)
-    except ValueError as e:
-        raise ValueError(f"not a blob URL: {redact_url(url)}") from e
-
-
-def download_url(url: str) -> bytes:
-    """Read a blob through its SAS URL; no account credential involved."""
-    where = redact_url(url)
-    with _translated("Downloading", where=where, sas=True), _blob_client(url) as client:
-        return client.download_blob(max_concurrency=_MAX_CONCURRENCY).readall()
-
-
-def upload_url(url: str, data: bytes) -> None:
-    """Write a blob through its SAS URL, replacing it (a retried task rewrites its result)."""
-    where = redact_url(url)
-    with _translated("Uploading", where=where, sas=True), _blob_client(url) as client:
-        client.upload_blob(data, overwrite=True, max_concurrency=_MAX_CONCURRENCY)
+# download_url and upload_url, the reads and writes through a SAS URL, are sasurl.py's
+# (imported above): they need no SDK, and the worker imports them from there so that a
+# task with SAS URLs never loads it. A node's budget is retries.worker_retry_budget().
 
 
 class NodeContainer:
