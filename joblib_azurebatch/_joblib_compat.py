@@ -65,6 +65,17 @@ _NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
         ("_ready_batches", "_lock", "dispatch_next", "_aborting"),
         "the short batches at the end of a call are not bundled into fewer tasks",
     ),
+    "dispatch_ahead": (
+        (
+            "_pre_dispatch_amount",
+            "n_dispatched_tasks",
+            "_ready_batches",
+            "_lock",
+            "dispatch_next",
+            "_aborting",
+        ),
+        "batches are sent only as others finish, so a slot may wait for its next task",
+    ),
 }
 
 #: Features whose attributes joblib may set only after ``configure``: in
@@ -155,6 +166,14 @@ class Features:
             return 0
         return int(getattr(self.parallel, "n_dispatched_tasks", 0) or 0)
 
+    def taken_calls(self) -> int:
+        """Calls taken from the input so far: dispatched, or cut into batches that wait in
+        joblib's queue (call under :meth:`dispatch_lock` for an exact count)."""
+        waiting = 0
+        if self._has("tail_bundling"):
+            waiting = sum(_length(b) for b in self.waiting_batches())
+        return self.dispatched_calls() + waiting
+
     def dispatches_all_at_once(self) -> bool:
         """``pre_dispatch="all"``: no completion will come back to resize batches."""
         if not self._has("pre_dispatch"):
@@ -170,6 +189,16 @@ class Features:
         lock: AbstractContextManager[Any] = self.parallel._lock
         return lock
 
+    def batches_waiting(self) -> int:
+        """How many batches wait in joblib's queue (safe without the lock; a moment's
+        count). joblib asks for a batch size before every dispatch, but uses it only when
+        its queue is empty and it cuts new batches from the input."""
+        if not self._has("tail_bundling"):
+            return 0
+        ready = getattr(self.parallel, "_ready_batches", None)
+        qsize = getattr(ready, "qsize", None)
+        return int(qsize()) if callable(qsize) else len(getattr(ready, "queue", ()))
+
     def waiting_batches(self) -> list[Any]:
         """The batches waiting in joblib's queue (call under :meth:`dispatch_lock`)."""
         ready = getattr(self.parallel, "_ready_batches", None)
@@ -178,6 +207,45 @@ class Features:
     def dispatcher(self) -> Callable[[], Any]:
         dispatch: Callable[[], Any] = self.parallel.dispatch_next
         return dispatch
+
+    # ------------------------------------------------------------------ dispatching ahead
+
+    def can_dispatch_ahead(self) -> bool:
+        """The backend may send batches before others finish (with ``pre_dispatch="all"``
+        joblib sends everything itself)."""
+        return self._has("dispatch_ahead") and not self.dispatches_all_at_once()
+
+    def may_take_more(self) -> bool:
+        """Whether :meth:`dispatcher` may be called now (under :meth:`dispatch_lock`):
+        a batch waits in joblib's queue, or the input is not exhausted and joblib's
+        ``pre_dispatch`` slice of it has been taken whole.
+
+        joblib's ``dispatch_next`` reads the input itself; while the calling thread still
+        takes the ``pre_dispatch`` slice, that slice would go on to yield later calls, and
+        more batches than planned would go out. With no input left and no batch waiting it
+        would record an error batch instead of doing nothing.
+        """
+        parallel = self.parallel
+        if not self.can_dispatch_ahead() or parallel._aborting:
+            return False
+        if self.waiting_batches():
+            return True
+        # joblib sets it to None once the input is exhausted (and for pre_dispatch="all");
+        # read with a default, so a joblib without it only sends the batches that wait.
+        if getattr(parallel, "_original_iterator", None) is None:
+            return False
+        pre = getattr(parallel, "_pre_dispatch_amount", 0) or 0
+        return self.taken_calls() >= pre
+
+    def beyond_pre_dispatch(self) -> bool:
+        """More calls were taken than joblib's ``pre_dispatch`` slice holds, so the input
+        itself was read: batches cut short now are its end, not the slice's."""
+        pre = getattr(self.parallel, "_pre_dispatch_amount", 0) or 0
+        return self.taken_calls() > pre
+
+
+def _length(batch: Any) -> int:
+    return len(batch) if hasattr(batch, "__len__") else 1
 
 
 def probe(parallel: Any, features: Features | None = None, *, late: bool = False) -> Features:

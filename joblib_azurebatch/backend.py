@@ -36,9 +36,11 @@ from . import _joblib_compat as compat
 from .batch import BatchService
 from .config import BatchConfig
 from .errors import ConfigError
+from .pools import PoolCheck
 from .run import Account, JobRun, current_run
 from .sizing import BatchSizer
 from .storage import BlobStore
+from .sweeper import EXIT_WAIT, SWEEPER
 
 __all__ = ["AzureBatchBackend"]
 
@@ -65,8 +67,10 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
     #: Seconds the service takes to put a queued task on a free slot (added to the overhead
     #: measured on the node).
     SCHEDULING_LATENCY = 1.0
-    #: Batches run this many times longer than their overhead.
-    OVERHEAD_RATIO = 5.0
+    #: Batches run this many times longer than their overhead. A slot pays the overhead
+    #: measured on the node for every task (the scheduling part is hidden by the task
+    #: queued behind), so 10 keeps it near a twentieth of the slot's time.
+    OVERHEAD_RATIO = 10.0
 
     def __init__(
         self,
@@ -82,6 +86,9 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
             )
         self._config = config
         self._accounts: dict[int, Account] = {}
+        #: Per config: what the last run found about the pool, so that the next ``Parallel``
+        #: calls of this context skip those requests for a while (pools.PoolCheck).
+        self._pool_checks: dict[int, PoolCheck] = {}
         self._runs: dict[tuple[int, Any], JobRun] = {}
         self._features: weakref.WeakKeyDictionary[Any, compat.Features] = (
             weakref.WeakKeyDictionary()
@@ -111,7 +118,15 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
                     store=BlobStore.from_config(cfg),
                 )
                 self._accounts[id(cfg)] = account
+                self._pool_checks[id(cfg)] = PoolCheck()
             return account
+
+    def _pool_check(self, account: Account) -> PoolCheck:
+        with self._lock:
+            check = self._pool_checks.get(id(account.cfg))
+            if check is None:
+                check = self._pool_checks[id(account.cfg)] = PoolCheck()
+            return check
 
     def _capacity(self) -> int:
         try:
@@ -185,19 +200,31 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
         )
 
     def compute_batch_size(self) -> int:
-        """Calls per task for the next batch of the run joblib is dispatching for."""
+        """Calls per task for the next batch of the run joblib is dispatching for.
+
+        Before any task finished: a known number of calls is spread over a running and a
+        queued task per slot (:meth:`BatchSizer.first_size`); an unknown one (a generator)
+        starts with one call per task, a quick probe of the time per call;
+        ``pre_dispatch="all"`` spreads the calls over four tasks per slot. Then the sizer's
+        learned size, never more than the calls left can give every slot.
+        """
         run = current_run()
         if run is None:
             parallel = getattr(_current, "parallel", None) or self.parallel
             run = self._run_for(parallel, self._features_of(parallel).call_id())
-        features = run.features
+        features, sizer = run.features, run.sizer
+        if features.batches_waiting():
+            # joblib takes a waiting batch and ignores this answer: no decision (each one
+            # may grow the size max_growth times).
+            return sizer.size
         total = features.total_calls()
-        if run.sizer.samples == 0:
-            return run.sizer.initial_size(
-                total=total, all_at_once=features.dispatches_all_at_once()
-            )
-        remaining = total - features.dispatched_calls() if total is not None else None
-        return run.sizer.next_size(remaining=remaining)
+        remaining = max(total - features.taken_calls(), 0) if total is not None else None
+        if sizer.samples == 0:
+            all_at_once = features.dispatches_all_at_once()
+            if remaining is None or all_at_once:
+                return sizer.initial_size(total=total, all_at_once=all_at_once)
+            return sizer.first_size(remaining=remaining, in_flight=run.in_flight)
+        return sizer.next_size(remaining=remaining)
 
     def batch_completed(self, batch_size: int, duration: float) -> None:
         """Unused: the sizer learns from the task's own timings, not from joblib's clock."""
@@ -223,12 +250,14 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
                 return run
             features = self._features_of(parallel)
             sizer = self._sizer(features.n_jobs() or self.effective_n_jobs(-1))
+            account = self._account()
             run = JobRun(
-                self._account(),
+                account,
                 n_jobs=sizer.n_jobs,
                 sizer=sizer,
                 scheduling_latency=self.SCHEDULING_LATENCY,
                 features=features,
+                pool_check=self._pool_check(account),
             )
             self._runs[key] = run
             return run
@@ -250,7 +279,12 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
             parallel = getattr(_current, "parallel", None) or self.parallel
         if call_id is None:
             call_id = self._features_of(parallel).call_id()
-        return self._run_for(parallel, call_id).submit(func, callback)
+        run = self._run_for(parallel, call_id)
+        future = run.submit(func, callback)
+        # Counted in flight; the run may send more batches from here (joblib holds its
+        # dispatch lock while it calls submit, and the run takes it again).
+        run.dispatched(future)
+        return future
 
     def retrieve_result_callback(self, out: Future[Any]) -> Any:
         return out.result()
@@ -289,11 +323,29 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
 
 
 def _close_accounts(accounts: dict[int, Account]) -> None:
-    """Close the clients of a backend that is gone (their connections, their credential)."""
-    for account in list(accounts.values()):
-        for client in (account.service, account.store):
+    """Close the clients of a backend that is gone (their connections, their credential).
+
+    The blob deletions of its last runs may still be under way in the background
+    (:mod:`joblib_azurebatch.sweeper`) with the same store: then the clients are closed by
+    a thread once those are done, never by waiting here (this runs from a finalizer, in
+    whatever thread the garbage collector happens to run in).
+    """
+    clients = [c for a in accounts.values() for c in (a.service, a.store)]
+    accounts.clear()
+
+    def close_all() -> None:
+        for client in clients:
             close = getattr(client, "close", None)
             if close is not None:
                 with contextlib.suppress(Exception):  # best effort, maybe at exit
                     close()
-    accounts.clear()
+
+    if SWEEPER.wait(0):
+        close_all()
+        return
+
+    def close_after_sweeps() -> None:
+        SWEEPER.wait(EXIT_WAIT)
+        close_all()
+
+    threading.Thread(target=close_after_sweeps, name="azurebatch-close", daemon=True).start()

@@ -20,6 +20,11 @@ autoscales with a formula (:mod:`joblib_azurebatch.idle`) that drains it to zero
 ``pool_idle_minutes`` without a task: should every client die before deleting it, it stops
 billing by itself. Each run that starts on such a pool wakes it (the formula is set again
 with a fresh wake time, which the service evaluates at once).
+
+What a run checks about its pool before it adds tasks (that it exists, that it has a usable
+slot, and with it that the credentials and the container work) is kept for a short while by
+a :class:`PoolCheck`, one per backend and config, so that a loop of short ``Parallel``
+calls does not read the pool again for every call.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import secrets
 import socket
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -44,11 +50,15 @@ from .liveness import ClientRecord, client_gone
 
 if TYPE_CHECKING:
     from .service import BatchApi
+    from .tracker import Watch
 
 __all__ = [
     "AUTO_DELETE",
     "CREATOR",
     "POOLS",
+    "POOL_CHECK_SECONDS",
+    "ForgetOnLoss",
+    "PoolCheck",
     "PoolDifferenceWarning",
     "PoolLease",
     "PoolRegistry",
@@ -66,6 +76,9 @@ AUTO_DELETE = "joblib-azurebatch-auto-delete"
 SHAPE = "joblib-azurebatch-idle-shape"
 #: Idle minutes before a pool created without keep_pool drains (BatchConfig.pool_idle_minutes).
 DEFAULT_IDLE_MINUTES = 15
+#: Seconds for which a run's check of its pool holds for the next runs of the same backend
+#: and config (see :class:`PoolCheck`).
+POOL_CHECK_SECONDS = 60.0
 #: Job states in which a job may still run tasks: its pool is in use.
 _LIVE_JOB_STATES = frozenset({"active", "enabling", "disabling", "disabled", "terminating"})
 
@@ -115,18 +128,24 @@ class PoolRegistry:
         account_url: str,
         keep: bool,
         idle_minutes: int | None = None,
+        known: PoolInfo | None = None,
     ) -> PoolLease:
         """Take a lease on the pool, creating it if it does not exist yet.
 
         A pool created here carries the ownership metadata and, unless ``keep``, the idle
         formula. An existing pool is compared with ``spec`` (:class:`PoolDifferenceWarning`)
-        and, if it is one the library autoscales, woken.
+        and, if it is one the library autoscales, woken. ``known`` is the pool as the run
+        read it a moment ago: if it exists (and is not being deleted) it is not read again.
         """
         key = (account_url, spec.pool_id)
         with self._lock:
             lease = self._leases.get(key)
             if lease is None:
-                info, created = service.ensure_pool(_owned(spec, keep=keep, idle=idle_minutes))
+                read = known if known is not None and known.pool_id == spec.pool_id else None
+                if read is not None and read.state != "deleting":
+                    info, created = read, False
+                else:
+                    info, created = service.ensure_pool(_owned(spec, keep=keep, idle=idle_minutes))
                 lease = PoolLease(
                     key=key,
                     service=service,
@@ -170,6 +189,84 @@ class PoolRegistry:
             return
         _log.info("deleting the pool %s", lease.pool_id)
         lease.service.delete_pool(lease.pool_id)
+
+
+class PoolCheck:
+    """What a run found about its pool before adding tasks, reused for ``seconds``.
+
+    Before it creates anything, a run reads the pool (which checks the Batch credential and,
+    in node-identity mode, the pool's identity) and makes sure of the container (the storage
+    credential); once its job exists, it waits until the pool has a usable slot. A loop of
+    short ``Parallel`` calls under one ``parallel_config`` would repeat those requests for
+    every call (three reads of the pool, a listing of its nodes, a container request) for
+    answers that do not change in seconds. So the backend keeps one check per config: a run
+    that finds it fresh skips them all and takes the pool as it was found.
+
+    Only a pool that no run of the library deletes is remembered (kept with ``keep_pool``,
+    or made by the user), and only with a usable slot: a pool the library created to be
+    deleted may go at the end of any run, of this process or another, and is read every
+    time. A run whose watchdog finds its job or pool gone or without nodes forgets the check
+    (:class:`ForgetOnLoss`), and so does a batch that fails before reaching Batch, so the
+    next run checks again; a run that fails to start records nothing. What the check skips
+    fails safely meanwhile: a credential that stopped working fails the job's creation,
+    before anything exists; a pool deleted by hand fails the run through its watchdog.
+    """
+
+    def __init__(
+        self,
+        *,
+        seconds: float = POOL_CHECK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pool: PoolInfo | None = None
+        self._at = 0.0
+
+    def fresh(self, pool_id: str) -> PoolInfo | None:
+        """The pool as a run found it less than ``seconds`` ago, with a usable slot; None
+        when there is no such check and the run must check for itself."""
+        with self._lock:
+            pool = self._pool
+            if pool is None or pool.pool_id != pool_id:
+                return None
+            if self._clock() - self._at > self.seconds:
+                self._pool = None
+                return None
+            return pool
+
+    def record(self, pool: PoolInfo) -> None:
+        """Remember a run's successful check: ``pool`` as its capacity wait returned it."""
+        keep = pool.state == "active" and pool.ready_slots > 0 and not library_pool(pool.metadata)
+        with self._lock:
+            self._pool, self._at = (pool if keep else None), self._clock()
+
+    def forget(self) -> None:
+        """Something failed: the next run checks for itself."""
+        with self._lock:
+            self._pool = None
+
+
+class ForgetOnLoss:
+    """A run's watchdog as its tracker sees it: a look that finds the run lost (its job or
+    pool gone, no usable node) also forgets the :class:`PoolCheck`, so the next run reads
+    the pool again instead of trusting it."""
+
+    def __init__(self, watch: Watch, check: PoolCheck) -> None:
+        self._watch = watch
+        self._check = check
+
+    def _seen(self, error: BaseException | None) -> BaseException | None:
+        if error is not None:
+            self._check.forget()
+        return error
+
+    def __call__(self, *, pending: bool) -> BaseException | None:
+        return self._seen(self._watch(pending=pending))
+
+    def look_now(self) -> BaseException | None:
+        return self._seen(self._watch.look_now())
 
 
 def library_pool(metadata: Mapping[str, str]) -> bool:

@@ -19,7 +19,9 @@ Batch credential, the container checks the storage credential, the first batch i
 created. The job comes first, before the pool is taken and its nodes waited for: it
 records this client (:mod:`joblib_azurebatch.liveness`), tells other clients that the pool
 is in use, and is what `joblib-azurebatch cleanup` finds should this process die while
-waiting.
+waiting. The reads of the pool, the container check and the wait for a usable slot are
+skipped for a minute after a run of the same backend and config made them, on a pool that
+no run deletes (:class:`~joblib_azurebatch.pools.PoolCheck`).
 
 Nothing is left running when the process ends: ``close_live_runs`` runs at interpreter
 exit and on SIGTERM and SIGHUP (:mod:`joblib_azurebatch.shutdown`); what a SIGKILL leaves,
@@ -44,7 +46,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
 
-from . import identity, provision, shutdown
+from . import identity, provision, shutdown, sweeper
 from .batch import PoolInfo, PoolSpec, TaskCounts
 from .errors import AzureBatchError, TaskFailedError
 from .liveness import HEARTBEAT_EVERY, ClientRecord
@@ -54,10 +56,11 @@ from .payload import (
     ResultEnvelope,
     job_prefix,
     new_signing_key,
+    payload_blob,
     read_result,
 )
 from .payload import result_blob as _result_blob
-from .pools import POOLS, PoolLease, PoolRegistry, capacity_progress
+from .pools import POOLS, ForgetOnLoss, PoolCheck, PoolLease, PoolRegistry, capacity_progress
 from .progress import CallProgress, progress_enabled
 from .sizing import BatchSizer
 from .submitter import Part, Submitter, Task, TaskTemplate
@@ -152,6 +155,7 @@ class JobRun:
         scheduling_latency: float,
         features: Features,
         pools: PoolRegistry | None = None,
+        pool_check: PoolCheck | None = None,
     ) -> None:
         self.account = account
         self.cfg = account.cfg
@@ -161,6 +165,9 @@ class JobRun:
         self.features = features
         self._scheduling_latency = scheduling_latency
         self._pools = pools if pools is not None else POOLS
+        #: What a run of the same backend and config found about the pool (shared with
+        #: them; a private one checks every time).
+        self._pool_check = pool_check if pool_check is not None else PoolCheck()
         self._key = new_signing_key()
         self._writer = PayloadWriter(
             account.store,
@@ -173,11 +180,22 @@ class JobRun:
         self._ids = itertools.count()
         self._tasks: dict[str, Task] = {}
         self._pulled: list[Part] | None = None
+        #: Batches sent and not resolved yet (see ``dispatched``).
+        self.in_flight = 0
+        #: True while ``_pull_tail`` sends batches (it holds joblib's dispatch lock).
+        self._feeding = False
         self._state = RunState.NEW
         self._held: set[Held] = set()
         self._lease: PoolLease | None = None
         self._tracker: Tracker | None = None
         self._watchdog: Watchdog | None = None
+
+        def fail_unsent(task_id: str, error: BaseException) -> None:
+            # A batch that did not reach Batch: whatever went wrong, the next run checks
+            # the pool, the credentials and the container again.
+            self._pool_check.forget()
+            self._fail(task_id, error)
+
         self._submitter = Submitter(
             account.service,
             self.job_id,
@@ -190,7 +208,7 @@ class JobRun:
             n_jobs=n_jobs,
             new_task_id=self._new_task_id,
             register=self._register,
-            fail=self._fail,
+            fail=fail_unsent,
             is_open=lambda: self._state is RunState.RUNNING,
         )
         #: Counters for tests and benchmarks.
@@ -252,10 +270,16 @@ class JobRun:
         cfg, svc, store = self.cfg, self.account.service, self.account.store
         started = time.monotonic()
         self.usage = Usage(started=started)
-        svc.get_pool(cfg.pool_id)
-        # node_identity: the pool must exist with the identity (ConfigError, nothing created).
-        identity.check_pool(svc, cfg)
-        store.ensure_container()
+        check = self._pool_check
+        # A run of this backend checked all this moments ago (pools.PoolCheck): the pool with
+        # a usable slot, and with it both credentials and the container.
+        known = check.fresh(cfg.pool_id)
+        found = known
+        if known is None:
+            # node_identity: the pool must exist with the identity (ConfigError, nothing
+            # created); otherwise a read of the pool checks the Batch credential.
+            found = identity.check_pool(svc, cfg) or svc.get_pool(cfg.pool_id)
+            store.ensure_container()
         self._held.add(Held.BLOBS)
         start_task = None
         if cfg.installs_environment:
@@ -274,7 +298,9 @@ class JobRun:
                 environment=setup.environment,
             )
         spec = PoolSpec.from_config(cfg, start_task=start_task)
-        first.prepared = self._writer.prepare(first.task_id, calls)
+        # Pickled now (an unpicklable call fails before the job exists), stored with the
+        # first flush, so that joblib's first burst of batches is decided together.
+        first.dumped = self._writer.dump(first.task_id, calls)
         shutdown.install(close_live_runs)
         # The job exists before the pool is taken (Batch accepts a job on a pool that does
         # not exist yet): it is what tells other clients that the pool is in use, so a
@@ -290,6 +316,7 @@ class JobRun:
             account_url=str(cfg.batch_url),
             keep=cfg.keep_pool,
             idle_minutes=cfg.pool_idle_minutes,
+            known=found,
         )
         self._held.add(Held.POOL_LEASE)
         self._watchdog = Watchdog(
@@ -304,21 +331,24 @@ class JobRun:
             ending=lambda: self._state is not RunState.RUNNING,
         )
         watchdog = self._watchdog
-        with capacity_progress(spec.pool_id) as show:
-            lease = self._lease
-            woken = time.monotonic()
+        ready = known
+        if ready is None:
+            with capacity_progress(spec.pool_id) as show:
+                lease = self._lease
+                woken = time.monotonic()
 
-            def progress(info: PoolInfo) -> None:
-                nonlocal woken
-                show(info)
-                watchdog.heartbeat()
-                if time.monotonic() - woken > REWAKE_EVERY:
-                    woken = time.monotonic()
-                    lease.wake()
+                def progress(info: PoolInfo) -> None:
+                    nonlocal woken
+                    show(info)
+                    watchdog.heartbeat()
+                    if time.monotonic() - woken > REWAKE_EVERY:
+                        woken = time.monotonic()
+                        lease.wake()
 
-            ready = svc.wait_for_capacity(
-                spec.pool_id, min_slots=1, timeout=cfg.pool_timeout, progress=progress
-            )
+                ready = svc.wait_for_capacity(
+                    spec.pool_id, min_slots=1, timeout=cfg.pool_timeout, progress=progress
+                )
+            check.record(ready)
         self.usage.nodes(dedicated=ready.current_dedicated_nodes, spot=ready.current_spot_nodes)
         if progress_enabled(cfg.progress, sys.stderr):
             self._progress = CallProgress(
@@ -339,7 +369,7 @@ class JobRun:
             poll_interval=cfg.poll_interval,
             max_task_retries=cfg.max_task_retries,
             retry_budget=cfg.retry_budget,
-            watchdog=watchdog,
+            watchdog=ForgetOnLoss(watchdog, check),
             replace=self._replace_expired,
         )
         self._tracker.start()
@@ -351,7 +381,9 @@ class JobRun:
         """Queue one batch of calls; returns at once (after the first batch).
 
         The first batch is pickled here, before anything exists in Azure, so that an
-        unpicklable function fails the call with nothing created.
+        unpicklable function fails the call with nothing created; it is stored with the
+        batches that follow it into the first flush. No batch's calls are kept once
+        pickled.
         """
         future: Future[Any] = Future()
         size = len(calls) if hasattr(calls, "__len__") else 1
@@ -461,6 +493,15 @@ class JobRun:
             self._pull_tail()
         finally:
             _current.run = None
+        if done.outcome is not None and not self.cfg.keep_blobs:
+            # Batch reported the task completed (it never runs it again) and its callbacks
+            # ran: its payload and result are of no more use. Deleted in the background; the
+            # objects the job's tasks share go only with the run's end.
+
+            sweeper.SWEEPER.discard(
+                self.account.store,
+                [payload_blob(self.job_id, task.task_id), _result_blob(self.job_id, task.task_id)],
+            )
 
     def _outcomes(self, task: Task, done: TaskDone) -> list[tuple[bool, Any]]:
         """One ``(ok, value or exception)`` per part of the task."""
@@ -517,36 +558,76 @@ class JobRun:
         overhead = max(on_node - run, 0.0) + self._scheduling_latency + self.cfg.poll_interval / 2
         self.sizer.record(batch_size=calls, run_seconds=run, overhead_seconds=overhead)
 
+    def dispatched(self, future: Future[Any]) -> None:
+        """Count a batch that joblib just sent (the backend calls this after every
+        ``submit``) as in flight until its future resolves, then keep the slots fed.
+
+        The batches that :meth:`_pull_tail` itself makes joblib send come back here too:
+        they are counted, and find the feeding under way.
+        """
+        with self._lock:
+            self.in_flight += 1
+
+        def landed(_: Future[Any]) -> None:
+            with self._lock:
+                self.in_flight -= 1
+
+        future.add_done_callback(landed)
+        self._pull_tail()
+
     def _pull_tail(self) -> None:
-        """Take joblib's waiting tail batches now and send them as a few bundles.
+        """Keep every slot fed: send batches ahead, and take joblib's tail as a few bundles.
+
+        Runs after every batch sent (:meth:`dispatched`) and every task finished. joblib
+        sends a first slice of ``pre_dispatch`` calls, then one batch per batch finished:
+        with batches of several calls that slice may not even give each slot a task, and a
+        slot whose task ends waits while the client notices, sends the next one and Batch
+        schedules it. So while fewer than ``sizer.in_flight_target()`` batches are in
+        flight (one running and one queued per slot), more are sent through joblib's own
+        ``dispatch_next``, which keeps its bookkeeping right and asks the backend for
+        their size; never while the thread that called ``Parallel`` still takes the
+        ``pre_dispatch`` slice (``Features.may_take_more``).
 
         joblib cuts the end of its input into ``10 x n_jobs`` small batches and releases
         them one per completion. When the batches waiting in its queue are much smaller
-        than the sizer's size, that is the tail: pull them all (through joblib's own
-        ``dispatch_next``, so its bookkeeping stays right) and bundle them, one task per
-        slot. Only this thread dispatches at that point, so the queue cannot empty under us.
+        than the sizer's size, past the ``pre_dispatch`` slice, that is the tail: pull them
+        all and bundle them, one task per slot. Only this thread dispatches meanwhile (it
+        holds joblib's lock), so the queue cannot empty under us.
         """
         features = self.features
         if not features.can_pull_tail():
             return
+        pulled: list[Part] = []
         with features.dispatch_lock():
-            if features.is_aborting() or self._state is not RunState.RUNNING:
+            # The batches this sends come back through ``dispatched`` in this thread.
+            if self._feeding or features.is_aborting() or self._state is not RunState.RUNNING:
                 return
-            waiting = features.waiting_batches()
-            if len(waiting) < 2:
-                return
-            largest = max(len(b) if hasattr(b, "__len__") else 1 for b in waiting)
-            if largest * 2 > self.sizer.size:
-                return
-            with self._lock:
-                self._pulled = []
+            self._feeding = True
             try:
                 dispatch = features.dispatcher()
-                for _ in waiting:
+                target = self.sizer.in_flight_target()
+                while not features.is_aborting() and self._state is RunState.RUNNING:
+                    waiting = features.waiting_batches()
+                    sizes = [len(b) if hasattr(b, "__len__") else 1 for b in waiting]
+                    tail = len(sizes) >= 2 and max(sizes) * 2 <= self.sizer.size
+                    if tail and features.beyond_pre_dispatch():
+                        with self._lock:
+                            self._pulled = []
+                        try:
+                            for _ in waiting:
+                                dispatch()
+                        finally:
+                            with self._lock:
+                                pulled, self._pulled = self._pulled or [], None
+                        break
+                    if self.in_flight >= target or not features.may_take_more():
+                        break
+                    before = self.in_flight
                     dispatch()
+                    if self.in_flight <= before:
+                        break  # nothing was left to send (or a task just ended: next time)
             finally:
-                with self._lock:
-                    pulled, self._pulled = self._pulled or [], None
+                self._feeding = False
         if pulled:
             self._submitter.put(pulled)
 
@@ -620,7 +701,8 @@ class JobRun:
         self._release(unfinished=bool(leftovers), aborted=was is RunState.ABORTED)
 
     def _release(self, *, unfinished: bool, aborted: bool) -> None:
-        """Release what the run holds: the job first (it bills), then blobs, then the pool."""
+        """Release what the run holds: the job first (it bills), then blobs (a background
+        sweep, waited for a short grace), then the pool."""
         cfg, svc = self.cfg, self.account.service
         if Held.JOB in self._held:
             try:
@@ -634,11 +716,20 @@ class JobRun:
             self._held.discard(Held.JOB)
         if Held.BLOBS in self._held:
             if not cfg.keep_blobs:
-                try:
-                    removed = self.account.store.delete_prefix(job_prefix(self.job_id))
-                    _log.info("deleted %d blobs of the job %s", removed, self.job_id)
-                except (AzureBatchError, OSError) as e:
-                    _warn_cleanup(f"could not delete the blobs of the job {self.job_id}: {e}")
+                # What the tasks' own deletions left (the shared objects, unfinished tasks),
+                # in the background: a small run's sweep ends within the grace, a large one
+                # goes on after close returns and the process waits for it at exit. An
+                # aborted run waits longer: after a signal the process ends right away.
+                sweep = sweeper.SWEEPER.sweep(
+                    self.account.store, job_prefix(self.job_id), label=f"the job {self.job_id}"
+                )
+                if (
+                    sweep.wait(sweeper.EXIT_WAIT if aborted else sweeper.SWEEP_GRACE)
+                    and sweep.error is not None
+                ):
+                    _warn_cleanup(
+                        f"could not delete the blobs of the job {self.job_id}: {sweep.error}"
+                    )
             self._held.discard(Held.BLOBS)
         if Held.POOL_LEASE in self._held and self._lease is not None:
             lease, self._lease = self._lease, None

@@ -4,6 +4,14 @@ Batch takes seconds to schedule and start a task, so one call per task would spe
 the time in scheduling, while too many calls per task leave slots idle at the end. The
 sizer learns both costs from the tasks that finished and aims between the two; the run asks
 it for the size of every batch joblib dispatches.
+
+Before any task finished, the sizer knows only the number of calls (when joblib knows it)
+and the number of slots. The run keeps every slot busy with one running and one queued task
+(:meth:`BatchSizer.in_flight_target`), so the first wave spreads the known calls over those
+two tasks per slot (:meth:`BatchSizer.first_size`): each task starts as soon as a slot
+frees, and each slot pays the per-task overhead about twice. Without a known number of
+calls (a generator), the first wave is one call per task: a quick probe whose results
+teach the sizer the time per call before larger batches go out.
 """
 
 from __future__ import annotations
@@ -25,10 +33,14 @@ class BatchSizer:
     ``[min_duration, max_duration]`` seconds.
 
     It never takes calls away from idle slots: with the number of calls left known, a batch
-    holds at most ``remaining / n_jobs`` of them, and joblib keeps ``pre_dispatch`` (two
-    per slot by default) batches in flight. It grows at most ``max_growth`` times per
-    decision, so one fast first call cannot put the whole input into a handful of tasks,
-    and never past ``max_size`` calls (joblib holds ``size x n_jobs`` calls in memory).
+    holds at most ``remaining / n_jobs`` of them, and the run keeps
+    :meth:`in_flight_target` batches in flight. It grows at most ``max_growth`` times per
+    decision and per task finished since the last one, so one fast first call cannot put
+    the whole input into a handful of tasks while several that agree may, and never past
+    ``max_size`` calls (joblib holds ``size x n_jobs`` calls in memory).
+    Before any task finished, a known number of calls is spread over the slots
+    (:meth:`first_size`), at most ``first_max`` calls per task: with no timing yet, that
+    bounds how long a first task of slow calls can run before the sizer learns.
     """
 
     def __init__(
@@ -40,10 +52,14 @@ class BatchSizer:
         overhead_ratio: float = 5.0,
         max_growth: int = 8,
         max_size: int = 4096,
+        first_max: int = 512,
+        queued_per_slot: int = 1,
         smoothing: float = 0.3,
     ) -> None:
         self.n_jobs = max(1, n_jobs)
         self.max_size = max(1, max_size)
+        self.first_max = max(1, min(first_max, self.max_size))
+        self.queued_per_slot = max(0, queued_per_slot)
         self.min_duration = min_duration
         self.max_duration = max(max_duration, min_duration)
         self.overhead_ratio = overhead_ratio
@@ -53,6 +69,8 @@ class BatchSizer:
         self.per_call: float | None = None
         self.overhead: float | None = None
         self.samples = 0
+        #: Tasks learned from since the last decision: each lets the size grow once more.
+        self._unused = 0
         self._lock = threading.Lock()
 
     def record(self, *, batch_size: int, run_seconds: float, overhead_seconds: float) -> None:
@@ -65,6 +83,7 @@ class BatchSizer:
             self.per_call = self._smooth(self.per_call, per_call)
             self.overhead = self._smooth(self.overhead, overhead)
             self.samples += 1
+            self._unused += 1
 
     def _smooth(self, old: float | None, new: float) -> float:
         """An exponential moving average, so one slow node does not swing the batch size."""
@@ -73,6 +92,29 @@ class BatchSizer:
     def target_duration(self) -> float:
         overhead = self.overhead or 0.0
         return min(max(overhead * self.overhead_ratio, self.min_duration), self.max_duration)
+
+    def in_flight_target(self) -> int:
+        """Batches to keep sent and unfinished: one running per slot plus
+        ``queued_per_slot`` waiting behind it, so a slot that frees starts its next task at
+        once instead of idling while the client notices, sends and Batch schedules one."""
+        return self.n_jobs * (1 + self.queued_per_slot)
+
+    def first_size(self, *, remaining: int, in_flight: int) -> int:
+        """The size of a batch before any task finished, with ``remaining`` calls not yet
+        taken from joblib's input and ``in_flight`` batches already sent.
+
+        The calls left are spread over the free places of :meth:`in_flight_target` (at
+        least one per slot, since joblib cuts ``size x n_jobs`` calls into ``n_jobs``
+        batches): 40 calls on 4 slots become 8 tasks of 5, two per slot. joblib's own
+        ``pre_dispatch`` may cut the very first batches smaller; the ones sent after them
+        take what is left. At most ``first_max`` calls, and the size is remembered as the
+        base that learned sizes grow from.
+        """
+        free = max(self.in_flight_target() - max(in_flight, 0), self.n_jobs)
+        size = max(1, min(math.ceil(max(remaining, 0) / free), self.first_max))
+        with self._lock:
+            self.size = max(self.size, size)
+        return size
 
     def initial_size(self, *, total: int | None, all_at_once: bool) -> int:
         """The size before any task finished: 1, unless joblib dispatches everything now.
@@ -90,7 +132,9 @@ class BatchSizer:
             if self.samples == 0 or self.per_call is None:
                 return self.size
             ideal = self.target_duration() / max(self.per_call, 1e-6)
-            size = max(1, min(int(ideal), self.size * self.max_growth, self.max_size))
+            growth = int(self.max_growth ** min(max(self._unused, 1), 4))
+            self._unused = 0
+            size = max(1, min(int(ideal), self.size * growth, self.max_size))
             if remaining is not None and remaining > 0:
                 size = min(size, max(1, math.ceil(remaining / self.n_jobs)))
             self.size = size

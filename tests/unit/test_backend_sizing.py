@@ -215,3 +215,24 @@ def test_bundle_runs_every_part_and_keeps_each_outcome() -> None:
     assert substitute.type_name.endswith("_Unpicklable")
     assert "locked" in substitute.message
     assert "_worse" in substitute.remote_traceback
+
+
+def test_each_task_finished_since_the_last_decision_lets_the_size_grow_once_more() -> None:
+    one = sizer(max_growth=8)
+    one.record(batch_size=1, run_seconds=0.0001, overhead_seconds=2.0)
+    assert one.next_size() == 8
+    three = sizer(max_growth=8)
+    for _ in range(3):
+        three.record(batch_size=1, run_seconds=0.0001, overhead_seconds=2.0)
+    assert three.next_size() == 512  # three tasks that agree: 8 x 8 x 8
+    assert three.next_size() == 4096  # no new task: one more step only
+
+
+def test_a_known_number_of_calls_is_spread_over_a_running_and_a_queued_task_per_slot() -> None:
+    s = sizer(n_jobs=4)
+    assert s.in_flight_target() == 8
+    assert s.first_size(remaining=2000, in_flight=0) == 250
+    # joblib's pre_dispatch cut the first four batches to 2 calls: the four queued ones
+    # take the rest, so each slot still runs two tasks in all.
+    assert s.first_size(remaining=1992, in_flight=4) == 498
+    assert sizer(n_jobs=4, first_max=64).first_size(remaining=1992, in_flight=4) == 64
