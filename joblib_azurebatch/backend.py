@@ -22,6 +22,7 @@ import contextlib
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -36,7 +37,7 @@ from . import _joblib_compat as compat
 from .batch import BatchService
 from .config import BatchConfig
 from .errors import ConfigError
-from .pools import PoolCheck
+from .pools import POOLS, PoolCheck
 from .run import Account, JobRun, current_run
 from .sizing import BatchSizer
 from .storage import BlobStore
@@ -337,8 +338,8 @@ def _close_accounts(accounts: dict[int, Account]) -> None:
         for client in clients:
             close = getattr(client, "close", None)
             if close is not None:
-                with contextlib.suppress(Exception):  # best effort, maybe at exit
-                    close()
+                # A pool lingering for the next run is deleted through this client later.
+                POOLS.close_when_unused(client, _quietly(close))
 
     if SWEEPER.wait(0):
         close_all()
@@ -349,3 +350,11 @@ def _close_accounts(accounts: dict[int, Account]) -> None:
         close_all()
 
     threading.Thread(target=close_after_sweeps, name="azurebatch-close", daemon=True).start()
+
+
+def _quietly(close: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with contextlib.suppress(Exception):  # best effort, maybe at exit
+            close()
+
+    return run

@@ -230,6 +230,10 @@ class BatchConfig:
     capacity_timeout: float = 900.0
     #: Seconds between the run's looks at its job and pool (and its heartbeat).
     watch_interval: float = 30.0
+    #: Seconds a pool the library created (without keep_pool) is kept after the last run
+    #: of this process that used it, so that the next Parallel call finds it ready instead
+    #: of creating it again (minutes on Azure); deleted at once when the process exits.
+    pool_linger: float = 120.0
     #: Minutes a pool the library creates may stay idle before its autoscale formula
     #: drains it to zero nodes. None: 15 for a pool created without keep_pool (it is
     #: deleted at the end of the run that used it last), never for a kept pool; a number
@@ -367,6 +371,9 @@ class BatchConfig:
             _check_positive(name, getattr(self, name))
         if self.task_timeout is not None:
             _check_positive("task_timeout", self.task_timeout)
+        linger = self.pool_linger
+        if isinstance(linger, bool) or not isinstance(linger, int | float) or linger < 0:
+            raise ConfigError(f"pool_linger must be 0 or more seconds, not {linger!r}")
         for name in ("keep_pool", "keep_job", "keep_blobs", "forward_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")

@@ -40,7 +40,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .batch import JobInfo, PoolInfo, PoolSpec, pool_differences
@@ -103,6 +103,10 @@ class PoolLease:
     auto_delete: bool = False
     #: The pool's idle shape (``SHAPE``) when it autoscales with the library's formula.
     shape: str | None = None
+    #: Set while no run holds the lease and the pool waits out ``pool_linger``.
+    timer: threading.Timer | None = None
+    #: Clients to close once the lease no longer uses them (see `close_when_unused`).
+    to_close: list[Callable[[], None]] = field(default_factory=list)
 
     def wake(self) -> None:
         """Wake the pool again (its formula with a fresh wake time), if it has the idle
@@ -140,6 +144,19 @@ class PoolRegistry:
         key = (account_url, spec.pool_id)
         with self._lock:
             lease = self._leases.get(key)
+            if lease is not None and lease.holders == 0:
+                # A pool left to linger by an earlier run: take it back if it is still there.
+                self._stop_lingering(lease)
+                read = known if known is not None and known.pool_id == spec.pool_id else None
+                if read is not None and read.state != "deleting":
+                    self._hand_over(lease, service)
+                    _log.info("taking back the pool %s", spec.pool_id)
+                    if lease.shape:
+                        _wake(service, spec.pool_id, lease.shape)
+                else:
+                    self._leases.pop(key, None)
+                    self._closed(lease)
+                    lease = None
             if lease is None:
                 read = known if known is not None and known.pool_id == spec.pool_id else None
                 if read is not None and read.state != "deleting":
@@ -167,16 +184,95 @@ class PoolRegistry:
             lease.holders += 1
             return lease
 
-    def release(self, lease: PoolLease) -> None:
-        """Give a lease back; the last holder deletes a library pool no other run uses."""
+    def release(self, lease: PoolLease, *, linger: float = 0.0) -> None:
+        """Give a lease back; the last holder deletes a library pool no other run uses.
+
+        With ``linger`` (``BatchConfig.pool_linger``) the deletion waits that many seconds
+        for a run of this process to take the pool back (the next ``Parallel`` call of a
+        loop); `flush` deletes what still lingers at exit.
+        """
         with self._lock:
             lease.holders -= 1
             if lease.holders > 0:
                 return
-            self._leases.pop(lease.key, None)
             delete = lease.auto_delete and not lease.keep
-        if not delete:
-            return
+            if delete and linger > 0:
+                lease.timer = threading.Timer(linger, self._expire, (lease,))
+                lease.timer.name = f"azurebatch-linger-{lease.pool_id}"
+                lease.timer.daemon = True
+                lease.timer.start()
+                _log.info("keeping the pool %s for %g s for the next run", lease.pool_id, linger)
+                return
+            self._leases.pop(lease.key, None)
+        try:
+            if delete:
+                self._delete(lease)
+        finally:
+            self._closed(lease)
+
+    def flush(self) -> None:
+        """Delete every pool left lingering, now (at exit, on SIGTERM or SIGHUP)."""
+        with self._lock:
+            lingering = [lease for lease in self._leases.values() if lease.holders == 0]
+            for lease in lingering:
+                self._stop_lingering(lease)
+                self._leases.pop(lease.key, None)
+        for lease in lingering:
+            try:
+                self._delete(lease)
+            except Exception as e:  # best effort at exit: cleanup finds what is left
+                _warn_pool(lease, e)
+            finally:
+                self._closed(lease)
+
+    def close_when_unused(self, service: object, close: Callable[[], None]) -> None:
+        """Close ``service`` now, or once no lingering pool needs it to be deleted.
+
+        A backend closes its clients when it is collected, which may be while a pool it
+        created lingers for the next backend's run; that pool's deletion still needs them.
+        """
+        with self._lock:
+            for lease in self._leases.values():
+                if lease.service is service and lease.holders == 0:
+                    lease.to_close.append(close)
+                    return
+        close()
+
+    def _stop_lingering(self, lease: PoolLease) -> None:
+        if lease.timer is not None:
+            lease.timer.cancel()
+            lease.timer = None
+
+    def _hand_over(self, lease: PoolLease, service: BatchApi) -> None:
+        """The lingering lease is used through ``service`` from now on; the clients whose
+        closing waited for it are closed."""
+        if service is not lease.service:
+            lease.service = service
+            self._closed(lease)
+
+    def _closed(self, lease: PoolLease) -> None:
+        closes, lease.to_close = lease.to_close, []
+        for close in closes:
+            try:
+                close()
+            except Exception:  # best effort, like the backend's own close
+                _log.debug("closing a client of the pool %s failed", lease.pool_id, exc_info=True)
+
+    def _expire(self, lease: PoolLease) -> None:
+        """The linger is over: delete the pool unless a run took it back meanwhile."""
+        with self._lock:
+            if self._leases.get(lease.key) is not lease or lease.holders > 0:
+                return
+            lease.timer = None
+            self._leases.pop(lease.key, None)
+        try:
+            self._delete(lease)
+        except Exception as e:
+            _warn_pool(lease, e)
+        finally:
+            self._closed(lease)
+
+    def _delete(self, lease: PoolLease) -> None:
         users = live_users(lease.service.list_jobs(pool_id=lease.pool_id))
         if users:
             _log.info(
@@ -189,6 +285,15 @@ class PoolRegistry:
             return
         _log.info("deleting the pool %s", lease.pool_id)
         lease.service.delete_pool(lease.pool_id)
+
+
+def _warn_pool(lease: PoolLease, error: BaseException) -> None:
+    warnings.warn(
+        f"joblib-azurebatch could not delete the pool {lease.pool_id}: {error}. Run "
+        "`joblib-azurebatch cleanup` to remove it (its idle formula drains its nodes meanwhile)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 class PoolCheck:

@@ -735,7 +735,7 @@ class JobRun:
             lease, self._lease = self._lease, None
             self._held.discard(Held.POOL_LEASE)
             try:
-                self._pools.release(lease)
+                self._pools.release(lease, linger=0.0 if aborted else cfg.pool_linger)
             except AzureBatchError as e:
                 _warn_cleanup(f"could not delete the pool {cfg.pool_id}: {e}")
 
@@ -793,6 +793,7 @@ def close_live_runs(*, why: str = "") -> None:
                 run.close()  # whatever abort met (a dead terminal), release what is held
         except Exception:  # pragma: no cover - best effort at exit
             _log.exception("closing the job %s at exit failed", run.job_id)
+    POOLS.flush()  # pools kept for a next run (pool_linger) go with the process
 
 
 atexit.register(close_live_runs)

@@ -221,6 +221,8 @@ class LocalBatch:
             "spot_nodes": self.spot_nodes,
             "task_slots_per_node": self.slots_per_node,
             "poll_interval": 0.2,
+            # A local pool starts in a moment: nothing is gained by keeping it for a next run.
+            "pool_linger": 0.0,
         }
         if not self.bare_nodes:
             fields["image"] = default_image()
