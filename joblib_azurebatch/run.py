@@ -15,8 +15,10 @@ pool this process created).
 
 Starting creates nothing in Batch when something is wrong: a read of the pool checks the
 Batch credential, the container checks the storage credential, the first batch is pickled
-(an unpicklable function fails here) and stored, and only then are the job and the pool
-created. The job comes first, before the pool is taken and its nodes waited for: it
+(an unpicklable function fails here), and only then are the job and the pool created. The
+first batch is stored with joblib's first burst of batches, once the job exists, so that
+an argument they share is stored once rather than inlined in the first task and then
+uploaded again. The job comes first, before the pool is taken and its nodes waited for: it
 records this client (:mod:`joblib_azurebatch.liveness`), tells other clients that the pool
 is in use, and is what `joblib-azurebatch cleanup` finds should this process die while
 waiting. The reads of the pool, the container check and the wait for a usable slot are

@@ -96,6 +96,15 @@ def running_tasks(local) -> int:
     return len(local.emulator.process_ids())
 
 
+def running_tasks_of(batch_client, prefix: str) -> int:
+    return sum(
+        1
+        for job in jobs_of(batch_client, prefix)
+        for task in batch_client.list_tasks(job)
+        if str(task.state).lower().endswith("running")
+    )
+
+
 def test_sigterm_cleans_up_like_ctrl_c(local, batch_client, blob_service, tmp_path):
     name = f"sigterm-{secrets.token_hex(3)}"
     client = start_client(
@@ -150,9 +159,11 @@ def test_after_sigkill_cleanup_removes_what_was_left_and_spares_a_live_run(
         tmp_path, client_env(local, pool_id=live_name, job_id=live_name), calls=4, seconds=3.0
     )
     try:
+        # Its own tasks running (not just any: the live client runs too), so that its
+        # payloads were stored: the job is created before the first batch is stored.
         wait_for(
             "the doomed client running",
-            lambda: jobs_of(batch_client, dead_name) and running_tasks(local) > 0,
+            lambda: running_tasks_of(batch_client, dead_name) > 0,
             timeout=60,
         )
         wait_for("the live client's job", lambda: jobs_of(batch_client, live_name), timeout=60)
