@@ -334,6 +334,10 @@ class DumpedTask:
     objects: dict[str, bytes | None] = field(repr=False)
     uses: tuple[frozenset[str], ...]
 
+    #: Bytes this dump added to the client's memory: the calls, and the objects no earlier
+    #: dump of the job holds or stored (an object shared with another task counts once).
+    nbytes: int = 0
+
 
 #: Mapping over a flush's tasks and objects: ``map``, or a thread pool's ``map`` to do them
 #: in parallel (the submitter's prepare pool).
@@ -658,10 +662,15 @@ class PayloadWriter:
         """
         calls_bytes, objects, uses = self._pickle(calls)
         kept: dict[str, bytes | None] = {}
+        nbytes = len(calls_bytes)
         with self._lock:
             for sha, data in objects.items():
+                if sha not in self._stored and sha not in self._pending:
+                    nbytes += len(data)
                 kept[sha] = None if sha in self._stored else self._pending.setdefault(sha, data)
-        return DumpedTask(task_id=task_id, calls=calls_bytes, objects=kept, uses=uses)
+        return DumpedTask(
+            task_id=task_id, calls=calls_bytes, objects=kept, uses=uses, nbytes=nbytes
+        )
 
     # -- storing
 

@@ -212,6 +212,7 @@ class JobRun:
             register=self._register,
             fail=fail_unsent,
             is_open=lambda: self._state is RunState.RUNNING,
+            on_dumped=lambda calls, nbytes: self.sizer.record_bytes(calls=calls, nbytes=nbytes),
         )
         #: Counters for tests and benchmarks.
         self.calls_submitted = 0
@@ -303,6 +304,7 @@ class JobRun:
         # Pickled now (an unpicklable call fails before the job exists), stored with the
         # first flush, so that joblib's first burst of batches is decided together.
         first.dumped = self._writer.dump(first.task_id, calls)
+        self.sizer.record_bytes(calls=first.calls, nbytes=first.dumped.nbytes)
         shutdown.install(close_live_runs)
         # The job exists before the pool is taken (Batch accepts a job on a pool that does
         # not exist yet): it is what tells other clients that the pool is in use, so a

@@ -19,7 +19,10 @@ from __future__ import annotations
 import math
 import threading
 
-__all__ = ["BatchSizer"]
+__all__ = ["MEMORY_BUDGET", "BatchSizer"]
+
+#: Bytes of pickled calls the batches in flight may hold in the client (see `BatchSizer`).
+MEMORY_BUDGET = 32 * 1024 * 1024
 
 
 class BatchSizer:
@@ -41,6 +44,12 @@ class BatchSizer:
     Before any task finished, a known number of calls is spread over the slots
     (:meth:`first_size`), at most ``first_max`` calls per task: with no timing yet, that
     bounds how long a first task of slow calls can run before the sizer learns.
+
+    Every size is also held to ``memory_budget``: the calls joblib holds for the batches in
+    flight, and their pickles until stored, are the client's memory, so with each call
+    pickling to ``b`` bytes (learned from the tasks dumped, :meth:`record_bytes`) a batch
+    holds at most ``memory_budget / (in_flight_target x b)`` calls. 2,000 calls each with
+    its own 100 kB array go as tasks of 40, not of 250 (which held 200 MB at once).
     """
 
     def __init__(
@@ -55,6 +64,7 @@ class BatchSizer:
         first_max: int = 512,
         queued_per_slot: int = 1,
         smoothing: float = 0.3,
+        memory_budget: int = MEMORY_BUDGET,
     ) -> None:
         self.n_jobs = max(1, n_jobs)
         self.max_size = max(1, max_size)
@@ -69,6 +79,12 @@ class BatchSizer:
         self.per_call: float | None = None
         self.overhead: float | None = None
         self.samples = 0
+        self.memory_budget = max(1, memory_budget)
+        #: Pickled bytes per call over the tasks dumped so far (a shared object counts once,
+        #: so its share fades as calls go out); None: nothing dumped yet.
+        self.bytes_per_call: float | None = None
+        self._dumped_calls = 0
+        self._dumped_bytes = 0
         #: Tasks learned from since the last decision: each lets the size grow once more.
         self._unused = 0
         self._lock = threading.Lock()
@@ -84,6 +100,23 @@ class BatchSizer:
             self.overhead = self._smooth(self.overhead, overhead)
             self.samples += 1
             self._unused += 1
+
+    def record_bytes(self, *, calls: int, nbytes: int) -> None:
+        """Learn from one dumped task: ``calls`` calls pickled to ``nbytes`` bytes (their
+        own, not the shared objects already stored)."""
+        if calls <= 0:
+            return
+        with self._lock:
+            self._dumped_calls += calls
+            self._dumped_bytes += max(nbytes, 0)
+            self.bytes_per_call = self._dumped_bytes / self._dumped_calls
+
+    def _memory_cap(self) -> int:
+        """The most calls per batch that keep the batches in flight within the budget."""
+        per_call = self.bytes_per_call
+        if not per_call:
+            return self.max_size
+        return max(1, int(self.memory_budget / (self.in_flight_target() * per_call)))
 
     def _smooth(self, old: float | None, new: float) -> float:
         """An exponential moving average, so one slow node does not swing the batch size."""
@@ -113,6 +146,7 @@ class BatchSizer:
         free = max(self.in_flight_target() - max(in_flight, 0), self.n_jobs)
         size = max(1, min(math.ceil(max(remaining, 0) / free), self.first_max))
         with self._lock:
+            size = min(size, self._memory_cap())
             self.size = max(self.size, size)
         return size
 
@@ -134,7 +168,7 @@ class BatchSizer:
             ideal = self.target_duration() / max(self.per_call, 1e-6)
             growth = int(self.max_growth ** min(max(self._unused, 1), 4))
             self._unused = 0
-            size = max(1, min(int(ideal), self.size * growth, self.max_size))
+            size = max(1, min(int(ideal), self.size * growth, self.max_size, self._memory_cap()))
             if remaining is not None and remaining > 0:
                 size = min(size, max(1, math.ceil(remaining / self.n_jobs)))
             self.size = size

@@ -139,8 +139,11 @@ class Submitter:
         register: Callable[[list[Task]], None],
         fail: Callable[[str, BaseException], None],
         is_open: Callable[[], bool],
+        on_dumped: Callable[[int, int], None] | None = None,
     ) -> None:
         self._service = service
+        #: ``on_dumped(calls, nbytes)`` after each task is pickled (the sizer's memory cap).
+        self._on_dumped = on_dumped
         self._job_id = job_id
         self._prepare_calls = prepare
         owner = getattr(prepare, "__self__", None)
@@ -269,9 +272,13 @@ class Submitter:
         if task.dumped is not None:
             return task.dumped
         try:
-            return writer.dump(task.task_id, self._calls_of(task))
+            dumped = writer.dump(task.task_id, self._calls_of(task))
         except BaseException as e:
             return e
+        else:
+            if self._on_dumped is not None:
+                self._on_dumped(task.calls, dumped.nbytes)
+            return dumped
         finally:
             for part in task.parts:
                 part.calls = None

@@ -236,3 +236,16 @@ def test_a_known_number_of_calls_is_spread_over_a_running_and_a_queued_task_per_
     # take the rest, so each slot still runs two tasks in all.
     assert s.first_size(remaining=1992, in_flight=4) == 498
     assert sizer(n_jobs=4, first_max=64).first_size(remaining=1992, in_flight=4) == 64
+
+
+def test_batches_are_held_to_the_memory_budget_by_the_bytes_a_call_pickles_to() -> None:
+    s = sizer(memory_budget=32 * 1024 * 1024)
+    assert s.first_size(remaining=2_000, in_flight=0) == 250  # nothing dumped yet
+    s.record_bytes(calls=250, nbytes=250 * 100_000)  # each call with its own 100 kB array
+    cap = 32 * 1024 * 1024 // (s.in_flight_target() * 100_000)
+    assert s.first_size(remaining=2_000, in_flight=0) == cap
+    s.record(batch_size=cap, run_seconds=0.001 * cap, overhead_seconds=1.0)
+    assert s.next_size(remaining=10_000) == cap
+    small = sizer(memory_budget=32 * 1024 * 1024)
+    small.record_bytes(calls=250, nbytes=250 * 100)  # tiny calls: the budget does not bind
+    assert small.first_size(remaining=2_000, in_flight=0) == 250

@@ -31,7 +31,7 @@ from joblib_azurebatch.payload import (
     payload_blob,
     result_blob,
 )
-from joblib_azurebatch.pools import AUTO_DELETE, CREATOR, ForgetOnLoss, PoolCheck
+from joblib_azurebatch.pools import AUTO_DELETE, CREATOR, POOLS, ForgetOnLoss, PoolCheck
 from joblib_azurebatch.run import Account, live_runs
 from joblib_azurebatch.sizing import BatchSizer
 from tests.fakes import FakeBatch, MemoryStore
@@ -338,7 +338,7 @@ def test_ten_parallel_calls_in_one_context_read_the_pool_once(batch, store, node
 
 
 def test_a_pool_the_library_may_delete_is_read_by_every_call(batch, store, nodes):
-    backend = backend_for(batch, store, keep_pool=False)
+    backend = backend_for(batch, store, keep_pool=False, pool_linger=0.0)
     halt = nodes.keep_running()
     try:
         with joblib.parallel_config(backend=backend):
@@ -429,3 +429,19 @@ def test_sending_ahead_neither_loses_nor_repeats_a_call(batch, store, nodes, wor
         halt()
     # Every call ran once: the tasks' calls add up to the input.
     assert sum(nodes.sizes.values()) == len(expected)
+
+
+def test_a_lingering_pool_is_taken_back_by_the_next_call_and_flushed_at_exit(batch, store, nodes):
+    backend = backend_for(batch, store, keep_pool=False, pool_linger=600.0)
+    halt = nodes.keep_running()
+    try:
+        with joblib.parallel_config(backend=backend):
+            for _ in range(3):
+                assert Parallel(n_jobs=-1)(delayed(triple)(x) for x in range(4)) == [0, 3, 6, 9]
+    finally:
+        halt()
+    # Read by every call (the library may delete it), created once, deleted by none.
+    assert batch.calls["get_pool"] == 3
+    assert len(batch.deleted_pools) == 0
+    POOLS.flush()  # at exit
+    assert len(batch.deleted_pools) == 1

@@ -109,6 +109,8 @@ def store(log) -> MemoryStore:
 
 
 def make_run(batch, store, **changes) -> JobRun:
+    # The pool goes with the run (no linger for a next one), as the order tests expect.
+    changes.setdefault("pool_linger", 0.0)
     cfg = BatchConfig(poll_interval=0.005, progress=False, **changes)
     return JobRun(
         Account(cfg=cfg, service=batch, store=store),  # type: ignore[arg-type]

@@ -485,3 +485,16 @@ def test_a_task_that_is_not_batched_calls_keeps_the_array_fast_path(store: Memor
     prepared = new_writer(store).prepare("t", functools.partial(total, X, 1))
     assert len(prepared.objects) == 1
     assert run_task(store, "t") == X.sum() + 1
+
+
+def test_a_dump_counts_an_object_it_shares_with_an_earlier_dump_once(store: MemoryStore) -> None:
+    """What the sizer's memory cap learns from: a shared array is the client's memory once,
+    an array of each call's own is memory per call."""
+    writer = new_writer(store)
+    shared = np.arange(20_000, dtype=np.float64)  # 160 kB
+    first = writer.dump("t1", calls((total, (shared,), {})))
+    second = writer.dump("t2", calls((total, (shared,), {})))
+    own = writer.dump("t3", calls((total, (np.ones(20_000),), {})))
+    assert first.nbytes > shared.nbytes
+    assert second.nbytes < 4096
+    assert own.nbytes > 20_000 * 8
