@@ -116,6 +116,7 @@ def _token_config(
         dedicated_nodes=local.nodes,
         task_slots_per_node=local.slots_per_node,
         poll_interval=0.2,
+        pool_linger=0.0,  # the module's account stops after it: no pool kept for later
     )
 
 
