@@ -80,9 +80,6 @@ class BatchSizer:
         self.overhead: float | None = None
         self.samples = 0
         self.memory_budget = max(1, memory_budget)
-        #: Pickled bytes per call over the tasks dumped so far (a shared object counts once,
-        #: so its share fades as calls go out); None: nothing dumped yet.
-        self.bytes_per_call: float | None = None
         self._dumped_calls = 0
         self._dumped_bytes = 0
         #: Tasks learned from since the last decision: each lets the size grow once more.
@@ -109,7 +106,12 @@ class BatchSizer:
         with self._lock:
             self._dumped_calls += calls
             self._dumped_bytes += max(nbytes, 0)
-            self.bytes_per_call = self._dumped_bytes / self._dumped_calls
+
+    @property
+    def bytes_per_call(self) -> float | None:
+        """Pickled bytes per call over the tasks dumped so far (a shared object counts once,
+        so its share fades as calls go out); None: nothing dumped yet."""
+        return self._dumped_bytes / self._dumped_calls if self._dumped_calls else None
 
     def _memory_cap(self) -> int:
         """The most calls per batch that keep the batches in flight within the budget."""

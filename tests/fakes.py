@@ -712,3 +712,16 @@ class MemoryStore:
 
     def object_uploads(self) -> list[str]:
         return [name for name in self.uploads if "/objects/" in name]
+
+
+class Calls:
+    """Stands in for joblib's BatchedCalls: callable, with a length."""
+
+    def __init__(self, *xs: int) -> None:
+        self.xs = xs
+
+    def __len__(self) -> int:
+        return len(self.xs)
+
+    def __call__(self) -> list[int]:
+        return [2 * x for x in self.xs]

@@ -21,7 +21,7 @@ from joblib_azurebatch.pools import PoolRegistry
 from joblib_azurebatch.run import Account, Held, JobRun, RunState, TransitionError
 from joblib_azurebatch.sizing import BatchSizer
 from joblib_azurebatch.submitter import Part, Submitter, Task, TaskTemplate, split_parts
-from tests.fakes import FakeBatch
+from tests.fakes import Calls, FakeBatch
 
 
 class MemoryStore:
@@ -74,23 +74,6 @@ class LoggedBatch(FakeBatch):
     def _enter(self, operation: str) -> None:
         self.log.append(operation)
         super()._enter(operation)
-
-
-def double(x):
-    return 2 * x
-
-
-class Calls:
-    """Stands in for joblib's BatchedCalls: callable, with a length."""
-
-    def __init__(self, *xs: int) -> None:
-        self.xs = xs
-
-    def __len__(self) -> int:
-        return len(self.xs)
-
-    def __call__(self) -> list[int]:
-        return [double(x) for x in self.xs]
 
 
 @pytest.fixture

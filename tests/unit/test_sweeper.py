@@ -18,7 +18,7 @@ from joblib_azurebatch.pools import PoolRegistry
 from joblib_azurebatch.run import Account, JobRun
 from joblib_azurebatch.sizing import BatchSizer
 from joblib_azurebatch.sweeper import SWEEPER, Sweeper
-from tests.fakes import FakeBatch, MemoryStore
+from tests.fakes import Calls, FakeBatch, MemoryStore
 
 
 class SlowStore(MemoryStore):
@@ -68,19 +68,6 @@ class SlowStore(MemoryStore):
             for name in gone:
                 del self.blobs[name]
         return len(gone)
-
-
-class Calls:
-    """Stands in for joblib's BatchedCalls: callable, with a length."""
-
-    def __init__(self, *xs: int) -> None:
-        self.xs = xs
-
-    def __len__(self) -> int:
-        return len(self.xs)
-
-    def __call__(self) -> list[int]:
-        return [2 * x for x in self.xs]
 
 
 def make_run(batch: FakeBatch, store: SlowStore, **changes: object) -> JobRun:
