@@ -1,9 +1,10 @@
-"""The one door to Azure Blob Storage: payloads, shared objects and results go through here.
+"""The Azure Blob Storage SDK's one door: payloads, shared objects and results go through here.
 
 Two sides use it. The client holds an account credential (a key, a connection string or an
 Entra ID token credential) in a `BlobStore`, uploads what tasks read, and signs SAS URLs
 scoped to one blob, one permission set and an expiry. A node never sees that credential:
-the worker only calls `download_url` and `upload_url` on the SAS URLs it was given, or, when
+the worker only calls `download_url` and `upload_url` on the SAS URLs it was given (from
+:mod:`joblib_azurebatch.sasurl`, the standard library only, re-exported here), or, when
 the pool's user-assigned managed identity grants the nodes access (``BatchConfig.node_identity``),
 reads and writes blobs by name through a `NodeContainer` signed in as that identity.
 
