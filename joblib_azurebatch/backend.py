@@ -326,30 +326,27 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
 def _close_accounts(accounts: dict[int, Account]) -> None:
     """Close the clients of a backend that is gone (their connections, their credential).
 
-    The blob deletions of its last runs may still be under way in the background
-    (:mod:`joblib_azurebatch.sweeper`) with the same store: then the clients are closed by
-    a thread once those are done, never by waiting here (this runs from a finalizer, in
-    whatever thread the garbage collector happens to run in).
+    This runs from a finalizer, in whatever thread the garbage collector happens to run
+    in: the thread of an in-process HTTP server, or one that holds a lock this would need.
+    So the closing itself happens in a thread of its own and nothing waits here. That
+    thread first lets the blob deletions of the backend's last runs finish
+    (:mod:`joblib_azurebatch.sweeper` uses the same store), then hands each client to
+    `PoolRegistry.close_when_unused`, whose lock a run may hold while it creates a pool.
     """
     clients = [c for a in accounts.values() for c in (a.service, a.store)]
     accounts.clear()
+    if not clients:
+        return
 
     def close_all() -> None:
+        SWEEPER.wait(EXIT_WAIT)
         for client in clients:
             close = getattr(client, "close", None)
             if close is not None:
                 # A pool lingering for the next run is deleted through this client later.
                 POOLS.close_when_unused(client, _quietly(close))
 
-    if SWEEPER.wait(0):
-        close_all()
-        return
-
-    def close_after_sweeps() -> None:
-        SWEEPER.wait(EXIT_WAIT)
-        close_all()
-
-    threading.Thread(target=close_after_sweeps, name="azurebatch-close", daemon=True).start()
+    threading.Thread(target=close_all, name="azurebatch-close", daemon=True).start()
 
 
 def _quietly(close: Callable[[], None]) -> Callable[[], None]:

@@ -426,12 +426,18 @@ class BatchEmulator(FaultControls):
     # -- requests ---------------------------------------------------------------------------
 
     async def _endpoint(self, request: Any) -> Any:
+        from starlette.concurrency import run_in_threadpool
+
         body = await request.body()
         raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
         raw_path = raw_path.split("?", 1)[0]
         query_string = request.scope.get("query_string", b"").decode("latin-1")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        status, out_headers, payload = self.handle(
+        # In a worker thread, never on the event loop: a handler waits for the account's
+        # lock, and whatever holds it (a finalizer the garbage collector runs in a thread of
+        # this process, an in-process client) may itself wait for this server's answer.
+        status, out_headers, payload = await run_in_threadpool(
+            self.handle,
             method=request.method,
             raw_path=raw_path,
             query_string=query_string,

@@ -135,3 +135,34 @@ def test_a_kept_pool_drains_when_idle_only_if_asked(batch):
     assert formula is not None
     assert "30 * TimeInterval_Minute" in formula
     assert batch.pools["kept"].spec.metadata[AUTO_DELETE] == "false"
+
+
+def test_a_collected_backend_never_waits_for_a_run_creating_a_pool(monkeypatch):
+    """The garbage collector may finalize a backend in any thread, including the thread of
+    an in-process HTTP server that a run holding the registry's lock waits for (the local
+    account's emulator): closing its clients must not wait for that lock there."""
+    import threading
+    import time
+
+    from joblib_azurebatch import backend
+    from joblib_azurebatch.run import Account
+
+    registry = PoolRegistry()
+    monkeypatch.setattr(backend, "POOLS", registry)
+    closed = threading.Event()
+
+    class Client:
+        def close(self) -> None:
+            closed.set()
+
+    account = Account(cfg=None, service=Client(), store=Client())  # type: ignore[arg-type]
+    with registry._lock:
+        # A run creating a pool holds the lock; a finalizer runs meanwhile.
+        finalizer = threading.Thread(target=backend._close_accounts, args=({0: account},))
+        started = time.monotonic()
+        finalizer.start()
+        finalizer.join(5)
+        assert not finalizer.is_alive()
+        assert time.monotonic() - started < 1.0
+        assert not closed.is_set()  # closing waits for the lock, in a thread of its own
+    assert closed.wait(5)
