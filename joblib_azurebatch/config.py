@@ -243,6 +243,12 @@ class BatchConfig:
     progress: bool | None = None
     #: Print what the calls print (their stdout and stderr) in this process, after each task.
     forward_output: bool = True
+    #: Store each call's result by the key of its code and arguments as it finishes, and
+    #: take the stored result instead of running a call again (docs/resume.md).
+    resume: bool = False
+    #: With resume: also take results computed in another environment (other Python or
+    #: package versions, another node image).
+    resume_any_environment: bool = False
 
     #: field -> environment variables `from_env` reads for it, first one set wins.
     ENV_VARS: ClassVar[Mapping[str, tuple[str, ...]]]
@@ -374,7 +380,14 @@ class BatchConfig:
         linger = self.pool_linger
         if isinstance(linger, bool) or not isinstance(linger, int | float) or linger < 0:
             raise ConfigError(f"pool_linger must be 0 or more seconds, not {linger!r}")
-        for name in ("keep_pool", "keep_job", "keep_blobs", "forward_output"):
+        for name in (
+            "keep_pool",
+            "keep_job",
+            "keep_blobs",
+            "forward_output",
+            "resume",
+            "resume_any_environment",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if self.progress is not None and not isinstance(self.progress, bool):

@@ -69,6 +69,7 @@ import joblib
 
 from joblib_azurebatch.bundle import Bundle
 from joblib_azurebatch.errors import PayloadError, RemoteError, VersionMismatchError
+from joblib_azurebatch.memo import Memo
 
 __all__ = [
     "CONTAINER_URL_ENV",
@@ -392,6 +393,8 @@ def _calls_of(calls: Any) -> list[tuple[Any, tuple[Any, ...], dict[str, Any]]] |
     """The ``(func, args, kwargs)`` of every call of a task (a joblib ``BatchedCalls`` or a
     `Bundle` of them), or None for any other callable: its large arguments are then found
     only where they are numpy arrays or bytes."""
+    if isinstance(calls, Memo):
+        return _calls_of(calls.calls)
     if isinstance(calls, Bundle):
         found: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = []
         for part in calls.parts:
@@ -612,6 +615,13 @@ class PayloadWriter:
         #: store from ``BatchConfig.node_identity``); None: the nodes get SAS URLs.
         self._node_identity = node_identity_of(store)
         self._key_stored = False
+
+    def use_key(self, key: bytes) -> None:
+        """Sign with ``key`` (a resumable job's derived key) instead; before any task."""
+        with self._lock:
+            if self._seen or self._key_stored:
+                raise RuntimeError("the signing key of a job cannot change once it stored tasks")
+            self._key = key
 
     # -- pickling
 

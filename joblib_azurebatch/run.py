@@ -43,7 +43,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -64,6 +64,7 @@ from .payload import (
 from .payload import result_blob as _result_blob
 from .pools import POOLS, ForgetOnLoss, PoolCheck, PoolLease, PoolRegistry, capacity_progress
 from .progress import CallProgress, progress_enabled
+from .resume import RESUME_METADATA, Resumer
 from .sizing import BatchSizer
 from .submitter import Part, Submitter, Task, TaskTemplate
 from .tracker import SystemClock, TaskDone, Tracker
@@ -136,6 +137,8 @@ REWAKE_EVERY = 240.0
 MAX_URL_REFRESHES = 3
 
 _LIVE_RUNS: weakref.WeakSet[JobRun] = weakref.WeakSet()
+#: Runs joblib's callbacks of the batches answered from stored results.
+_RESUMED = ThreadPoolExecutor(1, thread_name_prefix="azurebatch-resumed")
 _current = threading.local()
 
 
@@ -171,6 +174,16 @@ class JobRun:
         #: them; a private one checks every time).
         self._pool_check = pool_check if pool_check is not None else PoolCheck()
         self._key = new_signing_key()
+        #: resume=True: the run's calls are keyed, and their stored results taken.
+        self._resumer: Resumer | None = None
+        self._first_key: str | None = None
+        if self.cfg.resume:
+            self._resumer = Resumer(
+                account.store,
+                image=self.cfg.node_image,
+                any_environment=self.cfg.resume_any_environment,
+                sas_expiry=self.cfg.sas_expiry,
+            )
         self._writer = PayloadWriter(
             account.store,
             job_id=self.job_id,
@@ -215,6 +228,7 @@ class JobRun:
             on_dumped=lambda calls, nbytes: self.sizer.record_bytes(calls=calls, nbytes=nbytes),
         )
         #: Counters for tests and benchmarks.
+        self.calls_resumed = 0
         self.calls_submitted = 0
         self.calls_completed = 0
         self._progress: CallProgress | None = None
@@ -311,7 +325,11 @@ class JobRun:
         # client that ends now cannot delete the pool under this run, and what `cleanup`
         # finds if this process dies while waiting for nodes.
         record = ClientRecord.of_this_process()
-        svc.create_job(self.job_id, spec.pool_id, metadata=record.to_metadata())
+        metadata = record.to_metadata()
+        if self._first_key is not None:
+            # How a re-run of the same calls finds this job if this process dies.
+            metadata[RESUME_METADATA] = self._first_key
+        svc.create_job(self.job_id, spec.pool_id, metadata=metadata)
         self._held.add(Held.JOB)
         _log.info("created the job %s on the pool %s", self.job_id, spec.pool_id)
         self._lease = self._pools.acquire(
@@ -331,6 +349,7 @@ class JobRun:
             interval=cfg.watch_interval,
             capacity_timeout=cfg.capacity_timeout,
             record=record,
+            metadata=metadata,
             heartbeat_every=min(HEARTBEAT_EVERY, cfg.watch_interval * 2),
             ending=lambda: self._state is not RunState.RUNNING,
         )
@@ -383,6 +402,62 @@ class JobRun:
 
     def submit(self, calls: Any, callback: Callable[[Any], Any] | None) -> Future[Any]:
         """Queue one batch of calls; returns at once (after the first batch).
+
+        With ``resume=True`` the batch's stored results are looked up first: a batch that
+        has them all is answered without a task, any other is sent as a `Memo` of the
+        calls that lack one (see :mod:`joblib_azurebatch.resume`).
+        """
+        if self._resumer is None:
+            return self._submit(calls, callback)
+        return self._submit_resumable(self._resumer, calls, callback)
+
+    def _submit_resumable(
+        self, resumer: Resumer, calls: Any, callback: Callable[[Any], Any] | None
+    ) -> Future[Any]:
+        with self._lock:
+            if self._state is RunState.NEW and self._first_key is None:
+                self.account.store.ensure_container()
+                self._key = resumer.signing_key(self.job_id)
+                self._writer.use_key(self._key)
+                self._first_key = resumer.first_key(calls)
+                if self._first_key is not None:
+                    resumer.wait_for_earlier(
+                        self.account.service,
+                        self._first_key,
+                        poll_interval=self.cfg.poll_interval,
+                    )
+        plan = resumer.plan(calls)
+        outer: Future[Any] = Future()
+        if plan.complete:
+            outer.set_result(plan.values())
+            self.calls_resumed += len(plan)
+            self.calls_submitted += len(plan)
+            self.calls_completed += len(plan)
+            if callback is not None:
+                # From another thread, as a task's results come: joblib expects its
+                # callback after submit has returned.
+                _RESUMED.submit(callback, outer)
+            return outer
+        self.calls_resumed += len(plan.found)
+
+        def landed(inner: Future[Any]) -> None:
+            if inner.cancelled():
+                outer.cancel()
+            else:
+                try:
+                    outer.set_result(plan.merge(inner.result()))
+                except BaseException as e:
+                    outer.set_exception(e)
+            if callback is not None:
+                callback(outer)
+
+        inner = self._submit(resumer.wrap(calls, plan), landed)
+        if inner.cancelled():
+            outer.cancel()
+        return outer
+
+    def _submit(self, calls: Any, callback: Callable[[Any], Any] | None) -> Future[Any]:
+        """Queue one batch of calls (a joblib batch, or its `Memo`).
 
         The first batch is pickled here, before anything exists in Azure, so that an
         unpicklable function fails the call with nothing created; it is stored with the
@@ -680,6 +755,10 @@ class JobRun:
                 return
             was = self._move(RunState.CLOSED)
         _LIVE_RUNS.discard(self)
+        if self._resumer is not None:
+            self._resumer.close()
+            if self.calls_resumed:
+                _log.info("resumed %d calls from their stored results", self.calls_resumed)
         if was is RunState.NEW:
             return
         self._submitter.stop()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from .batch import PoolInfo
 from .errors import AzureBatchError, CredentialError, RunLostError
@@ -55,6 +55,7 @@ class Watchdog:
         interval: float = 30.0,
         capacity_timeout: float = 900.0,
         record: ClientRecord | None = None,
+        metadata: Mapping[str, str] | None = None,
         heartbeat_every: float = HEARTBEAT_EVERY,
         ending: Callable[[], bool] = lambda: False,
     ) -> None:
@@ -65,6 +66,9 @@ class Watchdog:
         self._interval = interval
         self._capacity_timeout = capacity_timeout
         self._record = record
+        #: The job's other metadata, written again with each heartbeat (Batch replaces the
+        #: whole list).
+        self._metadata = dict(metadata or {})
         self._heartbeat_every = heartbeat_every
         #: True once the run itself is ending the job: its own termination is not news.
         self._ending = ending
@@ -107,7 +111,9 @@ class Watchdog:
         self._next_beat = now + self._heartbeat_every
         self._record = self._record.beat()
         try:
-            self._service.set_job_metadata(self._job_id, self._record.to_metadata())
+            self._service.set_job_metadata(
+                self._job_id, {**self._metadata, **self._record.to_metadata()}
+            )
             self.beats += 1
         except AzureBatchError as e:
             _log.debug("the heartbeat of the job %s failed: %s", self._job_id, e)

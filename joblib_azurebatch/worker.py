@@ -46,6 +46,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from joblib_azurebatch.environment import check_pins, current_environment
 from joblib_azurebatch.errors import AzureBatchError, CredentialError, PayloadError
+from joblib_azurebatch.memo import TaskContext, task_context
 from joblib_azurebatch.payload import (
     CONTAINER_URL_ENV,
     KEY_BLOB_ENV,
@@ -349,6 +350,16 @@ class _SasBlobs:
     def write_result(self, data: bytes) -> None:
         _upload(self.result_url, data)
 
+    def read_ref(self, url: str) -> bytes | None:
+        """A call's record (`memo.Memo`), or None if it was never stored."""
+        try:
+            return _download(url)
+        except FileNotFoundError:
+            return None
+
+    def write_ref(self, url: str, data: bytes) -> None:
+        _upload(url, data)
+
     def close(self) -> None:
         return None
 
@@ -389,6 +400,16 @@ class _IdentityBlobs:
 
     def write_result(self, data: bytes) -> None:
         self._container.upload(self._result, data)
+
+    def read_ref(self, name: str) -> bytes | None:
+        """A call's record (`memo.Memo`), or None if it was never stored."""
+        try:
+            return self._container.download(name)
+        except FileNotFoundError:
+            return None
+
+    def write_ref(self, name: str, data: bytes) -> None:
+        self._container.upload(name, data)
 
     def close(self) -> None:
         self._container.close()
@@ -688,7 +709,15 @@ def _run_task(
     if pruned:
         _log(out, f"removed {pruned} objects unused for a week from the node cache")
     captured = _Captured()
-    value, error, timings = _run(envelope, cache, out, blobs.read_object, captured)
+    context = TaskContext(
+        job_id=envelope.job_id,
+        task_id=envelope.task_id,
+        signing_key=key,
+        read=blobs.read_ref,
+        write=blobs.write_ref,
+    )
+    with task_context(context):
+        value, error, timings = _run(envelope, cache, out, blobs.read_object, captured)
     timings["download"] = timings.get("download", 0.0) + elapsed
     result = encode_result(
         output=captured.output,

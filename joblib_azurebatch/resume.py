@@ -1,0 +1,226 @@
+"""The client side of ``BatchConfig(resume=True)``: which calls have a stored result.
+
+For each joblib batch a resumable run sends, `Resumer.plan` computes the key of every call
+(`memo.call_key`) and reads the stored record of each (in parallel), verifying it with the
+key of the job that wrote it (derived from the container's results key, `memo.job_key`).
+A batch whose calls all have one is answered at once, with no task; any other batch is sent
+as a `memo.Memo` that runs only the calls without one and stores each result as it
+finishes; `Plan.merge` puts the two together in joblib's order.
+
+Before its first batch, a resumable run waits for the earlier run of the same calls whose
+client died (`wait_for_earlier`): its job's tasks still run on the pool, and each call they
+finish is stored, so waiting for them is what keeps a call from running twice. The earlier
+job is then deleted; its stored results stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from .errors import PayloadError
+from .liveness import ClientRecord, client_gone
+from .memo import (
+    RESULTS_KEY_BLOB,
+    SKIPPED,
+    Memo,
+    call_key,
+    environment_fingerprint,
+    job_key,
+    read_record,
+    record_blob,
+)
+from .payload import job_prefix, node_identity_of
+from .service import BatchApi
+from .storage import BlobStore
+
+__all__ = ["RESUME_METADATA", "Plan", "Resumer", "results_key"]
+
+_log = logging.getLogger(__name__)
+
+#: Job metadata: the key of a resumable run's first call, by which a re-run finds it.
+RESUME_METADATA = "joblib-azurebatch-resume"
+#: Parallel reads of stored results per batch.
+_READERS = 8
+
+
+def results_key(store: BlobStore) -> bytes:
+    """The container's results key, created by the first resumable run that needs it (two
+    clients creating it at once agree: the second one's upload finds it there)."""
+    try:
+        return store.download(RESULTS_KEY_BLOB)
+    except FileNotFoundError:
+        store.upload_if_absent(RESULTS_KEY_BLOB, secrets.token_bytes(32))
+        return store.download(RESULTS_KEY_BLOB)
+
+
+@dataclass
+class Plan:
+    """One batch's calls: their keys and the results already stored for some of them."""
+
+    keys: list[str]
+    found: dict[int, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.found) == len(self.keys)
+
+    def values(self) -> list[Any]:
+        return [self.found[i] for i in range(len(self.keys))]
+
+    def merge(self, computed: Sequence[Any]) -> list[Any]:
+        """The batch's results: stored ones where the task skipped the call."""
+        if len(computed) != len(self.keys):
+            raise PayloadError(
+                f"a resumable task returned {len(computed)} results for {len(self.keys)} calls"
+            )
+        return [
+            self.found[i] if value == SKIPPED and i in self.found else value
+            for i, value in enumerate(computed)
+        ]
+
+
+class Resumer:
+    """Looks up and wraps the batches of one resumable run."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        *,
+        image: str,
+        any_environment: bool,
+        sas_expiry: float,
+    ) -> None:
+        self._store = store
+        self._any_environment = any_environment
+        self._expiry = timedelta(seconds=sas_expiry)
+        self.environment = environment_fingerprint(image)
+        self._results_key: bytes | None = None
+        self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="azurebatch-resume")
+        self._identity = node_identity_of(store) is not None
+        #: Counters for tests, benchmarks and the run's last line.
+        self.reused = 0
+        self.refused = 0
+
+    @property
+    def results_key(self) -> bytes:
+        if self._results_key is None:
+            self._results_key = results_key(self._store)
+        return self._results_key
+
+    def signing_key(self, job_id: str) -> bytes:
+        """The key the job ``job_id`` signs its payloads and results with."""
+        return job_key(self.results_key, job_id)
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=False, cancel_futures=True)
+
+    # -- looking up
+
+    def first_key(self, calls: Any) -> str | None:
+        items = _items(calls)
+        return call_key(*items[0]) if items else None
+
+    def plan(self, calls: Any) -> Plan:
+        """The keys of ``calls`` (a joblib ``BatchedCalls``) and their stored results."""
+        items = _items(calls)
+        if items is None:
+            raise PayloadError(
+                f"resume=True runs joblib batches of calls, not {type(calls).__name__}"
+            )
+        plan = Plan(keys=[call_key(*item) for item in items])
+        for index, found in enumerate(self._readers.map(self._lookup, plan.keys)):
+            if found is not None:
+                plan.found[index] = found[0]
+        self.reused += len(plan.found)
+        return plan
+
+    def _lookup(self, key: str) -> tuple[Any] | None:
+        try:
+            data = self._store.download(record_blob(key))
+        except FileNotFoundError:
+            return None
+        try:
+            record = read_record(data, self.signing_key, key=key)
+            if record.environment != self.environment and not self._any_environment:
+                _log.info("call %s was computed in another environment: it runs again", key)
+                return None
+            return (record.result(),)
+        except Exception as e:
+            self.refused += 1
+            _log.warning("the stored result of call %s is refused (%s): it runs again", key, e)
+            return None
+
+    def wrap(self, calls: Any, plan: Plan) -> Memo:
+        """What a task runs for ``calls``: the calls without a stored result, each with
+        where its record goes (a read-write SAS URL for that one blob, or its name)."""
+        refs: list[str | None] = []
+        for index, key in enumerate(plan.keys):
+            if index in plan.found:
+                refs.append(None)
+            elif self._identity:
+                refs.append(record_blob(key))
+            else:
+                refs.append(
+                    self._store.sas_url(
+                        record_blob(key), read=True, write=True, expiry=self._expiry
+                    )
+                )
+        return Memo(calls, plan.keys, refs, self.environment)
+
+    # -- the earlier run
+
+    def wait_for_earlier(
+        self,
+        service: BatchApi,
+        first_key: str,
+        *,
+        poll_interval: float,
+        sleep: Callable[[float], None] = time.sleep,
+        log: Callable[[str], None] = _log.warning,
+    ) -> list[str]:
+        """Wait until the jobs of earlier runs of these calls, whose clients are gone, have
+        no task left to run; delete them; return their ids."""
+        earlier = [
+            job
+            for job in service.list_jobs()
+            if job.metadata.get(RESUME_METADATA) == first_key and job.state == "active"
+        ]
+        orphans = []
+        for job in earlier:
+            record = ClientRecord.from_metadata(job.metadata)
+            if record is not None and client_gone(record) is not None:
+                orphans.append(job.job_id)
+        for job_id in orphans:
+            said = False
+            while True:
+                counts = service.task_counts(job_id)
+                left = counts.active + counts.running
+                if left == 0:
+                    break
+                if not said:
+                    log(
+                        f"resuming: the job {job_id} of an earlier run of these calls still "
+                        f"has {left} tasks to run; waiting for them, then taking their results"
+                    )
+                    said = True
+                sleep(poll_interval)
+            service.delete_job(job_id)
+            self._store.delete_prefix(job_prefix(job_id))
+        return orphans
+
+
+def _items(calls: Any) -> list[tuple[Any, Sequence[Any], dict[str, Any]]] | None:
+    items = getattr(calls, "items", None)
+    if not isinstance(items, list):
+        return None
+    return [(f, tuple(a), dict(k)) for f, a, k in items]
