@@ -351,18 +351,35 @@ def _our_jobs(svc: BatchService, *, include_all: bool) -> list[JobInfo]:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
+    """The library's jobs; for a resumable run (``resume=True``), whether its client is
+    alive and how many of its tasks are done, so that a user knows that re-running its
+    script will pick it up."""
+    from joblib_azurebatch.liveness import ClientRecord, client_gone
+    from joblib_azurebatch.resume import RESUME_METADATA
+
     with _batch_service(_config_from_env()) as svc:
         jobs = _our_jobs(svc, include_all=args.all)
-    rows = [
-        (
-            j.job_id,
-            j.pool_id or "",
-            j.state,
-            j.creation_time.strftime("%Y-%m-%d %H:%M:%S") if j.creation_time else "",
-        )
-        for j in jobs
-    ]
-    _print_rows(rows, ("JOB", "POOL", "STATE", "CREATED (UTC)"), sys.stdout)
+        rows = []
+        for j in jobs:
+            resumable = ""
+            if RESUME_METADATA in j.metadata:
+                record = ClientRecord.from_metadata(j.metadata)
+                gone = record is not None and client_gone(record) is not None
+                resumable = "yes, client gone" if gone else "yes, client alive"
+                if j.state == "active":
+                    counts = svc.task_counts(j.job_id)
+                    total = counts.active + counts.running + counts.completed
+                    resumable += f", {counts.completed}/{total} tasks done"
+            rows.append(
+                (
+                    j.job_id,
+                    j.pool_id or "",
+                    j.state,
+                    j.creation_time.strftime("%Y-%m-%d %H:%M:%S") if j.creation_time else "",
+                    resumable,
+                )
+            )
+    _print_rows(rows, ("JOB", "POOL", "STATE", "CREATED (UTC)", "RESUMABLE"), sys.stdout)
     return 0
 
 
@@ -410,20 +427,33 @@ def cmd_jobs_delete(args: argparse.Namespace) -> int:
 
 
 def cleanup(
-    cfg: BatchConfig, *, dry_run: bool, out: TextIO, stale_after: float = STALE_AFTER
+    cfg: BatchConfig,
+    *,
+    dry_run: bool,
+    out: TextIO,
+    stale_after: float = STALE_AFTER,
+    resumable_after: float | None = None,
+    results: bool = False,
 ) -> tuple[int, int, int]:
     """Remove what clients that are gone left behind (see :mod:`joblib_azurebatch.leftovers`).
 
     Returns ``(jobs, blobs, pools)`` deleted (or that would be, with ``dry_run``). Jobs
-    whose client may still be alive are listed as kept, never touched.
+    whose client may still be alive are listed as kept, never touched; so are the jobs of
+    resumable runs younger than ``resumable_after`` seconds (None: all of them). With
+    ``results`` the stored results of resumable runs (``results/``) go too.
     """
     from joblib_azurebatch.leftovers import find_leftovers, remove_leftovers
+    from joblib_azurebatch.memo import RESULTS_PREFIX
     from joblib_azurebatch.storage import BlobStore
 
     with _batch_service(cfg) as svc, contextlib.closing(BlobStore.from_config(cfg)) as store:
-        found = find_leftovers(svc, store, stale_after=stale_after)
+        found = find_leftovers(svc, store, stale_after=stale_after, resumable_after=resumable_after)
+        if results:
+            found.blob_prefixes.append(RESULTS_PREFIX)
         for job, why in found.live:
             print(f"kept job {job.job_id}: {why}", file=out)
+        for job, why in found.resumable:
+            print(f"kept job {job.job_id}: {why} (--resumable-older-than removes it)", file=out)
         for job in found.unrecorded:
             print(
                 f"kept job {job.job_id}: it records no client, so whether it is live is "
@@ -435,6 +465,8 @@ def cleanup(
             for job, why in found.jobs:
                 print(f"would delete job {job.job_id}: {why}", file=out)
             names = store.list_names("jobs/") if found.blob_prefixes else []
+            if results:
+                names += store.list_names(RESULTS_PREFIX)
             for prefix in found.blob_prefixes:
                 count = sum(1 for name in names if name.startswith(prefix))
                 blobs += count
@@ -456,11 +488,14 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             f"run ({3 * HEARTBEAT_EVERY / 60:g} minutes): it would take live runs on other "
             "hosts for dead ones"
         )
+    older = args.resumable_older_than
     cleanup(
         _config_from_env(container=args.container),
         dry_run=args.dry_run,
         out=sys.stdout,
         stale_after=args.stale_after * 60,
+        resumable_after=None if older is None else older * 3600,
+        results=args.results,
     )
     return 0
 
@@ -579,6 +614,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MINUTES",
         help="a client on another host is gone when its heartbeat is older than this "
         f"(default {STALE_AFTER / 60:.0f})",
+    )
+    clean.add_argument(
+        "--resumable-older-than",
+        type=float,
+        default=None,
+        metavar="HOURS",
+        help="also delete the jobs of resumable runs (resume=True) whose client is gone and "
+        "that are at least this old; without it they are kept for a re-run of their script",
+    )
+    clean.add_argument(
+        "--results",
+        action="store_true",
+        help="also delete every stored result of resumable runs (results/ in the container)",
     )
     clean.add_argument(
         "--container",

@@ -13,6 +13,12 @@ lost machine or a power cut nothing ran, so `joblib-azurebatch cleanup` finds th
 - **pools** that the library created to be deleted when idle (their metadata says so) and
   that no live run uses once the jobs above are gone. Pools created by the user or with
   ``keep_pool=True`` are left alone.
+
+The job of a resumable run (``resume=True``) whose client is gone is spared, with its
+blobs and its pool: its tasks still run and store their calls' results, and the same
+script run again waits for them and takes those results (:mod:`joblib_azurebatch.resume`).
+It goes only when asked (``resumable_after``: when it is at least that old). The stored
+results themselves (``results/``) are never leftovers.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from .errors import AzureBatchError
 from .liveness import STALE_AFTER, ClientRecord, client_gone
 from .payload import job_prefix
 from .pools import library_pool, live_users
+from .resume import RESUME_METADATA
 
 if TYPE_CHECKING:
     from .service import BatchApi
@@ -69,6 +76,8 @@ class Leftovers:
     live: list[tuple[JobInfo, str]] = field(default_factory=list)
     #: Library-shaped jobs with no client record: reported, not removed.
     unrecorded: list[JobInfo] = field(default_factory=list)
+    #: Jobs of resumable runs whose client is gone, kept for a re-run, and why.
+    resumable: list[tuple[JobInfo, str]] = field(default_factory=list)
 
 
 def find_leftovers(
@@ -76,8 +85,13 @@ def find_leftovers(
     store: BlobStore | None,
     *,
     stale_after: float = STALE_AFTER,
+    resumable_after: float | None = None,
 ) -> Leftovers:
-    """Look through the account; removes nothing (see :func:`remove_leftovers`)."""
+    """Look through the account; removes nothing (see :func:`remove_leftovers`).
+
+    ``resumable_after``: seconds after which the job of a resumable run whose client is
+    gone goes too (None: never).
+    """
     found = Leftovers()
     now = _dt.datetime.now(_dt.timezone.utc)
     jobs = service.list_jobs()
@@ -100,6 +114,13 @@ def find_leftovers(
         gone = client_gone(record, stale_after=stale_after)
         if gone is None:
             found.live.append((job, f"its client {record.host} (pid {record.pid}) is alive"))
+            live_ids.add(job.job_id)
+        elif RESUME_METADATA in job.metadata and (
+            resumable_after is None or _age(job.job_id, now) < resumable_after
+        ):
+            found.resumable.append(
+                (job, f"{gone}, but it is resumable: run its script again to take its results")
+            )
             live_ids.add(job.job_id)
         else:
             found.jobs.append((job, gone))
@@ -129,7 +150,8 @@ def find_leftovers(
         users = live_users(
             [j for j in jobs if j.pool_id == pool.pool_id and j.job_id not in leaving]
         )
-        if not users:
+        kept = [j for j, _ in found.resumable if j.pool_id == pool.pool_id]
+        if not users and not kept:
             found.pools.append((pool, "the library created it and no live run uses it"))
     return found
 

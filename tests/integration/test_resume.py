@@ -7,6 +7,8 @@ disk), so the tests count executions, not results.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import joblib
 import pytest
 from joblib import Parallel, delayed
 
+from joblib_azurebatch import cli
 from joblib_azurebatch.memo import RESULTS_PREFIX
 from tests.helpers.clients import client_env
 from tests.helpers.waiting import unique
@@ -109,7 +112,9 @@ print(f"OK {time.monotonic() - started:.2f}", flush=True)
 """
 
 
-def test_a_killed_client_rerun_computes_every_call_once(local, tmp_path, batch_client):
+def test_a_killed_client_rerun_computes_every_call_once(
+    local, tmp_path, batch_client, monkeypatch, capsys
+):
     """SIGKILL a client in the middle of 200 calls; the same script run again waits for the
     calls the dead client's job still runs, takes every stored result and runs the rest."""
     calls, seconds = 200, 0.05
@@ -132,6 +137,18 @@ def test_a_killed_client_rerun_computes_every_call_once(local, tmp_path, batch_c
         killed_after = time.monotonic() - started
         at_kill = len(list(markers.iterdir()))
         assert 60 <= at_kill < calls
+        # What the user sees meanwhile: the run is listed as resumable, and cleanup keeps it.
+        for variable, value in env.items():
+            if variable not in os.environ or os.environ[variable] != value:
+                monkeypatch.setenv(variable, value)
+        capsys.readouterr()
+        assert cli.main(["jobs", "list"]) == 0
+        assert cli.main(["cleanup", "--dry-run"]) == 0
+        shown = capsys.readouterr().out
+        (line,) = [x for x in shown.splitlines() if x.startswith(name) and "yes" in x]
+        assert "client gone" in line
+        assert re.search(r"kept job \S+: .*resumable", shown)
+        assert f"would delete job {name}" not in shown
         rerun_started = time.monotonic()
         second = subprocess.run(
             argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240

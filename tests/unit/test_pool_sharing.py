@@ -128,6 +128,28 @@ def test_cleanup_removes_a_dead_clients_job_and_pool_and_never_a_live_run(batch)
     assert any("has exited" in line for line in lines)
 
 
+def test_cleanup_spares_a_resumable_run_and_its_pool_unless_asked(batch):
+    """A resumable run's job keeps running its tasks (and storing their results) after its
+    client died; a re-run of its script waits for them, so cleanup leaves it and its pool
+    until it is older than what the user allows."""
+    from joblib_azurebatch.resume import RESUME_METADATA
+
+    registry = PoolRegistry()
+    registry.acquire(batch, pool_spec("resumable-pool"), account_url=URL, keep=False)
+    batch.create_job(JOB, "resumable-pool", metadata={**dead_metadata(), RESUME_METADATA: "k"})
+
+    found = find_leftovers(batch, None)
+    assert [j.job_id for j, _ in found.resumable] == [JOB]
+    assert found.jobs == []
+    assert found.pools == []
+
+    # JOB's id says it was made in 2026-01: "older than an hour" takes it, and its pool.
+    found = find_leftovers(batch, None, resumable_after=3600)
+    assert [j.job_id for j, _ in found.jobs] == [JOB]
+    assert [p.pool_id for p, _ in found.pools] == ["resumable-pool"]
+    assert found.resumable == []
+
+
 def test_a_kept_pool_drains_when_idle_only_if_asked(batch):
     registry = PoolRegistry()
     registry.acquire(batch, pool_spec("kept"), account_url=URL, keep=True, idle_minutes=30)
