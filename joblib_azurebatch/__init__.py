@@ -39,6 +39,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .backend import AzureBatchBackend
     from .pools import PoolDifferenceWarning
+    from .resume import StoredResults
 
 __all__ = [
     "AzureBatchBackend",
@@ -57,6 +58,7 @@ __all__ = [
     "VersionMismatchError",
     "__version__",
     "register",
+    "stored_results",
 ]
 
 try:
@@ -80,6 +82,21 @@ def register(*, name: str = BACKEND_NAME, make_default: bool = False) -> None:
     ``make_default=True`` makes every ``Parallel`` without a backend use Azure Batch.
     """
     register_parallel_backend(name, _backend_factory, make_default=make_default)
+
+
+def stored_results(job_id: str, config: BatchConfig | None = None) -> StoredResults:
+    """The results the tasks of the resumable job ``job_id`` stored, without re-running its
+    script (``resume=True``; see docs/resume.md): ``.values`` in call order, with
+    ``joblib_azurebatch.resume.MISSING`` where a call has none yet. ``config`` names the
+    storage account and container (default: `BatchConfig.from_env`)."""
+    import contextlib
+
+    from .resume import stored_results as _stored
+    from .storage import BlobStore
+
+    cfg = config if config is not None else BatchConfig.from_env()
+    with contextlib.closing(BlobStore.from_config(cfg)) as store:
+        return _stored(store, job_id)
 
 
 def __getattr__(name: str) -> Any:

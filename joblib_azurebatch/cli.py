@@ -383,6 +383,30 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs_results(args: argparse.Namespace) -> int:
+    """Fetch what the tasks of a resumable job stored, without its script: a summary, and
+    with ``--output`` a pickle of the values in call order (None for a call without one)."""
+    import pickle
+
+    from joblib_azurebatch.resume import MISSING, stored_results
+    from joblib_azurebatch.storage import BlobStore
+
+    cfg = _config_from_env(container=args.container)
+    with contextlib.closing(BlobStore.from_config(cfg)) as store:
+        found = stored_results(store, args.job_id)
+    print(
+        f"job {args.job_id}: {found.finished} of the {len(found.keys)} calls its tasks were "
+        "given have a stored result; run its script again with resume=True for the rest",
+        file=sys.stdout,
+    )
+    if args.output:
+        values = [None if v is MISSING else v for v in found.values]
+        with open(args.output, "wb") as out:
+            pickle.dump(values, out)
+        print(f"wrote {len(values)} values (None: not finished) to {args.output}")
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     """A task's stdout.txt and stderr.txt (their last ``--tail`` bytes), or, without a
     task, the job's tasks with their state and exit code."""
@@ -433,14 +457,15 @@ def cleanup(
     out: TextIO,
     stale_after: float = STALE_AFTER,
     resumable_after: float | None = None,
-    results: bool = False,
+    results_after: float | None = None,
 ) -> tuple[int, int, int]:
     """Remove what clients that are gone left behind (see :mod:`joblib_azurebatch.leftovers`).
 
     Returns ``(jobs, blobs, pools)`` deleted (or that would be, with ``dry_run``). Jobs
     whose client may still be alive are listed as kept, never touched; so are the jobs of
     resumable runs younger than ``resumable_after`` seconds (None: all of them). With
-    ``results`` the stored results of resumable runs (``results/``) go too.
+    ``results_after`` the stored results of resumable runs (``results/``) written at least
+    that many seconds ago go too.
     """
     from joblib_azurebatch.leftovers import find_leftovers, remove_leftovers
     from joblib_azurebatch.memo import RESULTS_PREFIX
@@ -448,8 +473,9 @@ def cleanup(
 
     with _batch_service(cfg) as svc, contextlib.closing(BlobStore.from_config(cfg)) as store:
         found = find_leftovers(svc, store, stale_after=stale_after, resumable_after=resumable_after)
-        if results:
-            found.blob_prefixes.append(RESULTS_PREFIX)
+        expired = (
+            [] if results_after is None else store.names_older_than(RESULTS_PREFIX, results_after)
+        )
         for job, why in found.live:
             print(f"kept job {job.job_id}: {why}", file=out)
         for job, why in found.resumable:
@@ -465,17 +491,21 @@ def cleanup(
             for job, why in found.jobs:
                 print(f"would delete job {job.job_id}: {why}", file=out)
             names = store.list_names("jobs/") if found.blob_prefixes else []
-            if results:
-                names += store.list_names(RESULTS_PREFIX)
             for prefix in found.blob_prefixes:
                 count = sum(1 for name in names if name.startswith(prefix))
                 blobs += count
                 print(f"would delete {count} blobs under {store.container}/{prefix}", file=out)
             for pool, why in found.pools:
                 print(f"would delete pool {pool.pool_id}: {why}", file=out)
-            counts = (len(found.jobs), blobs, len(found.pools))
+            if expired:
+                print(f"would delete {len(expired)} stored results", file=out)
+            counts = (len(found.jobs), blobs + len(expired), len(found.pools))
         else:
             counts = remove_leftovers(svc, store, found, report=lambda line: print(line, file=out))
+            if expired:
+                gone = store.delete_blobs(expired)
+                print(f"deleted {gone} stored results", file=out)
+                counts = (counts[0], counts[1] + gone, counts[2])
     verb = "would delete" if dry_run else "deleted"
     print(f"{verb} {counts[0]} jobs, {counts[1]} blobs and {counts[2]} pools", file=out)
     return counts
@@ -495,7 +525,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
         out=sys.stdout,
         stale_after=args.stale_after * 60,
         resumable_after=None if older is None else older * 3600,
-        results=args.results,
+        results_after=None if args.results_older_than is None else args.results_older_than * 86400,
     )
     return 0
 
@@ -575,6 +605,20 @@ def build_parser() -> argparse.ArgumentParser:
     jl = jobs_sub.add_parser("list", help="list the jobs this library created")
     jl.add_argument("--all", action="store_true", help="list every job on the account")
     jl.set_defaults(func=cmd_jobs_list)
+    jr = jobs_sub.add_parser(
+        "results",
+        help="fetch the stored results of a resumable run (resume=True) without its script",
+    )
+    jr.add_argument("job_id", metavar="JOB_ID")
+    jr.add_argument(
+        "-o", "--output", default=None, metavar="FILE", help="write the values, pickled, here"
+    )
+    jr.add_argument(
+        "--container",
+        default=None,
+        help="the blob container (default: JOBLIB_AZUREBATCH_CONTAINER, else joblib-azurebatch)",
+    )
+    jr.set_defaults(func=cmd_jobs_results)
     jd = jobs_sub.add_parser("delete", help="delete jobs (their running tasks are killed)")
     jd.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     jd.set_defaults(func=cmd_jobs_delete)
@@ -624,9 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
         "that are at least this old; without it they are kept for a re-run of their script",
     )
     clean.add_argument(
-        "--results",
-        action="store_true",
-        help="also delete every stored result of resumable runs (results/ in the container)",
+        "--results-older-than",
+        type=float,
+        default=None,
+        metavar="DAYS",
+        help="also delete the stored results of resumable runs (results/ in the container) "
+        "written at least this many days ago (0: all of them)",
     )
     clean.add_argument(
         "--container",

@@ -249,6 +249,9 @@ class BatchConfig:
     #: With resume: also take results computed in another environment (other Python or
     #: package versions, another node image).
     resume_any_environment: bool = False
+    #: Like resume, but a stored result of any run is taken, not only one of a run of the
+    #: same calls: a memory shared by every machine using the container.
+    cache: bool = False
 
     #: field -> environment variables `from_env` reads for it, first one set wins.
     ENV_VARS: ClassVar[Mapping[str, tuple[str, ...]]]
@@ -387,6 +390,7 @@ class BatchConfig:
             "forward_output",
             "resume",
             "resume_any_environment",
+            "cache",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")

@@ -88,12 +88,26 @@ def job_key(results_key: bytes, job_id: str) -> bytes:
 # ---------------------------------------------------------------------- keys
 
 
+def _const(const: Any) -> Any:
+    """A code constant as text that is the same in every process: a set literal is a
+    frozenset, whose repr follows the string hash seed, so its items are sorted."""
+    if isinstance(const, types.CodeType):
+        return _code_digest(const)
+    if isinstance(const, frozenset):
+        return ("frozenset", sorted(repr(_const(c)) for c in const))
+    if isinstance(const, tuple):
+        return tuple(_const(c) for c in const)
+    return repr(const)
+
+
 def _code_digest(code: types.CodeType) -> str:
-    """The code itself, not its place: bytecode, constants (nested functions' code too),
-    names. A comment or a blank line does not change it; any edit to what runs does."""
+    """The function's own code, not its place: bytecode, constants (nested functions' code
+    too), names. A comment or a blank line does not change it; an edit of the function's
+    body does. What it reads from module globals, and the helpers it calls, are not part
+    of it (as with ``joblib.Memory``): after changing those, change the call or run
+    without ``resume``."""
     parts: list[Any] = [code.co_code, code.co_names, code.co_varnames, code.co_freevars]
-    for const in code.co_consts:
-        parts.append(_code_digest(const) if isinstance(const, types.CodeType) else repr(const))
+    parts.extend(_const(const) for const in code.co_consts)
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -180,13 +194,22 @@ class CallRecord:
     environment: str
     written: str
     value: bytes
+    #: The run (the key of its first call) whose task computed it.
+    run: str = ""
 
     def result(self) -> Any:
         return pickle.loads(self.value)
 
 
 def encode_record(
-    *, job_id: str, task_id: str, key: str, environment: str, value: Any, signing_key: bytes
+    *,
+    job_id: str,
+    task_id: str,
+    key: str,
+    environment: str,
+    value: Any,
+    signing_key: bytes,
+    run: str = "",
 ) -> bytes:
     """``len(job_id) | job_id | MAGIC | version | HMAC | body``: the job id comes first, in
     the clear, so that a reader knows which job's key verifies the rest."""
@@ -196,6 +219,7 @@ def encode_record(
             "task_id": task_id,
             "key": key,
             "environment": environment,
+            "run": run,
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "value": cloudpickle.dumps(value),
         },
@@ -244,6 +268,7 @@ def read_record(data: bytes, key_of: Callable[[str], bytes], *, key: str) -> Cal
         environment=str(fields["environment"]),
         written=str(fields["written"]),
         value=bytes(fields["value"]),
+        run=str(fields.get("run", "")),
     )
 
 
@@ -293,12 +318,18 @@ class Memo:
     """
 
     def __init__(
-        self, calls: Any, keys: Sequence[str], refs: Sequence[str | None], environment: str
+        self,
+        calls: Any,
+        keys: Sequence[str],
+        refs: Sequence[str | None],
+        environment: str,
+        run: str = "",
     ) -> None:
         self.calls = calls
         self.keys = list(keys)
         self.refs = list(refs)
         self.environment = environment
+        self.run = run
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -364,6 +395,7 @@ class Memo:
                         environment=self.environment,
                         value=value,
                         signing_key=context.signing_key,
+                        run=self.run,
                     )
                     uploads.put((ref, record))
         finally:

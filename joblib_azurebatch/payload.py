@@ -107,6 +107,7 @@ __all__ = [
     "payload_blob",
     "read_result",
     "result_blob",
+    "task_keys",
     "versions",
     "warning_record",
     "with_source_lines",
@@ -338,6 +339,10 @@ class DumpedTask:
     #: Bytes this dump added to the client's memory: the calls, and the objects no earlier
     #: dump of the job holds or stored (an object shared with another task counts once).
     nbytes: int = 0
+    #: The keys of the task's calls in a resumable run (`memo.Memo`), in order: signed
+    #: into the payload as plain data, so that the run's results can be fetched without
+    #: its script (`resume.stored_results`).
+    keys: tuple[str, ...] = ()
 
 
 #: Mapping over a flush's tasks and objects: ``map``, or a thread pool's ``map`` to do them
@@ -387,6 +392,15 @@ def _callable_parts(func: Any, depth: int = 0) -> list[Any]:
     if wrapped is not None and wrapped is not func and not isinstance(func, type):
         return _callable_parts(wrapped, depth + 1)
     return [func]
+
+
+def _memo_keys(calls: Any) -> list[str]:
+    """The call keys of a resumable task (a `Memo`, or a `Bundle` of them); [] otherwise."""
+    if isinstance(calls, Memo):
+        return list(calls.keys)
+    if isinstance(calls, Bundle):
+        return [key for part in calls.parts for key in _memo_keys(part)]
+    return []
 
 
 def _calls_of(calls: Any) -> list[tuple[Any, tuple[Any, ...], dict[str, Any]]] | None:
@@ -679,7 +693,12 @@ class PayloadWriter:
                     nbytes += len(data)
                 kept[sha] = None if sha in self._stored else self._pending.setdefault(sha, data)
         return DumpedTask(
-            task_id=task_id, calls=calls_bytes, objects=kept, uses=uses, nbytes=nbytes
+            task_id=task_id,
+            calls=calls_bytes,
+            objects=kept,
+            uses=uses,
+            nbytes=nbytes,
+            keys=tuple(_memo_keys(calls)),
         )
 
     # -- storing
@@ -796,6 +815,7 @@ class PayloadWriter:
             "objects": table,
             "inline": inline,
             "calls": dumped.calls,
+            "keys": list(dumped.keys),
         }
         envelope = _seal(TASK_MAGIC, body, self._key)
         payload_name = payload_blob(self.job_id, dumped.task_id)
@@ -971,6 +991,16 @@ def check_task_binding(envelope: TaskEnvelope, *, job_id: str, task_id: str) -> 
         "container). None of its calls were unpickled; check who may write to the storage "
         "account (docs/security.md)"
     )
+
+
+def task_keys(data: bytes, key: bytes, *, job_id: str, task_id: str) -> list[str]:
+    """The call keys signed into the payload of task ``task_id`` of a resumable job, read
+    without unpickling anything of the user's; `PayloadError` if it does not verify or is
+    another task's."""
+    body = _unseal(TASK_MAGIC, data, key, what="task payload")
+    if (body.get("job_id"), body.get("task_id")) != (job_id, task_id):
+        raise PayloadError(f"the stored payload of task {task_id} is not that task's")
+    return [str(k) for k in body.get("keys", ())]
 
 
 def decode_task(data: bytes, key: bytes) -> TaskEnvelope:

@@ -28,7 +28,6 @@ from .errors import PayloadError
 from .liveness import ClientRecord, client_gone
 from .memo import (
     RESULTS_KEY_BLOB,
-    SKIPPED,
     Memo,
     call_key,
     environment_fingerprint,
@@ -36,11 +35,19 @@ from .memo import (
     read_record,
     record_blob,
 )
-from .payload import job_prefix, node_identity_of
+from .payload import job_prefix, node_identity_of, payload_blob, task_keys
 from .service import BatchApi
 from .storage import BlobStore
 
-__all__ = ["RESUME_METADATA", "Plan", "Resumer", "results_key"]
+__all__ = [
+    "MISSING",
+    "RESUME_METADATA",
+    "Plan",
+    "Resumer",
+    "StoredResults",
+    "results_key",
+    "stored_results",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -83,10 +90,9 @@ class Plan:
             raise PayloadError(
                 f"a resumable task returned {len(computed)} results for {len(self.keys)} calls"
             )
-        return [
-            self.found[i] if value == SKIPPED and i in self.found else value
-            for i, value in enumerate(computed)
-        ]
+        # The task skipped exactly the calls found (by index: a value is never compared,
+        # since an array's == is no truth value).
+        return [self.found.get(i, value) for i, value in enumerate(computed)]
 
 
 class Resumer:
@@ -99,9 +105,14 @@ class Resumer:
         image: str,
         any_environment: bool,
         sas_expiry: float,
+        cache: bool = False,
     ) -> None:
         self._store = store
         self._any_environment = any_environment
+        #: True: a result of any run is taken (``cache=True``); False: only those of the
+        #: runs of the same calls (whose first call has the key `run`).
+        self.cache = cache
+        self.run = ""
         self._expiry = timedelta(seconds=sas_expiry)
         self.environment = environment_fingerprint(image)
         self._results_key: bytes | None = None
@@ -138,11 +149,16 @@ class Resumer:
                 f"resume=True runs joblib batches of calls, not {type(calls).__name__}"
             )
         plan = Plan(keys=[call_key(*item) for item in items])
-        for index, found in enumerate(self._readers.map(self._lookup, plan.keys)):
+        for index, found in enumerate(self.stored(plan.keys)):
             if found is not None:
                 plan.found[index] = found[0]
         self.reused += len(plan.found)
         return plan
+
+    def stored(self, keys: Sequence[str]) -> list[tuple[Any] | None]:
+        """Per key, ``(value,)`` of its verified stored result that this run may take, or
+        None; read in parallel."""
+        return list(self._readers.map(self._lookup, keys))
 
     def _lookup(self, key: str) -> tuple[Any] | None:
         try:
@@ -151,6 +167,9 @@ class Resumer:
             return None
         try:
             record = read_record(data, self.signing_key, key=key)
+            if not self.cache and record.run != self.run:
+                _log.info("call %s was computed by another run: it runs again", key)
+                return None
             if record.environment != self.environment and not self._any_environment:
                 _log.info("call %s was computed in another environment: it runs again", key)
                 return None
@@ -175,7 +194,7 @@ class Resumer:
                         record_blob(key), read=True, write=True, expiry=self._expiry
                     )
                 )
-        return Memo(calls, plan.keys, refs, self.environment)
+        return Memo(calls, plan.keys, refs, self.environment, run=self.run)
 
     # -- the earlier run
 
@@ -224,3 +243,65 @@ def _items(calls: Any) -> list[tuple[Any, Sequence[Any], dict[str, Any]]] | None
     if not isinstance(items, list):
         return None
     return [(f, tuple(a), dict(k)) for f, a, k in items]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: Stands, in `StoredResults.values`, for a call with no stored result (yet).
+MISSING: Any = _Missing()
+
+
+@dataclass(frozen=True)
+class StoredResults:
+    """What the tasks of a resumable job stored, in the order its client sent the calls."""
+
+    job_id: str
+    #: The key of every call the job's tasks were given, in order.
+    keys: list[str]
+    #: Each call's result, or `MISSING` where none is stored (yet).
+    values: list[Any]
+
+    @property
+    def finished(self) -> int:
+        return sum(1 for v in self.values if v is not MISSING)
+
+
+def stored_results(store: BlobStore, job_id: str, *, any_environment: bool = True) -> StoredResults:
+    """The results the tasks of the resumable job ``job_id`` have stored, read without its
+    script: the calls' keys come from the job's signed payloads (``jobs/{job_id}/``, kept
+    until the job is cleaned up), each result is verified before it is unpickled.
+
+    Calls the client never sent (it died first) are not known here; re-running the script
+    with ``resume=True`` computes them.
+    """
+    key = job_key(results_key(store), job_id)
+    tasks = sorted(
+        {
+            n.split("/")[3]
+            for n in store.list_names(f"{job_prefix(job_id)}tasks/")
+            if n.endswith("/payload")
+        }
+    )
+    if not tasks:
+        raise FileNotFoundError(
+            f"no payload of the job {job_id} is stored: it is not a resumable job of this "
+            "container, or its blobs were cleaned up"
+        )
+    keys: list[str] = []
+    for task_id in tasks:
+        data = store.download(payload_blob(job_id, task_id))
+        keys.extend(task_keys(data, key, job_id=job_id, task_id=task_id))
+    # A task sent again with fresh URLs has a second payload with the same calls.
+    keys = list(dict.fromkeys(keys))
+    resumer = Resumer(
+        store, image="", any_environment=any_environment, sas_expiry=3600.0, cache=True
+    )
+    try:
+        found = resumer.stored(keys)
+    finally:
+        resumer.close()
+    values = [MISSING if f is None else f[0] for f in found]
+    return StoredResults(job_id=job_id, keys=keys, values=values)

@@ -177,12 +177,13 @@ class JobRun:
         #: resume=True: the run's calls are keyed, and their stored results taken.
         self._resumer: Resumer | None = None
         self._first_key: str | None = None
-        if self.cfg.resume:
+        if self.cfg.resume or self.cfg.cache:
             self._resumer = Resumer(
                 account.store,
                 image=self.cfg.node_image,
                 any_environment=self.cfg.resume_any_environment,
                 sas_expiry=self.cfg.sas_expiry,
+                cache=self.cfg.cache,
             )
         self._writer = PayloadWriter(
             account.store,
@@ -420,6 +421,7 @@ class JobRun:
                 self._key = resumer.signing_key(self.job_id)
                 self._writer.use_key(self._key)
                 self._first_key = resumer.first_key(calls)
+                resumer.run = self._first_key or ""
                 if self._first_key is not None:
                     resumer.wait_for_earlier(
                         self.account.service,
@@ -577,10 +579,12 @@ class JobRun:
             # ran: its payload and result are of no more use. Deleted in the background; the
             # objects the job's tasks share go only with the run's end.
 
-            sweeper.SWEEPER.discard(
-                self.account.store,
-                [payload_blob(self.job_id, task.task_id), _result_blob(self.job_id, task.task_id)],
-            )
+            # A resumable run keeps its payloads until its end: they name its calls' keys,
+            # which is how `stored_results` finds them if this process dies.
+            names = [_result_blob(self.job_id, task.task_id)]
+            if self._resumer is None:
+                names.append(payload_blob(self.job_id, task.task_id))
+            sweeper.SWEEPER.discard(self.account.store, names)
 
     def _outcomes(self, task: Task, done: TaskDone) -> list[tuple[bool, Any]]:
         """One ``(ok, value or exception)`` per part of the task."""

@@ -459,6 +459,17 @@ class BlobStore:
                 str(name) for name in self._container.list_blob_names(name_starts_with=prefix)
             )
 
+    def names_older_than(self, prefix: str, seconds: float) -> list[str]:
+        """Names of the blobs under a prefix last written at least ``seconds`` ago, sorted
+        (for expiring stored results)."""
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=seconds)
+        with _translated("Listing blobs", where=self._where(prefix + "*")):
+            return sorted(
+                str(blob.name)
+                for blob in self._container.list_blobs(name_starts_with=prefix)
+                if blob.last_modified is not None and blob.last_modified <= cutoff
+            )
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every blob under a prefix; returns how many were deleted.
 

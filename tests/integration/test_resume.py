@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -149,6 +150,14 @@ def test_a_killed_client_rerun_computes_every_call_once(
         assert "client gone" in line
         assert re.search(r"kept job \S+: .*resumable", shown)
         assert f"would delete job {name}" not in shown
+        # Its stored results, fetched without the script: in call order, each one right.
+        job_id = line.split()[0]
+        fetched = tmp_path / "fetched.pkl"
+        assert cli.main(["jobs", "results", job_id, "-o", str(fetched)]) == 0
+        values = pickle.loads(fetched.read_bytes())
+        assert sum(v is not None for v in values) >= 30
+        assert all(v in (None, x * x) for x, v in enumerate(values))
+        assert "calls its tasks were given have a stored result" in capsys.readouterr().out
         rerun_started = time.monotonic()
         second = subprocess.run(
             argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240
@@ -217,3 +226,14 @@ def test_preemption_costs_the_running_call_not_the_task(local, tmp_path):
     resumed = _executions_under_preemption(local, tmp_path, resume=True)
     print(f"\nexecutions per call under preemption: {plain:.2f} without resume, {resumed:.2f} with")
     assert resumed <= 1.2
+
+
+def test_resume_takes_only_its_own_runs_results_and_cache_takes_any(cfg, tmp_path):
+    """Two runs that share calls but not their first call: with resume the second computes
+    its calls again (it is another run); with cache it takes the first run's results."""
+    run(cfg, tmp_path, [201, 202, 203])
+    assert run(cfg, tmp_path, [200, 202, 203]) == [200 * 200, 202 * 202, 203 * 203]
+    assert executions(tmp_path) == {200: 1, 201: 1, 202: 2, 203: 2}
+    cached = cfg.replace(resume=False, cache=True)
+    assert run(cached, tmp_path, [199, 202, 203]) == [199 * 199, 202 * 202, 203 * 203]
+    assert executions(tmp_path) == {199: 1, 200: 1, 201: 1, 202: 2, 203: 2}

@@ -32,6 +32,7 @@ PUBLIC = [
     "VersionMismatchError",
     "__version__",
     "register",
+    "stored_results",
 ]
 
 
