@@ -204,11 +204,19 @@ class Resumer:
         first_key: str,
         *,
         poll_interval: float,
+        stalled_after: float,
+        clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         log: Callable[[str], None] = _log.warning,
     ) -> list[str]:
         """Wait until the jobs of earlier runs of these calls, whose clients are gone, have
-        no task left to run; delete them; return their ids."""
+        no task left to run; delete them; return their ids.
+
+        Waiting is what keeps a call that such a job is running from running twice. It is
+        never unbounded: a job whose pool is gone is not waited for, and one whose tasks
+        make no progress for ``stalled_after`` seconds (no node, a pool resized to zero)
+        is given up; either way it is deleted, and its unfinished calls run in this run.
+        """
         earlier = [
             job
             for job in service.list_jobs()
@@ -218,24 +226,48 @@ class Resumer:
         for job in earlier:
             record = ClientRecord.from_metadata(job.metadata)
             if record is not None and client_gone(record) is not None:
-                orphans.append(job.job_id)
-        for job_id in orphans:
-            said = False
-            while True:
-                counts = service.task_counts(job_id)
-                left = counts.active + counts.running
-                if left == 0:
-                    break
-                if not said:
-                    log(
-                        f"resuming: the job {job_id} of an earlier run of these calls still "
-                        f"has {left} tasks to run; waiting for them, then taking their results"
-                    )
-                    said = True
-                sleep(poll_interval)
-            service.delete_job(job_id)
-            self._store.delete_prefix(job_prefix(job_id))
-        return orphans
+                orphans.append(job)
+        for job in orphans:
+            if job.pool_id and service.get_pool(job.pool_id) is not None:
+                self._wait_for(service, job.job_id, poll_interval, stalled_after, clock, sleep, log)
+            service.delete_job(job.job_id)
+            self._store.delete_prefix(job_prefix(job.job_id))
+        return [job.job_id for job in orphans]
+
+    @staticmethod
+    def _wait_for(
+        service: BatchApi,
+        job_id: str,
+        poll_interval: float,
+        stalled_after: float,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None],
+        log: Callable[[str], None],
+    ) -> None:
+        said = False
+        last: tuple[int, int, int] | None = None
+        moved = clock()
+        while True:
+            counts = service.task_counts(job_id)
+            left = counts.active + counts.running
+            if left == 0:
+                return
+            now = (counts.active, counts.running, counts.completed)
+            if now != last:
+                last, moved = now, clock()
+            elif clock() - moved > stalled_after:
+                log(
+                    f"resuming: the job {job_id} of an earlier run made no progress for "
+                    f"{stalled_after:.0f} s; its {left} unfinished tasks' calls run in this run"
+                )
+                return
+            if not said:
+                log(
+                    f"resuming: the job {job_id} of an earlier run of these calls still has "
+                    f"{left} tasks to run; waiting for them, then taking their results"
+                )
+                said = True
+            sleep(poll_interval)
 
 
 def _items(calls: Any) -> list[tuple[Any, Sequence[Any], dict[str, Any]]] | None:

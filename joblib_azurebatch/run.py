@@ -427,6 +427,7 @@ class JobRun:
                         self.account.service,
                         self._first_key,
                         poll_interval=self.cfg.poll_interval,
+                        stalled_after=self.cfg.capacity_timeout,
                     )
         plan = resumer.plan(calls)
         outer: Future[Any] = Future()
