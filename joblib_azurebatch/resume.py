@@ -148,7 +148,8 @@ class Resumer:
             raise PayloadError(
                 f"resume=True runs joblib batches of calls, not {type(calls).__name__}"
             )
-        plan = Plan(keys=[call_key(*item) for item in items])
+        digests: dict[int, tuple[Any, str]] = {}
+        plan = Plan(keys=[call_key(*item, cache=digests) for item in items])
         for index, found in enumerate(self.stored(plan.keys)):
             if found is not None:
                 plan.found[index] = found[0]

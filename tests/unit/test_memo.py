@@ -644,3 +644,36 @@ def test_merge_takes_numpy_values(value: Any) -> None:
     merged = plan.merge([SKIPPED, value])
     assert merged[0] == "stored"
     assert merged[1] is value
+
+
+def test_a_large_argument_is_hashed_once_per_batch_and_keys_alike_without_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KFold loop's X is an argument of every call of a batch: hashing it once per call
+    would cost as much as the calls at 1 GB/s. The shared digest must not change the key."""
+    import joblib
+
+    from joblib_azurebatch import memo
+
+    big = np.arange(300_000, dtype=np.float64)  # 2.4 MB, above the 1 MiB threshold
+    without_cache = [memo.call_key(take_row, (big, i), {}) for i in range(3)]
+    hashed: list[int] = []
+    real_hash = joblib.hash
+
+    def counting(obj: object, *args: object, **kwargs: object) -> str:
+        if obj is big:
+            hashed.append(1)
+        return real_hash(obj, *args, **kwargs)
+
+    monkeypatch.setattr(memo.joblib, "hash", counting)
+    cache: dict[int, tuple[object, str]] = {}
+    with_cache = [memo.call_key(take_row, (big, i), {}, cache) for i in range(3)]
+    assert with_cache == without_cache
+    assert len(hashed) == 1
+    changed = big.copy()
+    changed[0] = -1.0
+    assert memo.call_key(take_row, (changed, 0), {}, cache) != with_cache[0]
+
+
+def take_row(data: np.ndarray, index: int) -> float:
+    return float(data[index])
