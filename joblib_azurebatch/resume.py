@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from .errors import PayloadError
+from .errors import PayloadError, ServiceError
 from .liveness import ClientRecord, client_gone
 from .memo import (
     RESULTS_KEY_BLOB,
@@ -249,7 +249,12 @@ class Resumer:
         last: tuple[int, int, int] | None = None
         moved = clock()
         while True:
-            counts = service.task_counts(job_id)
+            try:
+                counts = service.task_counts(job_id)
+            except ServiceError as e:
+                if e.status_code == 404:  # deleted meanwhile (cleanup, another re-run)
+                    return
+                raise
             left = counts.active + counts.running
             if left == 0:
                 return

@@ -407,7 +407,9 @@ class FakeBatch:
         job = self.jobs.get(job_id)
         if job is None:
             raise ServiceError(
-                f"could not reach the job {job_id}: the Batch service answered 404 JobNotFound"
+                f"could not reach the job {job_id}: the Batch service answered 404 JobNotFound",
+                404,
+                "JobNotFound",
             )
         return job
 
