@@ -13,12 +13,12 @@ Then:
 - a call whose code or arguments changed has another key, and runs again.
 
 A job of a resumable run signs with a key derived from the container's *results key*
-(``joblib-azurebatch/results-key``, a random secret that only the account's credentials
-read; `job_key`), so a later client can verify the records of any earlier job without the
-keys the dead client took with it. A record names its job, its task and its call key, and
-is refused when any of them differs from what it is read for; it holds the environment it
-was computed in (`environment_fingerprint`), and a record from another environment is
-not reused unless ``BatchConfig(resume_any_environment=True)`` says so.
+(`job_key`; see `resume.results_key`: derived from the storage account key when the client
+has it, else a random blob), so a later client can verify the records of any earlier job
+without the keys the dead client took with it. A record names its job, its task and its
+call key, and is refused when its job or call differs from what it is read for; it holds
+the environment it was computed in (`environment_fingerprint`), and a record from another
+environment is not reused unless ``BatchConfig(resume_any_environment=True)`` says so.
 
 The node side is `Memo`: the callable a task runs instead of joblib's ``BatchedCalls``,
 calling each item on its own and storing its record through the worker's task context
@@ -106,7 +106,17 @@ def _code_digest(code: types.CodeType) -> str:
     body does. What it reads from module globals, and the helpers it calls, are not part
     of it (as with ``joblib.Memory``): after changing those, change the call or run
     without ``resume``."""
-    parts: list[Any] = [code.co_code, code.co_names, code.co_varnames, code.co_freevars]
+    parts: list[Any] = [
+        code.co_code,
+        code.co_names,
+        code.co_varnames,
+        code.co_freevars,
+        # The signature: f(x, y) and f(x, *y) run the same bytecode on other arguments.
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        code.co_flags,
+    ]
     parts.extend(_const(const) for const in code.co_consts)
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 

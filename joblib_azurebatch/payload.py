@@ -932,6 +932,8 @@ def _describe_callable(func: Any) -> str:
 def _unpicklable(calls: Any, error: Exception) -> PayloadError:
     """Name the call (function or argument) that does not pickle, and the fix."""
     culprit = "the batch of calls"
+    if isinstance(calls, Memo):
+        calls = calls.calls
     for item in getattr(calls, "items", None) or []:
         try:
             func, args, kwargs = item

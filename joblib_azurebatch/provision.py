@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from . import environment as env_mod
 from .batch import ResourceFile, StartTaskSpec
 from .bootstrap import BUNDLE_ENV, NODE_IDENTITY_ENV
+from .memo import Memo
 from .payload import node_identity_of
 
 if TYPE_CHECKING:
@@ -77,7 +78,11 @@ class NodeSetup:
 
 
 def _functions(calls: Any) -> Iterable[Any]:
-    """The functions a joblib ``BatchedCalls`` (or a bundle of them) will call."""
+    """The functions a joblib ``BatchedCalls`` (or a bundle of them, or the `Memo` of a
+    resumable run wrapping one) will call."""
+    if isinstance(calls, Memo):
+        yield from _functions(calls.calls)
+        return
     for item in getattr(calls, "items", ()) or ():
         func = item[0] if isinstance(item, tuple) and item else None
         while isinstance(func, functools.partial):

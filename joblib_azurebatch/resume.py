@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from .errors import PayloadError, ServiceError
+from .errors import AzureBatchError, PayloadError, ServiceError
 from .liveness import ClientRecord, client_gone
 from .memo import (
     RESULTS_KEY_BLOB,
@@ -58,8 +58,18 @@ _READERS = 8
 
 
 def results_key(store: BlobStore) -> bytes:
-    """The container's results key, created by the first resumable run that needs it (two
-    clients creating it at once agree: the second one's upload finds it there)."""
+    """The container's results key, from which every resumable job's key is derived.
+
+    With the storage account key it is derived from that key (`BlobStore.derived_secret`):
+    then no one who can only read or write the container's blobs can sign a stored
+    result. A client that signs in with Entra ID has no such key: the results key is then
+    a random blob, ``joblib-azurebatch/results-key``, created by the first run that needs
+    it (two clients creating it at once agree: the second one's upload finds it there),
+    and whoever can read that blob and write the container can sign one (docs/resume.md).
+    """
+    derived = store.derived_secret("results")
+    if derived is not None:
+        return derived
     try:
         return store.download(RESULTS_KEY_BLOB)
     except FileNotFoundError:
@@ -166,6 +176,9 @@ class Resumer:
             data = self._store.download(record_blob(key))
         except FileNotFoundError:
             return None
+        except (AzureBatchError, OSError) as e:  # overwritten while read, refused: run it
+            _log.warning("could not read the stored result of call %s (%s): it runs again", key, e)
+            return None
         try:
             record = read_record(data, self.signing_key, key=key)
             if not self.cache and record.run != self.run:
@@ -214,8 +227,8 @@ class Resumer:
         no task left to run; delete them; return their ids.
 
         Waiting is what keeps a call that such a job is running from running twice. It is
-        never unbounded: a job whose pool is gone is not waited for, and one whose tasks
-        make no progress for ``stalled_after`` seconds (no node, a pool resized to zero)
+        never unbounded: a job whose pool is gone is not waited for, and one of whose tasks
+        none runs or ends for ``stalled_after`` seconds (no node, a pool resized to zero)
         is given up; either way it is deleted, and its unfinished calls run in this run.
         """
         earlier = [
@@ -259,12 +272,15 @@ class Resumer:
             if left == 0:
                 return
             now = (counts.active, counts.running, counts.completed)
-            if now != last:
+            # A running task is progress however long its calls take; what is given up is
+            # a job whose tasks wait for nodes that do not come.
+            if now != last or counts.running > 0:
                 last, moved = now, clock()
             elif clock() - moved > stalled_after:
                 log(
-                    f"resuming: the job {job_id} of an earlier run made no progress for "
-                    f"{stalled_after:.0f} s; its {left} unfinished tasks' calls run in this run"
+                    f"resuming: no task of the job {job_id} of an earlier run has run for "
+                    f"{stalled_after:.0f} s (no node?); its {left} unfinished tasks' calls run "
+                    "in this run"
                 )
                 return
             if not said:

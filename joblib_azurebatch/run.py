@@ -137,8 +137,6 @@ REWAKE_EVERY = 240.0
 MAX_URL_REFRESHES = 3
 
 _LIVE_RUNS: weakref.WeakSet[JobRun] = weakref.WeakSet()
-#: Runs joblib's callbacks of the batches answered from stored results.
-_RESUMED = ThreadPoolExecutor(1, thread_name_prefix="azurebatch-resumed")
 _current = threading.local()
 
 
@@ -176,6 +174,9 @@ class JobRun:
         self._key = new_signing_key()
         #: resume=True: the run's calls are keyed, and their stored results taken.
         self._resumer: Resumer | None = None
+        #: Runs joblib's callbacks of the batches answered from stored results.
+        self._resumed = ThreadPoolExecutor(1, thread_name_prefix="azurebatch-resumed")
+        self._callback_lock = threading.RLock()
         self._first_key: str | None = None
         if self.cfg.resume or self.cfg.cache:
             self._resumer = Resumer(
@@ -415,49 +416,84 @@ class JobRun:
     def _submit_resumable(
         self, resumer: Resumer, calls: Any, callback: Callable[[Any], Any] | None
     ) -> Future[Any]:
-        with self._lock:
-            if self._state is RunState.NEW and self._first_key is None:
-                self.account.store.ensure_container()
-                self._key = resumer.signing_key(self.job_id)
-                self._writer.use_key(self._key)
-                self._first_key = resumer.first_key(calls)
-                resumer.run = self._first_key or ""
-                if self._first_key is not None:
-                    resumer.wait_for_earlier(
-                        self.account.service,
-                        self._first_key,
-                        poll_interval=self.cfg.poll_interval,
-                        stalled_after=self.cfg.capacity_timeout,
-                    )
-        plan = resumer.plan(calls)
-        outer: Future[Any] = Future()
-        if plan.complete:
-            outer.set_result(plan.values())
-            self.calls_resumed += len(plan)
-            self.calls_submitted += len(plan)
-            self.calls_completed += len(plan)
-            if callback is not None:
-                # From another thread, as a task's results come: joblib expects its
-                # callback after submit has returned.
-                _RESUMED.submit(callback, outer)
-            return outer
-        self.calls_resumed += len(plan.found)
+        """`submit` for a resumable run.
 
-        def landed(inner: Future[Any]) -> None:
+        joblib sends its later batches from the thread that ran the callback of an earlier
+        one, and has queued a batch's tracker before it calls ``submit``: an exception
+        raised there would leave that tracker pending and the ``Parallel`` call waiting
+        forever. So after the first batch a failure (an argument ``joblib.hash`` cannot
+        hash, the run that could not start) becomes the batch's result, and joblib raises
+        it as it raises a call's error. Every callback of the
+        run holds ``_callback_lock``: the batches answered from the store call theirs from
+        a thread of the run's own, and joblib 1.6 loses results when callbacks race.
+        """
+        outer: Future[Any] = Future()
+        first = self._state is RunState.NEW and self._first_key is None
+        try:
+            with self._lock:
+                if self._state is RunState.NEW and self._first_key is None:
+                    # Here, in the thread that called Parallel: the run may start later,
+                    # from a callback's thread, where signal handlers cannot be installed.
+                    shutdown.install(close_live_runs)
+                    self.account.store.ensure_container()
+                    self._key = resumer.signing_key(self.job_id)
+                    self._writer.use_key(self._key)
+                    self._first_key = resumer.first_key(calls)
+                    resumer.run = self._first_key or ""
+                    if self._first_key is not None:
+                        resumer.wait_for_earlier(
+                            self.account.service,
+                            self._first_key,
+                            poll_interval=self.cfg.poll_interval,
+                            stalled_after=self.cfg.capacity_timeout,
+                        )
+            if self._state in (RunState.ABORTED, RunState.CLOSED):
+                outer.cancel()
+                return outer
+            plan = resumer.plan(calls)
+            if plan.complete:
+                outer.set_result(plan.values())
+                self.calls_resumed += len(plan)
+                self.calls_submitted += len(plan)
+                self.calls_completed += len(plan)
+                if callback is not None:
+                    # After submit has returned, as a task's results come.
+                    self._resumed.submit(self._call_back, callback, outer)
+                return outer
+            self.calls_resumed += len(plan.found)
+
+            def landed(inner: Future[Any]) -> None:
+                if inner.cancelled():
+                    outer.cancel()
+                else:
+                    try:
+                        outer.set_result(plan.merge(inner.result()))
+                    except BaseException as e:
+                        outer.set_exception(e)
+                if callback is not None:
+                    self._call_back(callback, outer)
+
+            inner = self._submit(resumer.wrap(calls, plan), landed)
             if inner.cancelled():
                 outer.cancel()
-            else:
-                try:
-                    outer.set_result(plan.merge(inner.result()))
-                except BaseException as e:
-                    outer.set_exception(e)
+            return outer
+        except BaseException as e:
+            # The first batch is sent by the thread that called Parallel: raised there.
+            if first or outer.done():
+                raise
+            outer.set_exception(e)
             if callback is not None:
-                callback(outer)
+                self._resumed.submit(self._call_back, callback, outer)
+            return outer
 
-        inner = self._submit(resumer.wrap(calls, plan), landed)
-        if inner.cancelled():
-            outer.cancel()
-        return outer
+    def _call_back(self, callback: Callable[[Any], Any], future: Future[Any]) -> None:
+        with self._callback_lock:
+            before = getattr(_current, "run", None)
+            _current.run = self
+            try:
+                callback(future)
+            finally:
+                _current.run = before
 
     def _submit(self, calls: Any, callback: Callable[[Any], Any] | None) -> Future[Any]:
         """Queue one batch of calls (a joblib batch, or its `Memo`).
@@ -762,6 +798,7 @@ class JobRun:
         _LIVE_RUNS.discard(self)
         if self._resumer is not None:
             self._resumer.close()
+            self._resumed.shutdown(wait=False)
             if self.calls_resumed:
                 _log.info("resumed %d calls from their stored results", self.calls_resumed)
         if was is RunState.NEW:

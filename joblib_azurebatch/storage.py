@@ -23,6 +23,8 @@ SDK's own, so that the account's logs tell its requests apart.
 
 from __future__ import annotations
 
+import base64
+import hmac
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -458,6 +460,17 @@ class BlobStore:
             return sorted(
                 str(name) for name in self._container.list_blob_names(name_starts_with=prefix)
             )
+
+    def derived_secret(self, purpose: str) -> bytes | None:
+        """A secret for ``purpose`` that only holders of the storage account key can
+        compute (HMAC-SHA256 of the container and ``purpose`` under the key), or None when
+        this client signs in without the key (Entra ID). Whoever may merely read or write
+        the container's blobs, or holds a SAS URL, cannot derive it."""
+        if not self._account_key:
+            return None
+        key = base64.b64decode(self._account_key)
+        message = f"joblib-azurebatch {purpose} {self._container_name}".encode()
+        return hmac.new(key, message, "sha256").digest()
 
     def names_older_than(self, prefix: str, seconds: float) -> list[str]:
         """Names of the blobs under a prefix last written at least ``seconds`` ago, sorted

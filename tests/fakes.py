@@ -18,6 +18,7 @@ tracker downloads results and reads stderr from a pool of threads).
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -688,6 +689,13 @@ class MemoryStore:
         self.blobs: dict[str, bytes] = {}
         self.uploads: list[str] = []
         self.lock = threading.Lock()
+        #: What `derived_secret` returns: None stands for a client without the account key.
+        self.account_secret: bytes | None = None
+
+    def derived_secret(self, purpose: str) -> bytes | None:
+        if self.account_secret is None:
+            return None
+        return hmac.new(self.account_secret, purpose.encode(), "sha256").digest()
 
     def upload(self, name: str, data: bytes, *, overwrite: bool = True) -> None:
         with self.lock:
@@ -697,7 +705,11 @@ class MemoryStore:
             self.uploads.append(name)
 
     def download(self, name: str) -> bytes:
-        return self.blobs[name]
+        """As `BlobStore.download`: `FileNotFoundError` for a blob that does not exist."""
+        try:
+            return self.blobs[name]
+        except KeyError:
+            raise FileNotFoundError(name) from None
 
     def upload_if_absent(self, name: str, data: bytes) -> bool:
         try:

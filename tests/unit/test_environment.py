@@ -561,3 +561,26 @@ def test_function_imports_finds_the_import_statements_of_a_function_body() -> No
 
     assert function_imports(joblib_azurebatch._backend_factory) == {"joblib_azurebatch.backend"}
     assert function_imports(len) == set()
+
+
+def _imports_inside() -> str:
+    import xml.dom.minidom
+
+    return xml.dom.minidom.__name__
+
+
+def test_a_resumable_tasks_function_imports_are_found_through_its_memo() -> None:
+    """A resumable run sends each batch as a `Memo`: the modules its function imports in
+    its body must still reach the nodes' environment."""
+    from joblib.parallel import BatchedCalls, SequentialBackend
+
+    from joblib_azurebatch.memo import Memo
+    from joblib_azurebatch.payload import PayloadWriter
+    from joblib_azurebatch.provision import _modules_of
+    from tests.fakes import MemoryStore
+
+    batched = BatchedCalls([(_imports_inside, (), {})], (SequentialBackend(), 1))
+    writer = PayloadWriter(MemoryStore(), job_id="j", signing_key=b"k" * 32)
+    memo = Memo(batched, ["k0"], ["ref"], "env")
+    assert "xml.dom.minidom" in _modules_of(writer, batched)
+    assert "xml.dom.minidom" in _modules_of(writer, memo)

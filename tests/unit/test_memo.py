@@ -677,3 +677,46 @@ def test_a_large_argument_is_hashed_once_per_batch_and_keys_alike_without_the_ca
 
 def take_row(data: np.ndarray, index: int) -> float:
     return float(data[index])
+
+
+def test_a_changed_signature_changes_the_key() -> None:
+    """``f(x, y)`` and ``f(x, *y)`` have the same bytecode but answer ``f(1, 2)``
+    differently: a stored result of one must not be taken for the other."""
+    namespace: dict[str, object] = {}
+    exec("def f(x, y):\n    return (x, y)\n", namespace)
+    two = namespace["f"]
+    exec("def f(x, *y):\n    return (x, y)\n", namespace)
+    star = namespace["f"]
+    exec("def f(x, **y):\n    return (x, y)\n", namespace)
+    stars = namespace["f"]
+    keys = {memo_call_key(f) for f in (two, star, stars)}
+    assert len(keys) == 3
+
+
+def memo_call_key(func: object) -> str:
+    from joblib_azurebatch.memo import call_key
+
+    return call_key(func, (1, 2), {})
+
+
+def test_the_results_key_comes_from_the_account_key_when_the_client_has_it() -> None:
+    """With the storage account key, nothing is stored: a reader or writer of the container
+    cannot learn the key that signs stored results. Without it (Entra ID) a random key is
+    stored once, and every client of the container reads the same one."""
+    from joblib_azurebatch.memo import RESULTS_KEY_BLOB
+    from joblib_azurebatch.resume import results_key
+    from tests.fakes import MemoryStore
+
+    keyed = MemoryStore()
+    keyed.account_secret = b"s" * 32
+    assert results_key(keyed) == results_key(keyed)
+    assert RESULTS_KEY_BLOB not in keyed.blobs
+    other = MemoryStore()
+    other.account_secret = b"t" * 32
+    assert results_key(other) != results_key(keyed)
+
+    signed_in = MemoryStore()
+    first = results_key(signed_in)
+    assert signed_in.blobs[RESULTS_KEY_BLOB] == first
+    assert results_key(signed_in) == first
+    assert len(first) == 32

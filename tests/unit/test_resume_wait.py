@@ -294,7 +294,8 @@ def test_a_job_whose_pool_is_gone_is_deleted_at_once(resumer, batch, store, cloc
 def test_a_job_that_makes_no_progress_is_given_up_after_stalled_after(
     resumer, batch, store, clock, dead
 ):
-    make_job(batch, ORPHAN, dead)
+    """Its three tasks wait for nodes that never come: nothing runs, nothing ends."""
+    make_job(batch, ORPHAN, dead, running=0, active=3)
     start = clock.monotonic()
     stalled_after = 12.0
     deleted_at: list[float] = []
@@ -329,7 +330,7 @@ def test_a_job_that_makes_no_progress_is_given_up_after_stalled_after(
     assert logged_at[0] == 0.0
     assert logged_at[1] > stalled_after
     assert ORPHAN in log[1]
-    assert "no progress for 12 s" in log[1]
+    assert "has run for 12 s" in log[1]
     assert "3 unfinished tasks" in log[1]
     assert batch.deleted_jobs == [ORPHAN]
     assert store.deleted_prefixes == [f"jobs/{ORPHAN}/"]
@@ -368,3 +369,22 @@ def test_a_job_deleted_while_waited_for_ends_the_wait(resumer, batch, store, clo
     gone = wait(resumer, batch, clock, log, on_sleep=lambda n: batch.delete_job(ORPHAN))
     assert gone == [ORPHAN]
     assert len(clock.sleeps) == 1
+
+
+def test_long_running_tasks_are_waited_for_however_long_they_take(
+    resumer, batch, store, clock, dead
+):
+    """Calls longer than ``stalled_after``: the counts stay the same while tasks run, and
+    giving up would kill them and compute their calls again."""
+    make_job(batch, ORPHAN, dead, running=2, active=0)
+
+    def finish_late(n: int) -> None:
+        if n == 10:
+            for task_id in unfinished(batch, ORPHAN):
+                batch.complete(ORPHAN, task_id)
+
+    log: list[str] = []
+    assert wait(resumer, batch, clock, log, stalled_after=12.0, on_sleep=finish_late) == [ORPHAN]
+    assert len(clock.sleeps) == 10
+    assert len(log) == 1
+    assert "waiting" in log[0]
