@@ -221,10 +221,11 @@ def _executions_under_preemption(local, tmp_path: Path, *, resume: bool) -> floa
 
 def test_preemption_costs_the_running_call_not_the_task(local, tmp_path):
     """Preempted nodes requeue their tasks; a resumable task run again skips the calls its
-    earlier attempt finished."""
-    plain = _executions_under_preemption(local, tmp_path, resume=False)
+    earlier attempt finished. (Without resume the same chaos cost 1.5 to 1.7 executions
+    per call when this test also measured it: each preemption repeats a task's finished
+    calls.)"""
     resumed = _executions_under_preemption(local, tmp_path, resume=True)
-    print(f"\nexecutions per call under preemption: {plain:.2f} without resume, {resumed:.2f} with")
+    print(f"\nexecutions per call under preemption with resume: {resumed:.2f}")
     assert resumed <= 1.2
 
 
