@@ -426,18 +426,17 @@ class BatchEmulator(FaultControls):
     # -- requests ---------------------------------------------------------------------------
 
     async def _endpoint(self, request: Any) -> Any:
-        from starlette.concurrency import run_in_threadpool
-
         body = await request.body()
         raw_path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
         raw_path = raw_path.split("?", 1)[0]
         query_string = request.scope.get("query_string", b"").decode("latin-1")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        # In a worker thread, never on the event loop: a handler waits for the account's
-        # lock, and whatever holds it (a finalizer the garbage collector runs in a thread of
-        # this process, an in-process client) may itself wait for this server's answer.
-        status, out_headers, payload = await run_in_threadpool(
-            self.handle,
+        # On the event loop, one request at a time: each waits for the account's lock, which
+        # is not fair, and with a pool of handler threads all waiting for it a request once
+        # went unanswered for two minutes. Nothing that holds the lock waits for this
+        # server; code of this process that the garbage collector may run here (a backend's
+        # finalizer) never waits for a lock (see `backend._close_accounts`).
+        status, out_headers, payload = self.handle(
             method=request.method,
             raw_path=raw_path,
             query_string=query_string,
