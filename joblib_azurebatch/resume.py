@@ -128,9 +128,6 @@ class Resumer:
         self._results_key: bytes | None = None
         self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="azurebatch-resume")
         self._identity = node_identity_of(store) is not None
-        #: Counters for tests, benchmarks and the run's last line.
-        self.reused = 0
-        self.refused = 0
 
     @property
     def results_key(self) -> bytes:
@@ -147,23 +144,22 @@ class Resumer:
 
     # -- looking up
 
-    def first_key(self, calls: Any) -> str | None:
-        items = _items(calls)
-        return call_key(*items[0]) if items else None
-
-    def plan(self, calls: Any) -> Plan:
-        """The keys of ``calls`` (a joblib ``BatchedCalls``) and their stored results."""
+    def keys(self, calls: Any) -> list[str]:
+        """The key of each call of ``calls`` (a joblib ``BatchedCalls``), in order."""
         items = _items(calls)
         if items is None:
             raise PayloadError(
                 f"resume=True runs joblib batches of calls, not {type(calls).__name__}"
             )
         digests: dict[int, tuple[Any, str]] = {}
-        plan = Plan(keys=[call_key(*item, cache=digests) for item in items])
+        return [call_key(*item, cache=digests) for item in items]
+
+    def plan(self, keys: Sequence[str]) -> Plan:
+        """The calls ``keys`` with the stored results this run may take."""
+        plan = Plan(keys=list(keys))
         for index, found in enumerate(self.stored(plan.keys)):
             if found is not None:
                 plan.found[index] = found[0]
-        self.reused += len(plan.found)
         return plan
 
     def stored(self, keys: Sequence[str]) -> list[tuple[Any] | None]:
@@ -189,7 +185,6 @@ class Resumer:
                 return None
             return (record.result(),)
         except Exception as e:
-            self.refused += 1
             _log.warning("the stored result of call %s is refused (%s): it runs again", key, e)
             return None
 

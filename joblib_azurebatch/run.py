@@ -423,13 +423,14 @@ class JobRun:
         raised there would leave that tracker pending and the ``Parallel`` call waiting
         forever. So after the first batch a failure (an argument ``joblib.hash`` cannot
         hash, the run that could not start) becomes the batch's result, and joblib raises
-        it as it raises a call's error. Every callback of the
-        run holds ``_callback_lock``: the batches answered from the store call theirs from
-        a thread of the run's own, and joblib 1.6 loses results when callbacks race.
+        it as it raises a call's error. Every callback of the run holds
+        ``_callback_lock``: the batches answered from the store call theirs from a thread
+        of the run's own, and joblib 1.6 loses results when callbacks race.
         """
         outer: Future[Any] = Future()
         first = self._state is RunState.NEW and self._first_key is None
         try:
+            keys = resumer.keys(calls)
             with self._lock:
                 if self._state is RunState.NEW and self._first_key is None:
                     # Here, in the thread that called Parallel: the run may start later,
@@ -438,7 +439,7 @@ class JobRun:
                     self.account.store.ensure_container()
                     self._key = resumer.signing_key(self.job_id)
                     self._writer.use_key(self._key)
-                    self._first_key = resumer.first_key(calls)
+                    self._first_key = keys[0] if keys else None
                     resumer.run = self._first_key or ""
                     if self._first_key is not None:
                         resumer.wait_for_earlier(
@@ -450,7 +451,7 @@ class JobRun:
             if self._state in (RunState.ABORTED, RunState.CLOSED):
                 outer.cancel()
                 return outer
-            plan = resumer.plan(calls)
+            plan = resumer.plan(keys)
             if plan.complete:
                 outer.set_result(plan.values())
                 self.calls_resumed += len(plan)
@@ -614,10 +615,9 @@ class JobRun:
         if done.outcome is not None and not self.cfg.keep_blobs:
             # Batch reported the task completed (it never runs it again) and its callbacks
             # ran: its payload and result are of no more use. Deleted in the background; the
-            # objects the job's tasks share go only with the run's end.
-
-            # A resumable run keeps its payloads until its end: they name its calls' keys,
-            # which is how `stored_results` finds them if this process dies.
+            # objects the job's tasks share go only with the run's end. A resumable run
+            # keeps its payloads until its end: they name its calls' keys, which is how
+            # `stored_results` finds them if this process dies.
             names = [_result_blob(self.job_id, task.task_id)]
             if self._resumer is None:
                 names.append(payload_blob(self.job_id, task.task_id))

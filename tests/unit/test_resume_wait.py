@@ -208,15 +208,11 @@ def test_a_dead_clients_job_is_waited_for_then_deleted_with_its_blobs(
     assert "waiting" in log[0]
 
 
-def test_a_live_clients_job_is_neither_waited_for_nor_deleted(resumer, batch, store, clock, live):
-    """Its client is still sending and collecting: it is another run going on, not an
-    earlier one to take over from."""
-    make_job(batch, ORPHAN, live)
+def assert_left_alone(resumer: Resumer, batch: FakeBatch, store: Store, clock: FakeClock) -> None:
+    """`wait_for_earlier` neither waits for, nor deletes, ORPHAN, and touches no blob."""
     before = dict(store.blobs)
-
     log: list[str] = []
     assert wait(resumer, batch, clock, log) == []
-
     assert ORPHAN in batch.jobs
     assert batch.deleted_jobs == []
     assert batch.calls["task_counts"] == 0
@@ -224,6 +220,13 @@ def test_a_live_clients_job_is_neither_waited_for_nor_deleted(resumer, batch, st
     assert store.blobs == before
     assert store.deleted_prefixes == []
     assert log == []
+
+
+def test_a_live_clients_job_is_neither_waited_for_nor_deleted(resumer, batch, store, clock, live):
+    """Its client is still sending and collecting: it is another run going on, not an
+    earlier one to take over from."""
+    make_job(batch, ORPHAN, live)
+    assert_left_alone(resumer, batch, store, clock)
 
 
 @pytest.mark.parametrize(
@@ -238,29 +241,13 @@ def test_a_dead_clients_job_of_other_calls_is_left_alone(
     resumer, batch, store, clock, dead, key, extra
 ):
     make_job(batch, ORPHAN, {**dead, **extra}, key=key)
-    before = dict(store.blobs)
-
-    log: list[str] = []
-    assert wait(resumer, batch, clock, log) == []
-
-    assert ORPHAN in batch.jobs
-    assert batch.deleted_jobs == []
-    assert batch.calls["task_counts"] == 0
-    assert clock.sleeps == []
-    assert store.blobs == before
-    assert log == []
+    assert_left_alone(resumer, batch, store, clock)
 
 
 def test_a_job_without_a_client_record_is_left_alone(resumer, batch, store, clock):
     """Without a record nothing says its client is gone: it may be another tool's job."""
     make_job(batch, ORPHAN, {})
-
-    log: list[str] = []
-    assert wait(resumer, batch, clock, log) == []
-
-    assert batch.deleted_jobs == []
-    assert batch.calls["task_counts"] == 0
-    assert store.deleted_prefixes == []
+    assert_left_alone(resumer, batch, store, clock)
 
 
 def test_only_the_dead_clients_job_of_the_same_calls_goes(resumer, batch, store, clock, dead, live):
