@@ -337,8 +337,8 @@ def test_ten_parallel_calls_in_one_context_read_the_pool_once(batch, store, node
     assert batch.calls["create_job"] == 10
 
 
-def test_a_pool_the_library_may_delete_is_read_by_every_call(batch, store, nodes):
-    backend = backend_for(batch, store, keep_pool=False, pool_linger=0.0)
+def three_calls(backend: FakeBackend, nodes: Nodes) -> None:
+    """Three ``Parallel`` calls in a row under one config, as a loop of them makes."""
     halt = nodes.keep_running()
     try:
         with joblib.parallel_config(backend=backend):
@@ -346,6 +346,11 @@ def test_a_pool_the_library_may_delete_is_read_by_every_call(batch, store, nodes
                 assert Parallel(n_jobs=-1)(delayed(triple)(x) for x in range(4)) == [0, 3, 6, 9]
     finally:
         halt()
+
+
+def test_a_pool_the_library_may_delete_is_read_by_every_call(batch, store, nodes):
+    backend = backend_for(batch, store, keep_pool=False, pool_linger=0.0)
+    three_calls(backend, nodes)
     # Each run deleted the pool it created; the next one found it gone and made it again.
     assert batch.calls["get_pool"] == 3
     assert batch.calls["wait_for_capacity"] == 3
@@ -433,13 +438,7 @@ def test_sending_ahead_neither_loses_nor_repeats_a_call(batch, store, nodes, wor
 
 def test_a_lingering_pool_is_taken_back_by_the_next_call_and_flushed_at_exit(batch, store, nodes):
     backend = backend_for(batch, store, keep_pool=False, pool_linger=600.0)
-    halt = nodes.keep_running()
-    try:
-        with joblib.parallel_config(backend=backend):
-            for _ in range(3):
-                assert Parallel(n_jobs=-1)(delayed(triple)(x) for x in range(4)) == [0, 3, 6, 9]
-    finally:
-        halt()
+    three_calls(backend, nodes)
     # Read by every call (the library may delete it), created once, deleted by none.
     assert batch.calls["get_pool"] == 3
     assert len(batch.deleted_pools) == 0
