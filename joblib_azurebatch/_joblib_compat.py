@@ -26,6 +26,8 @@ from typing import Any
 
 import joblib
 
+from .forks import after_fork
+
 __all__ = ["Features", "JoblibCompatWarning", "probe"]
 
 
@@ -85,6 +87,15 @@ _LATE = frozenset(set(_NEEDS) - {"end_detection"})
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
+
+
+def _new_lock() -> None:
+    """A forked child gets a lock no thread of the parent holds (:mod:`.forks`)."""
+    global _warned_lock
+    _warned_lock = threading.Lock()
+
+
+after_fork(_new_lock)
 
 
 def _warn_missing(feature: str, missing: Sequence[str]) -> None:

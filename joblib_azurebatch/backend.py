@@ -37,6 +37,7 @@ from . import _joblib_compat as compat
 from .batch import BatchService
 from .config import BatchConfig
 from .errors import ConfigError
+from .forks import after_fork
 from .pools import POOLS, PoolCheck
 from .run import Account, JobRun, current_run
 from .sizing import BatchSizer
@@ -46,6 +47,16 @@ from .sweeper import EXIT_WAIT, SWEEPER
 __all__ = ["AzureBatchBackend"]
 
 _current = threading.local()
+#: Every backend of this process, for :func:`_forget_after_fork`.
+_BACKENDS: weakref.WeakSet[AzureBatchBackend] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for backend in list(_BACKENDS):
+        backend._forget_after_fork()
+
+
+after_fork(_forget_after_fork)
 
 
 class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
@@ -98,6 +109,17 @@ class AzureBatchBackend(ParallelBackendBase):  # type: ignore[misc]
         self.parallel: Any = None
         # The clients hold connections (and maybe a credential); close them with the backend.
         weakref.finalize(self, _close_accounts, self._accounts)
+        _BACKENDS.add(self)
+
+    def _forget_after_fork(self) -> None:
+        """In a forked child (a ``parallel_config`` block around a multiprocessing pool):
+        the clients' connections are the parent's sockets and the runs are the parent's;
+        this process makes its own (:mod:`joblib_azurebatch.forks`). Nothing is closed:
+        the parent still uses them."""
+        self._lock = threading.RLock()
+        self._accounts.clear()  # the very dict the finalizer closes: nothing of the parent's
+        self._pool_checks.clear()
+        self._runs.clear()
 
     # ---------------------------------------------------------------- config and sizing
 

@@ -28,6 +28,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from .forks import after_fork
+
 if TYPE_CHECKING:
     from .config import BatchConfig, TokenCredentialLike
 
@@ -52,6 +54,17 @@ class _Shared:
 # releases its lease.
 _lock = threading.RLock()
 _shared: dict[int, _Shared] = {}
+
+
+def _forget_after_fork() -> None:
+    """A forked child makes its own credentials: the parent's hold its connections and
+    their tokens' refresh (:mod:`joblib_azurebatch.forks`)."""
+    global _lock, _shared
+    _lock = threading.RLock()
+    _shared = {}
+
+
+after_fork(_forget_after_fork)
 
 
 class CredentialLease:

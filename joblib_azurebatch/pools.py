@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from .batch import JobInfo, PoolInfo, PoolSpec, pool_differences
 from .errors import AzureBatchError
+from .forks import after_fork
 from .idle import idle_formula
 from .liveness import ClientRecord, client_gone
 
@@ -123,6 +124,13 @@ class PoolRegistry:
         # Reentrant: a SIGTERM handler that releases leases may run while this thread holds it.
         self._lock = threading.RLock()
         self._leases: dict[tuple[str, str], PoolLease] = {}
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the leases are the parent's (a lingering pool is its to take
+        back or delete, through its clients), and so may be the lock; start empty
+        (:mod:`joblib_azurebatch.forks`)."""
+        self._lock = threading.RLock()
+        self._leases = {}
 
     def acquire(
         self,
@@ -435,6 +443,7 @@ def _wake(service: BatchApi, pool_id: str, shape: str) -> None:
 
 #: The process's leases: every backend instance shares them.
 POOLS = PoolRegistry()
+after_fork(POOLS.forget_after_fork)
 
 
 def warn_differences(info: PoolInfo, spec: PoolSpec) -> None:

@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, cast
 from . import identity, provision, shutdown, sweeper
 from .batch import PoolInfo, PoolSpec, TaskCounts
 from .errors import AzureBatchError, TaskFailedError
+from .forks import after_fork
 from .liveness import HEARTBEAT_EVERY, ClientRecord
 from .payload import (
     PayloadWriter,
@@ -922,3 +923,12 @@ def close_live_runs(*, why: str = "") -> None:
 
 
 atexit.register(close_live_runs)
+
+
+def _forget_the_parents_runs() -> None:
+    """A forked child aborts and closes none of its parent's runs (:mod:`.forks`)."""
+    global _LIVE_RUNS
+    _LIVE_RUNS = weakref.WeakSet()
+
+
+after_fork(_forget_the_parents_runs)

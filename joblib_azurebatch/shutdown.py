@@ -21,6 +21,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from .forks import after_fork
+
 __all__ = ["SIGNALS", "install"]
 
 _log = logging.getLogger(__name__)
@@ -35,6 +37,15 @@ _previous: dict[int, Any] = {}
 _cleanup: Callable[..., None] | None = None
 #: The process that installed the handlers; a forked child inherits them but not the runs.
 _OWNER_PID = os.getpid()
+
+
+def _new_lock() -> None:
+    """A forked child gets a lock no thread of the parent can hold (:mod:`.forks`)."""
+    global _lock
+    _lock = threading.Lock()
+
+
+after_fork(_new_lock)
 
 
 def install(cleanup: Callable[..., None]) -> bool:

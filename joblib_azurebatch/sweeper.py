@@ -33,6 +33,8 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from .forks import after_fork
+
 __all__ = ["EXIT_WAIT", "SWEEPER", "SWEEP_GRACE", "Deleter", "Sweep", "Sweeper"]
 
 _log = logging.getLogger(__name__)
@@ -105,6 +107,9 @@ class Sweeper:
     def __init__(self, *, workers: int = WORKERS, chunk: int = CHUNK) -> None:
         self._workers = workers
         self._chunk = chunk
+        self._start_empty()
+
+    def _start_empty(self) -> None:
         self._cond = threading.Condition()
         # Names waiting, per store (by identity: a store need not be hashable), in order.
         self._names: dict[int, tuple[Deleter, list[str]]] = {}
@@ -115,6 +120,12 @@ class Sweeper:
         self.requests = 0
         self.deleted = 0
         self.most_at_once = 0
+
+    def forget_after_fork(self) -> None:
+        """In a forked child: the names and sweeps queued are the parent's to delete, and
+        the threads counted (and the lock one of them may have held) are not in this
+        process; start empty (:mod:`joblib_azurebatch.forks`)."""
+        self._start_empty()
 
     # ---------------------------------------------------------------- public
 
@@ -255,3 +266,4 @@ def _finish_at_exit() -> None:
 
 
 atexit.register(_finish_at_exit)
+after_fork(SWEEPER.forget_after_fork)

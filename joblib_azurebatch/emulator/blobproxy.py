@@ -28,8 +28,6 @@ import datetime as _dt
 import email.utils
 import http.client
 import math
-import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
@@ -38,6 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from .errors import ERRORS
 from .faults import FaultControls, FaultPlan, RequestLog
+from .serving import BackgroundServer
 
 __all__ = ["BlobProxy", "blob_operation"]
 
@@ -125,8 +124,7 @@ class BlobProxy(FaultControls):
         self._upstream_port = parts.port
         self.faults = FaultPlan()
         self.log = RequestLog()
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundServer | None = None
         self._port: int | None = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -155,25 +153,19 @@ class BlobProxy(FaultControls):
             access_log=False,
             timeout_graceful_shutdown=1,
         )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name="blob-proxy", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("the blob proxy's HTTP server did not start")
-            time.sleep(0.01)
-        self._port = int(self._server.servers[0].sockets[0].getsockname()[1])
+        self._server = BackgroundServer(config, name="blob-proxy")
+        try:
+            self._port = self._server.start()
+        except RuntimeError:
+            self._server = None
+            raise RuntimeError("the blob proxy's HTTP server did not start") from None
         return self
 
     def stop(self) -> None:
         """Stop listening (safe to call more than once)."""
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self._server = self._thread = None
+            self._server.stop()
+        self._server = None
         self._port = None
 
     def __enter__(self) -> BlobProxy:

@@ -18,8 +18,6 @@ import re
 import secrets
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -37,6 +35,7 @@ from .faults import FaultControls, FaultPlan, RequestLog
 from .handlers import HANDLERS, Context, Reply, add_pool
 from .images import BareImage, default_images, python_version, slim_image
 from .models import Account, ManagedIdentity, Node, Pool
+from .serving import BackgroundServer
 from .tls import LocalTokenCredential, TokenRegistry, self_signed_certificate
 
 __all__ = ["BatchEmulator"]
@@ -162,8 +161,7 @@ class BatchEmulator(FaultControls):
         self.faults = FaultPlan()
         self.log = RequestLog()
         self._validate = validate_requests and _schema is not None
-        self._server: Any = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundServer | None = None
         self._executor_started = False
         self.tls = tls
         #: Answers of the nodes' metadata endpoints, by HTTP status (tests count them).
@@ -243,20 +241,14 @@ class BatchEmulator(FaultControls):
             timeout_graceful_shutdown=1,
             **ssl,  # type: ignore[arg-type]
         )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, name="batch-emulator-http", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the Batch emulator's HTTP server did not start on 127.0.0.1:"
-                    f"{self._requested_port}"
-                )
-            time.sleep(0.01)
-        self._port = int(self._server.servers[0].sockets[0].getsockname()[1])
+        self._server = BackgroundServer(config, name="batch-emulator-http")
+        try:
+            self._port = self._server.start()
+        except RuntimeError:
+            raise RuntimeError(
+                f"the Batch emulator's HTTP server did not start on 127.0.0.1:"
+                f"{self._requested_port}"
+            ) from None
         self.executor.start()
         self._executor_started = True
         self.autoscale.start()
@@ -265,10 +257,7 @@ class BatchEmulator(FaultControls):
     def stop(self) -> None:
         """Stop serving, kill every task process, and remove the node directories."""
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-            self._thread = None
+            self._server.stop()
         self.autoscale.stop()
         if self._executor_started:  # a start that failed earlier, or a second stop
             self.executor.stop()
