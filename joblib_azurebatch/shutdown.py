@@ -8,7 +8,8 @@ signals (from the main thread; Python runs handlers only there) that aborts and 
 every open run, and then does what the signal would have done: calls the handler that was
 installed before, or, if that was the default, ends the process by the same signal, so the
 exit status still says "killed by SIGTERM" to whoever sent it. An ignored signal stays
-ignored. This also covers a process that is still waiting for its pool's nodes.
+ignored. This also covers a process that is still waiting for its pool's nodes. A child
+forked from the process gets the earlier handlers back (it has no run of its own yet).
 """
 
 from __future__ import annotations
@@ -39,13 +40,24 @@ _cleanup: Callable[..., None] | None = None
 _OWNER_PID = os.getpid()
 
 
-def _new_lock() -> None:
-    """A forked child gets a lock no thread of the parent can hold (:mod:`.forks`)."""
-    global _lock
+def _restore_in_child() -> None:
+    """A forked child has no run to clean up: it gets back the handlers found before
+    (:mod:`.forks`), a default SIGTERM ending it at once, and a lock of its own.
+
+    A Python-level handler runs only when the main thread next executes bytecode. A
+    multiprocessing worker that the pool terminates while it blocks on its task queue's
+    lock may never get there, so the child would outlive its ``terminate`` and its pool's
+    ``join`` would wait forever. A run the child starts installs the handlers again.
+    """
+    global _lock, _previous
     _lock = threading.Lock()
+    for sig, previous in _previous.items():
+        if previous is not None and signal.getsignal(sig) is _handle:
+            signal.signal(sig, previous)
+    _previous = {}
 
 
-after_fork(_new_lock)
+after_fork(_restore_in_child)
 
 
 def install(cleanup: Callable[..., None]) -> bool:

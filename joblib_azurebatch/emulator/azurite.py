@@ -49,6 +49,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from joblib_azurebatch.errors import ConfigError
+from joblib_azurebatch.forks import after_fork
 from joblib_azurebatch.shutdown import SIGNALS
 
 __all__ = [
@@ -152,6 +153,7 @@ class Azurite:
         self._oauth = oauth
         self._start_timeout = start_timeout
         self._process: subprocess.Popen[str] | None = None
+        self._owner_pid = os.getpid()
         self._child_pid: int | None = None
         self._location: str | None = None
         self._output: list[str] = []
@@ -247,6 +249,8 @@ class Azurite:
         and remove the folder; if the watchdog does not exit in time, its process group and
         Azurite are killed here.
         """
+        if os.getpid() != self._owner_pid:
+            return  # a forked child (an atexit it inherited): this Azurite is its parent's
         _stopped(self)
         process, self._process = self._process, None
         child, self._child_pid = self._child_pid, None
@@ -333,6 +337,21 @@ def _install_signal_handlers() -> None:
 
 #: The process whose Azurites the handler stops (a forked child inherits the handler).
 _OWNER_PID = os.getpid()
+
+
+def _restore_in_child() -> None:
+    """A forked child runs no Azurite: it gets back the handlers found before, as
+    :mod:`joblib_azurebatch.shutdown` does for its own, and forgets its parent's."""
+    global _lock, _previous
+    _lock = threading.RLock()
+    _running.clear()
+    for sig, previous in _previous.items():
+        if signal.getsignal(sig) is _on_signal:
+            signal.signal(sig, previous)
+    _previous = {}
+
+
+after_fork(_restore_in_child)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:

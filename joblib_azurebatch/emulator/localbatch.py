@@ -9,6 +9,7 @@ every temporary folder) when the block ends, also when the body raised.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -116,6 +117,7 @@ class LocalBatch:
         self._wants_blob_faults = blob_faults
         self._blob_proxy: BlobProxy | None = None
         self._running = False
+        self._owner_pid = os.getpid()
 
     # -- endpoints --------------------------------------------------------------------------
 
@@ -301,6 +303,8 @@ class LocalBatch:
 
     def stop(self) -> None:
         """Stop the emulator (and its task processes), then Azurite."""
+        if os.getpid() != self._owner_pid:
+            return  # a forked child (an atexit or a with block it inherited): not its account
         self._running = False
         try:
             self.emulator.stop()

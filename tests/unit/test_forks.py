@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from joblib_azurebatch import run as run_mod
+from joblib_azurebatch import shutdown
 from joblib_azurebatch.backend import AzureBatchBackend
 from joblib_azurebatch.pools import POOLS
 from joblib_azurebatch.sweeper import SWEEPER
@@ -180,3 +181,15 @@ def test_a_backend_inherited_by_a_child_makes_the_child_its_own_clients() -> Non
 
     assert in_child(clients) == (False, False)
     assert backend._account() is parent  # the parent's are untouched
+
+
+def test_a_child_gets_back_the_signal_handlers_found_before_and_installs_its_own() -> None:
+    assert shutdown.install(run_mod.close_live_runs)  # what a run of this process does
+    assert signal.getsignal(signal.SIGTERM) is shutdown._handle
+
+    def handlers() -> tuple[bool, bool, bool]:
+        inherited = signal.getsignal(signal.SIGTERM) is shutdown._handle
+        installed = shutdown.install(run_mod.close_live_runs)  # the child's own first run
+        return inherited, installed, signal.getsignal(signal.SIGTERM) is shutdown._handle
+
+    assert in_child(handlers) == (False, True, True)

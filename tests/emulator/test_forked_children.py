@@ -1,5 +1,6 @@
-"""The emulator's servers end their connections even while a forked child of their process
-lives: a client is told a connection is closed, as a remote service would tell it."""
+"""A local account towards the children forked from its process, as a remote account would
+be: its servers end their connections even while a child lives (a client is told a
+connection is closed), and a child that exits leaves the account running."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from joblib_azurebatch.emulator import LocalBatch
 from joblib_azurebatch.emulator.serving import BackgroundServer
 
 pytestmark = [
@@ -79,3 +81,26 @@ def test_the_server_still_answers_after_its_sockets_are_released_in_a_child(port
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def test_a_child_that_stops_its_inherited_account_leaves_the_parents_running(
+    local: LocalBatch,
+) -> None:
+    child = os.fork()
+    if child == 0:  # pragma: no cover - what an inherited with block or atexit would do
+        local.stop()
+        os._exit(0)
+    deadline = time.monotonic() + 30
+    while (status := os.waitpid(child, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            pytest.fail("the child's stop() of its parent's account did not return in 30 s")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status[1]) == 0
+    assert local.azurite.location is not None
+    assert os.path.isdir(local.azurite.location)  # its data folder is still there
+    conn = socket.create_connection(("127.0.0.1", local.emulator.port), timeout=5)
+    with conn:  # and the Batch endpoint still answers
+        conn.sendall(b"GET /pools HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        assert conn.recv(4096).startswith(b"HTTP/1.1 ")
