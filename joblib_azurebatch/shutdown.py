@@ -24,7 +24,7 @@ from typing import Any
 
 from .forks import after_fork
 
-__all__ = ["SIGNALS", "install"]
+__all__ = ["SIGNALS", "chained", "install"]
 
 _log = logging.getLogger(__name__)
 
@@ -40,6 +40,17 @@ _cleanup: Callable[..., None] | None = None
 _OWNER_PID = os.getpid()
 
 
+#: Handlers that call the one they found (this module's, the local Azurite's), each with
+#: what it found per signal: undone in a forked child, newest first, whatever their order.
+_CHAINED: dict[Callable[..., Any], dict[int, Any]] = {}
+
+
+def chained(handler: Callable[..., Any], previous: dict[int, Any]) -> None:
+    """Declare ``handler`` a handler that calls ``previous[signal]``, the one it found when
+    it was installed: a forked child gets that one back (see `_restore_in_child`)."""
+    _CHAINED[handler] = previous
+
+
 def _restore_in_child() -> None:
     """A forked child has no run to clean up: it gets back the handlers found before
     (:mod:`.forks`), a default SIGTERM ending it at once, and a lock of its own.
@@ -49,12 +60,24 @@ def _restore_in_child() -> None:
     lock may never get there, so the child would outlive its ``terminate`` and its pool's
     ``join`` would wait forever. A run the child starts installs the handlers again.
     """
-    global _lock, _previous
+    global _lock
     _lock = threading.Lock()
-    for sig, previous in _previous.items():
-        if previous is not None and signal.getsignal(sig) is _handle:
-            signal.signal(sig, previous)
-    _previous = {}
+    for sig in SIGNALS:
+        current = signal.getsignal(sig)
+        while (chain := _chain_of(current)) is not None:
+            found = chain.get(sig)
+            if found is None or found is current:
+                break  # never installed for this signal, or a handler set outside Python
+            signal.signal(sig, found)
+            current = found
+    for previous in _CHAINED.values():
+        previous.clear()  # in place: each module holds its own dict
+
+
+def _chain_of(handler: object) -> dict[int, Any] | None:
+    """What ``handler`` found, if it is one of the chained handlers (by identity: a
+    handler need not be hashable)."""
+    return next((found for h, found in _CHAINED.items() if h is handler), None)
 
 
 after_fork(_restore_in_child)
@@ -104,3 +127,6 @@ def _handle(signum: int, frame: FrameType | None) -> None:
         return
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+chained(_handle, _previous)

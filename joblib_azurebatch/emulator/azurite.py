@@ -50,7 +50,7 @@ from typing import Any
 
 from joblib_azurebatch.errors import ConfigError
 from joblib_azurebatch.forks import after_fork
-from joblib_azurebatch.shutdown import SIGNALS
+from joblib_azurebatch.shutdown import SIGNALS, chained
 
 __all__ = [
     "AZURITE_ACCOUNT_KEY",
@@ -178,6 +178,7 @@ class Azurite:
     def start(self) -> Azurite:
         """Start Azurite and wait until it listens; raise with its output if it does not."""
         executable = _check_executable(self._executable) if self._executable else find_azurite()
+        self._owner_pid = os.getpid()  # the process that stops it
         self._location = tempfile.mkdtemp(prefix="azurite-")
         command = [
             executable,
@@ -339,19 +340,15 @@ def _install_signal_handlers() -> None:
 _OWNER_PID = os.getpid()
 
 
-def _restore_in_child() -> None:
-    """A forked child runs no Azurite: it gets back the handlers found before, as
-    :mod:`joblib_azurebatch.shutdown` does for its own, and forgets its parent's."""
-    global _lock, _previous
+def _forget_in_child() -> None:
+    """A forked child runs no Azurite: it forgets its parent's. Its signal handlers are
+    undone by :mod:`joblib_azurebatch.shutdown` (the two may be installed in either order)."""
+    global _lock
     _lock = threading.RLock()
     _running.clear()
-    for sig, previous in _previous.items():
-        if signal.getsignal(sig) is _on_signal:
-            signal.signal(sig, previous)
-    _previous = {}
 
 
-after_fork(_restore_in_child)
+after_fork(_forget_in_child)
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -376,3 +373,6 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
             azurite.stop()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+
+
+chained(_on_signal, _previous)

@@ -276,6 +276,7 @@ class LocalBatch:
 
         With ``tls`` the emulator goes first: Azurite serves the certificate it made.
         """
+        self._owner_pid = os.getpid()  # the process that stops it
         try:
             if self.tls:
                 self.emulator.start()

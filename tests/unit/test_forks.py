@@ -21,6 +21,7 @@ import pytest
 from joblib_azurebatch import run as run_mod
 from joblib_azurebatch import shutdown
 from joblib_azurebatch.backend import AzureBatchBackend
+from joblib_azurebatch.emulator import azurite as azurite_module
 from joblib_azurebatch.pools import POOLS
 from joblib_azurebatch.sweeper import SWEEPER
 from tests.fakes import FakeBatch, FakeClock, pool_spec
@@ -183,13 +184,28 @@ def test_a_backend_inherited_by_a_child_makes_the_child_its_own_clients() -> Non
     assert backend._account() is parent  # the parent's are untouched
 
 
-def test_a_child_gets_back_the_signal_handlers_found_before_and_installs_its_own() -> None:
-    assert shutdown.install(run_mod.close_live_runs)  # what a run of this process does
-    assert signal.getsignal(signal.SIGTERM) is shutdown._handle
+@pytest.mark.parametrize("order", [("library", "azurite"), ("azurite", "library")])
+def test_a_child_gets_back_the_handler_found_before_the_library_and_azurite(
+    order: tuple[str, str],
+) -> None:
+    def application_handler(signum: int, frame: object) -> None:
+        pass
 
-    def handlers() -> tuple[bool, bool, bool]:
-        inherited = signal.getsignal(signal.SIGTERM) is shutdown._handle
-        installed = shutdown.install(run_mod.close_live_runs)  # the child's own first run
-        return inherited, installed, signal.getsignal(signal.SIGTERM) is shutdown._handle
+    def chain_then_fork() -> tuple[bool, bool]:
+        # In a child of this process, so that the chain is built afresh and left behind.
+        signal.signal(signal.SIGTERM, application_handler)
+        for who in order:
+            if who == "library":
+                assert shutdown.install(run_mod.close_live_runs)  # a run of the process
+            else:
+                azurite_module._install_signal_handlers()  # a LocalBatch started
+        assert signal.getsignal(signal.SIGTERM) in (shutdown._handle, azurite_module._on_signal)
 
-    assert in_child(handlers) == (False, True, True)
+        def grandchild() -> tuple[bool, bool]:
+            restored = signal.getsignal(signal.SIGTERM) is application_handler
+            shutdown.install(run_mod.close_live_runs)  # the forked child's own first run
+            return restored, signal.getsignal(signal.SIGTERM) is shutdown._handle
+
+        return in_child(grandchild)
+
+    assert in_child(chain_then_fork) == (True, True)
