@@ -17,7 +17,6 @@ or closed because an attribute is missing. Without ``_running`` a run ends when 
 
 from __future__ import annotations
 
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 import joblib
 
-from .forks import after_fork
+from .forks import ForkSafeLock
 
 __all__ = ["Features", "JoblibCompatWarning", "probe"]
 
@@ -86,16 +85,7 @@ _NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
 _LATE = frozenset(set(_NEEDS) - {"end_detection"})
 
 _warned: set[str] = set()
-_warned_lock = threading.Lock()
-
-
-def _new_lock() -> None:
-    """A forked child gets a lock no thread of the parent holds (:mod:`.forks`)."""
-    global _warned_lock
-    _warned_lock = threading.Lock()
-
-
-after_fork(_new_lock)
+_warned_lock = ForkSafeLock()
 
 
 def _warn_missing(feature: str, missing: Sequence[str]) -> None:

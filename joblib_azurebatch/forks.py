@@ -17,9 +17,11 @@ its own runs, leases and connections, made when it first needs them.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
+from types import TracebackType
 
-__all__ = ["after_fork"]
+__all__ = ["ForkSafeLock", "after_fork"]
 
 
 def after_fork(reset: Callable[[], None]) -> None:
@@ -30,3 +32,26 @@ def after_fork(reset: Callable[[], None]) -> None:
     register = getattr(os, "register_at_fork", None)
     if register is not None:
         register(after_in_child=reset)
+
+
+class ForkSafeLock:
+    """A module's lock (``with lock:``) that a forked child gets anew, never held by a
+    thread of the parent that does not exist in the child."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        after_fork(self._renew)
+
+    def _renew(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._lock.release()

@@ -69,7 +69,7 @@ import joblib
 
 from joblib_azurebatch.bundle import Bundle
 from joblib_azurebatch.errors import PayloadError, RemoteError, VersionMismatchError
-from joblib_azurebatch.forks import after_fork
+from joblib_azurebatch.forks import ForkSafeLock
 from joblib_azurebatch.memo import Memo
 
 __all__ = [
@@ -441,16 +441,7 @@ def _builtin_warning_base(category: type[Warning]) -> type[Warning]:
 
 
 _STAND_INS: dict[tuple[str, str], type[Warning]] = {}
-_STAND_INS_LOCK = threading.Lock()
-
-
-def _new_lock() -> None:
-    """A forked child gets a lock no thread of the parent holds (:mod:`.forks`)."""
-    global _STAND_INS_LOCK
-    _STAND_INS_LOCK = threading.Lock()
-
-
-after_fork(_new_lock)
+_STAND_INS_LOCK = ForkSafeLock()
 
 
 def _warning_category(module: str, qualname: str, base: type[Warning]) -> type[Warning]:

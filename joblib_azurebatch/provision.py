@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from . import environment as env_mod
 from .batch import ResourceFile, StartTaskSpec
 from .bootstrap import BUNDLE_ENV, NODE_IDENTITY_ENV
-from .forks import after_fork
+from .forks import ForkSafeLock
 from .memo import Memo
 from .payload import node_identity_of
 
@@ -61,17 +60,7 @@ ENVS_PREFIX = "envs/"
 START_TASK_SAS_EXPIRY = timedelta(days=7)
 
 _cache: dict[tuple[Any, ...], env_mod.Environment] = {}
-_cache_lock = threading.Lock()
-
-
-def _new_lock() -> None:
-    """A forked child gets a lock no thread of the parent holds (:mod:`.forks`); the
-    environments found are still right."""
-    global _cache_lock
-    _cache_lock = threading.Lock()
-
-
-after_fork(_new_lock)
+_cache_lock = ForkSafeLock()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from joblib_azurebatch import run as run_mod
 from joblib_azurebatch import shutdown
 from joblib_azurebatch.backend import AzureBatchBackend
 from joblib_azurebatch.emulator import azurite as azurite_module
+from joblib_azurebatch.forks import ForkSafeLock
 from joblib_azurebatch.pools import POOLS
 from joblib_azurebatch.sweeper import SWEEPER
 from tests.fakes import FakeBatch, FakeClock, pool_spec
@@ -209,3 +210,27 @@ def test_a_child_gets_back_the_handler_found_before_the_library_and_azurite(
         return in_child(grandchild)
 
     assert in_child(chain_then_fork) == (True, True)
+
+
+def test_a_module_lock_held_by_a_parent_thread_is_free_in_the_child() -> None:
+    lock = ForkSafeLock()
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+
+        def take() -> bool:
+            with lock:
+                return True
+
+        assert in_child(take) is True
+    finally:
+        done.set()
+        holder.join()
