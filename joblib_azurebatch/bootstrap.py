@@ -43,6 +43,10 @@ Every failure ends stderr with one line that starts with
 
 from __future__ import annotations
 
+# Every task runs this script, and nearly every task finds its environment ready and only
+# replaces itself with the worker: the modules that fetch and install (urllib.request with
+# http.client, email and ssl; subprocess; zipfile) are imported where they are used, so that
+# a ready node pays a bare interpreter's start for this script, not several times that.
 import argparse
 import contextlib
 import hashlib
@@ -51,16 +55,15 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import urlencode, urlsplit, urlunsplit
+
+if TYPE_CHECKING:
+    import zipfile
 
 __all__ = [
     "BUNDLE_ENV",
@@ -161,6 +164,8 @@ def _read_location(location: str, headers: Mapping[str, str] | None = None) -> b
     scheme = urlsplit(location).scheme
     if scheme not in ("http", "https", "file"):
         return Path(location).read_bytes()
+    import urllib.request
+
     delay = 1.0
     for attempt in range(1, _FETCH_ATTEMPTS + 1):
         try:
@@ -181,6 +186,8 @@ def _read_location(location: str, headers: Mapping[str, str] | None = None) -> b
 def _identity_token(identity: str, metadata_host: str | None) -> str:
     """A storage token of the managed identity ``identity`` (an ARM resource id), from the
     node's metadata endpoint; `BootstrapError` when the node has no such identity."""
+    import urllib.error
+
     host = (metadata_host or IMDS_HOST).rstrip("/")
     query = urlencode(
         {"api-version": "2018-02-01", "resource": _STORAGE_RESOURCE, "msi_res_id": identity}
@@ -217,6 +224,8 @@ def _read_bundle(bundle: str, identity: str | None, metadata_host: str | None) -
 
 def _verify_bundle(data: bytes, env_id: str, source: str) -> tuple[dict[str, Any], zipfile.ZipFile]:
     """The specification and the zip, if the bundle is environment ``env_id`` and whole."""
+    import zipfile
+
     try:
         bundle = zipfile.ZipFile(io.BytesIO(data))
         spec = json.loads(bundle.read(SPEC_FILE))
@@ -289,6 +298,8 @@ def _requirement_lines(spec: Mapping[str, Any]) -> list[str]:
 
 def _base_pip_works() -> bool:
     """Whether this interpreter's pip can install into another environment (``--python``)."""
+    import subprocess
+
     done = subprocess.run(
         [sys.executable, "-m", "pip", "--version"],
         capture_output=True,
@@ -301,6 +312,8 @@ def _base_pip_works() -> bool:
 
 
 def _run_pip(command: Sequence[str], environ: Mapping[str, str], out: TextIO) -> tuple[int, str]:
+    import subprocess
+
     done = subprocess.run(
         list(command),
         stdout=subprocess.PIPE,
@@ -338,6 +351,8 @@ def _build(
     out: TextIO,
 ) -> None:
     """Create the virtualenv at ``target`` and pip install the environment into it."""
+    import subprocess
+
     python = f"{sys.version_info.major}.{sys.version_info.minor}"
     if spec.get("python") != python:
         raise BootstrapError(
@@ -461,6 +476,8 @@ def _install_locked(
     metadata_host: str | None,
 ) -> Path:
     """`install`, once this process holds the node's lock for ``env_id``."""
+    import subprocess
+
     if (target / READY_MARKER).exists():
         _log(out, f"environment {env_id} was installed by another task meanwhile")
         return target

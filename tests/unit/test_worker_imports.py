@@ -1,17 +1,20 @@
-"""What the worker loads: no Azure SDK and no requests on the default path of SAS URLs.
+"""What a task loads: no Azure SDK and no requests in the worker on the default path of SAS
+URLs, and nothing of the install path in ``bootstrap.py run`` on a ready node.
 
-Every Batch task starts a new interpreter for ``python -m joblib_azurebatch.worker``, so
-what it imports is paid again by every task; azure-storage-blob with azure-core and
-requests cost some 0.2 s of it. Each check runs in a fresh interpreter, since this test
-process has long imported them all.
+Every Batch task starts a new interpreter for ``bootstrap.py run``, which replaces itself
+with ``python -m joblib_azurebatch.worker``, so what they import is paid again by every
+task; azure-storage-blob with azure-core and requests cost some 0.2 s of it. Each check
+runs in a fresh interpreter, since this test process has long imported them all.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 SDK_PREFIXES = ("azure", "requests", "urllib3")
 
@@ -94,3 +97,64 @@ def test_a_task_s_transfers_load_no_azure_sdk() -> None:
         server.shutdown()
     """
     assert _loaded_after(code) == []
+
+
+# ------------------------------------------------------------------ bootstrap.py run
+
+#: What fetching a bundle and installing load, which a task on a ready node never needs.
+INSTALL_MODULES = ("urllib.request", "urllib.error", "http.client", "ssl", "subprocess", "zipfile")
+
+
+def _bootstrap_loads(tmp_path: Path, *args: str) -> tuple[int, list[str]]:
+    """Run ``bootstrap.py ARGS`` in a fresh interpreter, as a task does, with ``os.execve``
+    (the worker's start) turned into an exit; the exit code and which of `INSTALL_MODULES`
+    were loaded by then."""
+    from joblib_azurebatch import bootstrap
+
+    probe = textwrap.dedent(
+        f"""
+        import atexit, json, os, runpy, sys
+
+        atexit.register(lambda: print(json.dumps(
+            sorted(m for m in sys.modules if m in {INSTALL_MODULES!r}))))
+
+        def started(path, argv, environ):
+            sys.exit(0)
+
+        os.execve = started
+        sys.argv = ["bootstrap.py", *{list(args)!r}]
+        runpy.run_path({bootstrap.__file__!r}, run_name="__main__")
+        """
+    )
+    environ = {"PATH": os.environ.get("PATH", ""), "AZ_BATCH_NODE_SHARED_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=environ,
+    )
+    loaded: list[str] = json.loads(done.stdout.splitlines()[-1])
+    return done.returncode, loaded
+
+
+def test_a_task_on_a_ready_node_starts_the_worker_without_the_install_modules(
+    tmp_path: Path,
+) -> None:
+    from joblib_azurebatch import bootstrap
+
+    env_id = "0123456789abcdef"
+    ready = bootstrap.environment_dir(tmp_path, env_id)
+    ready.mkdir(parents=True)
+    (ready / bootstrap.READY_MARKER).write_text("{}\n")
+    assert _bootstrap_loads(tmp_path, "run", env_id) == (0, [])
+
+
+def test_the_bootstrap_probe_would_see_the_install_modules(tmp_path: Path) -> None:
+    """The check above would pass vacuously if the probe could not see them: a node without
+    the environment fetches its bundle (here a file URL that does not exist)."""
+    missing = (tmp_path / "absent.zip").as_uri()
+    code, loaded = _bootstrap_loads(tmp_path, "run", "0123456789abcdef", "--bundle", missing)
+    assert code == 98  # bootstrap.EXIT_FETCH_FAILED
+    assert {"urllib.request", "http.client"} <= set(loaded)
