@@ -334,8 +334,11 @@ How each figure is measured:
 * **Warm latency**: calls of 4 tiny calls, one after the other (the row says how many);
   the median, with the fastest and the slowest.
 * **Worker start-up**: `python -c "import joblib_azurebatch.worker"` in a fresh
-  interpreter, the best of the tries the row names: what every task pays on a node before
-  it runs a call. A bare interpreter's start is given beside it.
+  interpreter, the best of the tries the row names. Beside it, a task's whole start as
+  every task pays it on a node before it runs a call: `python bootstrap.py run ENV_ID` on
+  a node where the environment is ready (this interpreter), which replaces itself with the
+  worker, up to the worker's first check (it exits there, given no payload); and a bare
+  interpreter's start.
 """
 
 _SCALE = """\

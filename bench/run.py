@@ -148,6 +148,26 @@ def timed(peer: Peer, calls: Iterable[Any], expected: list[Any]) -> float:
     return wall
 
 
+def _task_start_command() -> tuple[list[str], dict[str, Any]]:
+    """``python bootstrap.py run ENV_ID`` as a task runs it on a node where ``ENV_ID`` is
+    ready, the environment being this interpreter: the command and its ``subprocess``
+    options (a folder of its own, in a temporary directory that stays for the process)."""
+    import tempfile
+
+    from joblib_azurebatch import bootstrap
+
+    shared = Path(tempfile.mkdtemp(prefix="bench-node-"))
+    env_id = "0123456789abcdef"
+    ready = bootstrap.environment_dir(shared, env_id)
+    (ready / "bin").mkdir(parents=True)
+    python = ready / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    (ready / bootstrap.READY_MARKER).write_text("{}\n")
+    command = [sys.executable, bootstrap.__file__, "run", env_id]
+    return command, {"cwd": shared, "env": {"AZ_BATCH_NODE_SHARED_DIR": str(shared)}}
+
+
 class Bench:
     """The side-by-side rows, measured one after the other on peers already warm."""
 
@@ -307,20 +327,27 @@ class Bench:
         tries = self.sizes.startup_tries
         row = Row(f"worker start-up: import in a fresh interpreter, best of {tries}")
 
-        def best(code: str) -> float:
+        def best(command: list[str], *, expect: int = 0, **options: Any) -> float:
             times = []
             for _ in range(tries):
                 started = time.perf_counter()
-                subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+                done = subprocess.run(command, capture_output=True, check=False, **options)
                 times.append(time.perf_counter() - started)
+                if done.returncode != expect:
+                    raise subprocess.CalledProcessError(
+                        done.returncode, command, stderr=done.stderr
+                    )
             return min(times)
 
         progress("  worker start-up ...")
         try:
-            worker = best("import joblib_azurebatch.worker")
-            bare = best("pass")
+            worker = best([sys.executable, "-c", "import joblib_azurebatch.worker"], cwd=ROOT)
+            bare = best([sys.executable, "-c", "pass"], cwd=ROOT)
+            task = best(*_task_start_command(), expect=2)  # the worker: "no payload URL"
             row.cells["azurebatch"] = Cell(
-                f"{seconds(worker)} (bare interpreter {seconds(bare)})", worker
+                f"{seconds(worker)} (a task's whole start, bootstrap.py run on a ready node "
+                f"to the worker's first check, {seconds(task)}; bare interpreter {seconds(bare)})",
+                worker,
             )
         except (OSError, subprocess.CalledProcessError) as e:
             row.cells["azurebatch"] = Cell(f"error: {type(e).__name__}")
