@@ -2,10 +2,13 @@
 
 Azurite is a Node.js program (npm package ``azurite``), so it runs as a child process. It is
 started blob-only, on a free port of 127.0.0.1 that it picks itself and reports on stdout, with
-its blobs and their index in memory (``--inMemoryPersistence``: nothing to write to disk, and
-about a fifth less of Azurite's CPU per request, which is what bounds a busy local account)
-and a temporary working folder that goes away with it. ``--silent`` leaves out the access
-log, a line per request that would only be read and dropped. ``--skipApiVersionCheck`` is needed
+its data in a temporary folder that goes away with it. Not ``--inMemoryPersistence``, although
+it takes about a fifth less of Azurite's CPU per request: in memory every blob written is an
+extent of its own (on disk, small blobs share extent files), and Azurite's garbage collection,
+every 10 minutes, removes the extents of deleted blobs one at a time from its index; some
+28,000 small tasks into a run, that held Azurite for minutes and requests timed out after
+120 s. ``--silent`` leaves out the access log, a line per request that would only be read
+and dropped. ``--skipApiVersionCheck`` is needed
 because azure-storage-blob sends a newer ``x-ms-version`` than Azurite knows, and
 ``--disableTelemetry`` because Azurite otherwise reports to Microsoft and leaves a
 ``Microsoft-AzureMonitor-*`` folder in the temporary directory on every start (3.37 has no
@@ -187,7 +190,7 @@ class Azurite:
             executable,
             "--blobHost", "127.0.0.1",
             "--blobPort", "0",
-            "--inMemoryPersistence",
+            "--location", self._location,
             "--silent",  # no access log: a line per request to read for nothing
             "--skipApiVersionCheck",
             "--loose",
@@ -207,7 +210,6 @@ class Azurite:
                 stderr=subprocess.STDOUT,
                 text=True,
                 start_new_session=True,  # Ctrl-C in the terminal is this process's to handle
-                cwd=self._location,
             )
         except BaseException:
             self.stop()
@@ -286,8 +288,7 @@ class Azurite:
 
     @property
     def location(self) -> Path | None:
-        """Azurite's working folder while running (removed when it stops); its data is in
-        memory."""
+        """Azurite's data folder while running (removed when it stops)."""
         return Path(self._location) if self._location is not None else None
 
     def __enter__(self) -> Azurite:
