@@ -343,7 +343,8 @@ class Bench:
         try:
             worker = best([sys.executable, "-c", "import joblib_azurebatch.worker"], cwd=ROOT)
             bare = best([sys.executable, "-c", "pass"], cwd=ROOT)
-            task = best(*_task_start_command(), expect=2)  # the worker: "no payload URL"
+            command, options = _task_start_command()
+            task = best(command, expect=2, **options)  # the worker: "no payload URL"
             row.cells["azurebatch"] = Cell(
                 f"{seconds(worker)} (a task's whole start, bootstrap.py run on a ready node "
                 f"to the worker's first check, {seconds(task)}; bare interpreter {seconds(bare)})",

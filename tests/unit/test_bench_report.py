@@ -175,3 +175,22 @@ def test_the_upload_counter_agrees_with_the_store_s_own_count(store) -> None:
     store.upload("jobs/j/tasks/t2/payload", b"after" * 10)  # not counted: the counter is off
     assert counter.total == store.bytes_uploaded - before - 50 == 5332
     assert counter.by_kind() == {"objects": 5000, "payloads": 300, "other": 32}
+
+
+def test_the_start_up_row_times_a_task_s_whole_start(capsys: pytest.CaptureFixture[str]) -> None:
+    """The row runs the worker's import, a bare interpreter and ``bootstrap.py run`` on a
+    ready node (which must reach the worker's own "no payload" exit, code 2), and gives a
+    figure for each, not an error cell."""
+    from dataclasses import replace
+
+    from bench.run import QUICK, Bench
+
+    bench = Bench(replace(QUICK, startup_tries=1), {})
+    bench.startup()
+    (row,) = bench.rows
+    cell = row.cells["azurebatch"]
+    assert cell.value is not None, cell.text
+    assert cell.value > 0
+    assert "bootstrap.py run on a ready node" in cell.text
+    assert "bare interpreter" in cell.text
+    assert cells(capsys.readouterr().out.strip().splitlines()[-1])[1] == cell.text
