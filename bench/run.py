@@ -33,6 +33,7 @@ import pickle
 import shlex
 import statistics
 import subprocess
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -148,15 +149,12 @@ def timed(peer: Peer, calls: Iterable[Any], expected: list[Any]) -> float:
     return wall
 
 
-def _task_start_command() -> tuple[list[str], dict[str, Any]]:
-    """``python bootstrap.py run ENV_ID`` as a task runs it on a node where ``ENV_ID`` is
-    ready, the environment being this interpreter: the command and its ``subprocess``
-    options (a folder of its own, in a temporary directory that stays for the process)."""
-    import tempfile
-
+def _task_start_command(shared: Path) -> tuple[list[str], dict[str, Any]]:
+    """``python bootstrap.py run ENV_ID`` as a task runs it on a node (its shared folder
+    ``shared``) where ``ENV_ID`` is ready, the environment being this interpreter: the
+    command and its ``subprocess`` options."""
     from joblib_azurebatch import bootstrap
 
-    shared = Path(tempfile.mkdtemp(prefix="bench-node-"))
     env_id = "0123456789abcdef"
     ready = bootstrap.environment_dir(shared, env_id)
     (ready / "bin").mkdir(parents=True)
@@ -343,8 +341,9 @@ class Bench:
         try:
             worker = best([sys.executable, "-c", "import joblib_azurebatch.worker"], cwd=ROOT)
             bare = best([sys.executable, "-c", "pass"], cwd=ROOT)
-            command, options = _task_start_command()
-            task = best(command, expect=2, **options)  # the worker: "no payload URL"
+            with tempfile.TemporaryDirectory(prefix="bench-node-") as shared:
+                command, options = _task_start_command(Path(shared))
+                task = best(command, expect=2, **options)  # the worker: "no payload URL"
             row.cells["azurebatch"] = Cell(
                 f"{seconds(worker)} (a task's whole start, bootstrap.py run on a ready node "
                 f"to the worker's first check, {seconds(task)}; bare interpreter {seconds(bare)})",

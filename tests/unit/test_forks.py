@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import pytest
@@ -74,6 +75,27 @@ def in_child(check: Callable[[], Any]) -> Any:
     return value
 
 
+@contextmanager
+def held_by_a_thread(lock: AbstractContextManager[Any]) -> Iterator[None]:
+    """``lock`` held by another thread of this process for the whole block, as a fork
+    finds it when some thread is inside it."""
+    held, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    try:
+        yield
+    finally:
+        done.set()
+        holder.join()
+
+
 class StubRun:
     """Stands in for a JobRun of the parent: records what is done to it."""
 
@@ -109,27 +131,17 @@ def test_a_child_neither_waits_for_nor_deletes_the_pool_its_parent_keeps() -> No
     batch = FakeBatch(FakeClock())
     lease = POOLS.acquire(batch, pool_spec("lingering"), account_url=URL, keep=False)
     POOLS.release(lease, linger=300)  # left for the parent's next run
-    held, done = threading.Event(), threading.Event()
 
-    def hold_the_lock() -> None:  # a parent thread creating a pool at the moment of the fork
-        with POOLS._lock:
-            held.set()
-            done.wait(30)
+    def flushed() -> str | None:
+        POOLS.flush()  # what the child does at exit or on SIGTERM
+        pool = batch.get_pool("lingering")
+        return pool.state if pool is not None else None
 
-    holder = threading.Thread(target=hold_the_lock)
-    holder.start()
-    held.wait(5)
     try:
-
-        def flushed() -> str | None:
-            POOLS.flush()  # what the child does at exit or on SIGTERM
-            pool = batch.get_pool("lingering")
-            return pool.state if pool is not None else None
-
-        assert in_child(flushed) == "active"
+        # A parent thread creating a pool at the moment of the fork.
+        with held_by_a_thread(POOLS._lock):
+            assert in_child(flushed) == "active"
     finally:
-        done.set()
-        holder.join()
         POOLS.flush()
     deleted = batch.get_pool("lingering")  # the parent's own exit still deletes it
     assert deleted is not None
@@ -214,23 +226,10 @@ def test_a_child_gets_back_the_handler_found_before_the_library_and_azurite(
 
 def test_a_module_lock_held_by_a_parent_thread_is_free_in_the_child() -> None:
     lock = ForkSafeLock()
-    held, done = threading.Event(), threading.Event()
 
-    def hold() -> None:
+    def take() -> bool:
         with lock:
-            held.set()
-            done.wait(30)
+            return True
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(5)
-    try:
-
-        def take() -> bool:
-            with lock:
-                return True
-
+    with held_by_a_thread(lock):
         assert in_child(take) is True
-    finally:
-        done.set()
-        holder.join()
