@@ -34,6 +34,7 @@ from joblib.parallel import (
 )
 
 from . import _joblib_compat as compat
+from . import shutdown
 from .batch import BatchService
 from .config import BatchConfig
 from .errors import ConfigError
@@ -368,7 +369,7 @@ def _close_accounts(accounts: dict[int, Account]) -> None:
                 # A pool lingering for the next run is deleted through this client later.
                 POOLS.close_when_unused(client, _quietly(close))
 
-    threading.Thread(target=close_all, name="azurebatch-close", daemon=True).start()
+    shutdown.start(threading.Thread(target=close_all, name="azurebatch-close", daemon=True))
 
 
 def _quietly(close: Callable[[], None]) -> Callable[[], None]:

@@ -64,7 +64,7 @@ from azure.core.exceptions import (
 from azure.core.pipeline.policies import RetryPolicy
 from azure.core.polling import LROPoller
 
-from . import retries
+from . import retries, shutdown
 from .config import _package_version
 from .credentials import CredentialLease, lease_credential
 from .errors import (
@@ -1022,11 +1022,14 @@ class BatchService:
 
     def delete_pool(self, pool_id: str) -> None:
         """Start deleting the pool (the service finishes it in the background)."""
-        with self._call(
-            f"delete the pool {pool_id}",
-            ok_codes=("PoolBeingDeleted", "PoolNotFound"),
-            missing_ok=True,
-        ):
+        with (
+            self._call(
+                f"delete the pool {pool_id}",
+                ok_codes=("PoolBeingDeleted", "PoolNotFound"),
+                missing_ok=True,
+            ),
+            shutdown.signals_held(),
+        ):  # the SDK polls from a thread it starts
             self._client.begin_delete_pool(pool_id, polling_interval=5)
 
     def enable_autoscale(self, pool_id: str, formula: str) -> None:
@@ -1178,11 +1181,14 @@ class BatchService:
         """
         options = BatchJobTerminateOptions(termination_reason=reason or "Terminated")
         poller: LROPoller[None] | None = None
-        with self._call(
-            f"terminate the job {job_id}",
-            ok_codes=("JobCompleted", "JobBeingTerminated", "JobBeingDeleted"),
-            missing_ok=True,
-        ):
+        with (
+            self._call(
+                f"terminate the job {job_id}",
+                ok_codes=("JobCompleted", "JobBeingTerminated", "JobBeingDeleted"),
+                missing_ok=True,
+            ),
+            shutdown.signals_held(),
+        ):  # the SDK polls from a thread it starts
             poller = self._client.begin_terminate_job(
                 job_id, options, polling_interval=self._lro_interval
             )
@@ -1196,11 +1202,14 @@ class BatchService:
 
     def delete_job(self, job_id: str) -> None:
         """Start deleting the job and its tasks (the service finishes in the background)."""
-        with self._call(
-            f"delete the job {job_id}",
-            ok_codes=("JobBeingDeleted", "JobNotFound"),
-            missing_ok=True,
-        ):
+        with (
+            self._call(
+                f"delete the job {job_id}",
+                ok_codes=("JobBeingDeleted", "JobNotFound"),
+                missing_ok=True,
+            ),
+            shutdown.signals_held(),
+        ):  # the SDK polls from a thread it starts
             self._client.begin_delete_job(job_id, polling_interval=self._lro_interval)
 
     # ---- tasks
@@ -1227,7 +1236,9 @@ class BatchService:
         with self._executor_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(
-                    max_workers=SUBMIT_CONCURRENCY, thread_name_prefix="azurebatch-add"
+                    max_workers=SUBMIT_CONCURRENCY,
+                    thread_name_prefix="azurebatch-add",
+                    initializer=shutdown.hold_signals,
                 )
             return self._executor
 

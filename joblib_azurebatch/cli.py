@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from joblib_azurebatch import shutdown
 from joblib_azurebatch.errors import AzureBatchError, ConfigError
 from joblib_azurebatch.liveness import HEARTBEAT_EVERY, STALE_AFTER
 
@@ -129,7 +130,7 @@ def _ticking(progress: _Progress, label: str, *, interval: float = 0.5) -> Itera
     thread = threading.Thread(target=tick, name="demo-progress", daemon=True)
     progress.update(f"{label} ...")
     if progress.live:
-        thread.start()
+        shutdown.start(thread)
     try:
         yield
     finally:

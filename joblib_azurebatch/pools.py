@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from . import shutdown
 from .batch import JobInfo, PoolInfo, PoolSpec, pool_differences
 from .errors import AzureBatchError
 from .forks import after_fork
@@ -208,7 +209,7 @@ class PoolRegistry:
                 lease.timer = threading.Timer(linger, self._expire, (lease,))
                 lease.timer.name = f"azurebatch-linger-{lease.pool_id}"
                 lease.timer.daemon = True
-                lease.timer.start()
+                shutdown.start(lease.timer)
                 _log.info("keeping the pool %s for %g s for the next run", lease.pool_id, linger)
                 return
             self._leases.pop(lease.key, None)
@@ -217,6 +218,11 @@ class PoolRegistry:
                 self._delete(lease)
         finally:
             self._closed(lease)
+
+    def lingering(self) -> bool:
+        """Whether a pool waits for its next run, which `flush` would delete."""
+        with self._lock:
+            return any(lease.holders == 0 for lease in self._leases.values())
 
     def flush(self) -> None:
         """Delete every pool left lingering, now (at exit, on SIGTERM or SIGHUP)."""

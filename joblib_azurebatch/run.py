@@ -797,6 +797,13 @@ class JobRun:
                 return
             was = self._move(RunState.CLOSED)
         _LIVE_RUNS.discard(self)
+        try:
+            self._close(was)
+        finally:
+            if not _LIVE_RUNS and not POOLS.lingering():
+                shutdown.release()  # nothing left for a signal to clean up
+
+    def _close(self, was: RunState) -> None:
         if self._resumer is not None:
             self._resumer.close()
             self._resumed.shutdown(wait=False)

@@ -10,6 +10,14 @@ installed before, or, if that was the default, ends the process by the same sign
 exit status still says "killed by SIGTERM" to whoever sent it. An ignored signal stays
 ignored. This also covers a process that is still waiting for its pool's nodes. A child
 forked from the process gets the earlier handlers back (it has no run of its own yet).
+
+Python runs a handler on the main thread only, when it next executes bytecode, while the
+kernel delivers a process's signal to any thread that does not block it. Taken by a
+background thread while the main thread waits where no signal of another thread reaches
+it (a ``join``, a lock), the handler would not run until that wait ended. So every thread
+the library starts, and every thread those start (the SDK's pollers, executor workers),
+blocks both signals from its first instruction (:func:`signals_held`, :func:`start`): the
+kernel hands them to the main thread, whose wait they interrupt.
 """
 
 from __future__ import annotations
@@ -18,13 +26,14 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
 from .forks import after_fork
 
-__all__ = ["SIGNALS", "chained", "install"]
+__all__ = ["SIGNALS", "chained", "hold_signals", "install", "release", "signals_held", "start"]
 
 _log = logging.getLogger(__name__)
 
@@ -32,6 +41,38 @@ _log = logging.getLogger(__name__)
 SIGNALS: tuple[signal.Signals, ...] = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None
 )
+
+#: ``signal.pthread_sigmask``, where there is one (not on Windows, which has no such signals).
+_sigmask: Callable[..., Any] | None = getattr(signal, "pthread_sigmask", None)
+
+
+def hold_signals() -> None:
+    """Block SIGTERM and SIGHUP on the calling thread (an executor's ``initializer``)."""
+    if _sigmask is not None:
+        _sigmask(signal.SIG_BLOCK, SIGNALS)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Block SIGTERM and SIGHUP on the calling thread for the block: every thread started
+    inside inherits the mask from birth, so it never takes them; a signal that arrives
+    meanwhile waits and is delivered when the block ends."""
+    if _sigmask is None:
+        yield
+        return
+    before = _sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        _sigmask(signal.SIG_SETMASK, before)
+
+
+def start(thread: threading.Thread) -> threading.Thread:
+    """Start ``thread`` (a library thread) with SIGTERM and SIGHUP blocked on it."""
+    with signals_held():
+        thread.start()
+    return thread
+
 
 _lock = threading.Lock()
 _previous: dict[int, Any] = {}
@@ -107,6 +148,31 @@ def install(cleanup: Callable[..., None]) -> bool:
     return bool(_previous)
 
 
+def release() -> None:
+    """Give back the handlers found at `install`: the process has nothing left to clean up
+    (no open run, no pool lingering), so the signals act as they did before it had any.
+
+    A Python-level handler is not free. CPython runs it at the main thread's next check,
+    and a signal that lands between that check and a blocking call (a ``multiprocessing``
+    worker that its pool's ``terminate`` both locks out of its task queue and signals, at
+    the same instant) leaves the main thread asleep in that call with the handler never
+    run: the worker outlives its ``terminate`` and the pool's ``join`` waits forever. The
+    default action ends the process whatever it waits on. Only from the main thread, and
+    only where this module's handler is still the one installed (a handler set on top of
+    it chains to it, and stays); a handler found that Python did not set cannot be put
+    back, so this one stays there too. The next run installs it again.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with _lock:
+        if os.getpid() != _OWNER_PID:
+            return  # a forked child's handlers are its own (`_restore_in_child`)
+        for sig, found in list(_previous.items()):
+            if found is not None and signal.getsignal(sig) is _handle:
+                signal.signal(sig, found)
+                del _previous[sig]
+
+
 def _handle(signum: int, frame: FrameType | None) -> None:
     if os.getpid() != _OWNER_PID:
         # A forked child (a multiprocessing pool) inherited the handler, not the runs.
@@ -114,12 +180,13 @@ def _handle(signum: int, frame: FrameType | None) -> None:
         os.kill(os.getpid(), signum)
         return
     name = signal.Signals(signum).name
+    # Read first: the cleanup closes the last run, which gives the handlers back (`release`).
+    previous = _previous.get(signum, signal.SIG_DFL)
     if _cleanup is not None:
         try:
             _cleanup(why=name)
         except Exception:  # pragma: no cover - the signal must still take effect
             _log.exception("cleaning up on %s failed", name)
-    previous = _previous.get(signum, signal.SIG_DFL)
     if callable(previous):
         previous(signum, frame)
         return

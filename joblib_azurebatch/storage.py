@@ -52,7 +52,7 @@ from azure.storage.blob import (
     generate_container_sas,
 )
 
-from joblib_azurebatch import retries
+from joblib_azurebatch import retries, shutdown
 from joblib_azurebatch.config import _package_version
 from joblib_azurebatch.credentials import CredentialLease, lease_credential
 from joblib_azurebatch.errors import ConfigError, CredentialError, ServiceError, service_error
@@ -542,7 +542,7 @@ class BlobStore:
             for _ in range(min(_DELETE_WORKERS, len(chunks)))
         ]
         for thread in threads:
-            thread.start()
+            shutdown.start(thread)
         for thread in threads:
             thread.join()
         if errors:

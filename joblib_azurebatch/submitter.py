@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from . import shutdown
 from .batch import ResourceFile, TaskSpec
 from .bundle import Bundle
 from .payload import DumpedTask, PayloadWriter, PreparedTask
@@ -166,12 +167,14 @@ class Submitter:
 
     def start(self) -> None:
         self._pool = ThreadPoolExecutor(
-            max_workers=PREPARE_WORKERS, thread_name_prefix=f"azurebatch-prepare-{self._job_id}"
+            max_workers=PREPARE_WORKERS,
+            thread_name_prefix=f"azurebatch-prepare-{self._job_id}",
+            initializer=shutdown.hold_signals,
         )
         self._thread = threading.Thread(
             target=self.run_forever, name=f"azurebatch-submit-{self._job_id}", daemon=True
         )
-        self._thread.start()
+        shutdown.start(self._thread)
 
     def put(self, group: Group) -> None:
         self._queue.put(group)

@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
+from . import shutdown
 from .forks import after_fork
 
 __all__ = ["EXIT_WAIT", "SWEEPER", "SWEEP_GRACE", "Deleter", "Sweep", "Sweeper"]
@@ -205,7 +206,9 @@ class Sweeper:
         )
         while self._threads < self._workers and self._threads - self._busy < work:
             self._threads += 1
-            threading.Thread(target=self._work, name="azurebatch-sweeper", daemon=True).start()
+            shutdown.start(
+                threading.Thread(target=self._work, name="azurebatch-sweeper", daemon=True)
+            )
 
     def _take(self) -> Sweep | tuple[Deleter, list[str]] | None:
         """The next piece of work (under the lock): a sweep, else up to ``chunk`` names."""

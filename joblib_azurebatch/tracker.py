@@ -67,6 +67,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import shutdown
 from .batch import TaskOutcome
 from .errors import AzureBatchError, CredentialError, TaskFailedError
 from .service import BatchApi, Clock
@@ -274,7 +275,9 @@ class Tracker:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._downloads = ThreadPoolExecutor(
-            max_workers=download_workers, thread_name_prefix=f"azurebatch-fetch-{job_id}"
+            max_workers=download_workers,
+            thread_name_prefix=f"azurebatch-fetch-{job_id}",
+            initializer=shutdown.hold_signals,
         )
         self._thread = threading.Thread(
             target=self._run, name=f"azurebatch-tracker-{job_id}", daemon=True
@@ -289,7 +292,7 @@ class Tracker:
     def start(self) -> None:
         if not self._started:
             self._started = True
-            self._thread.start()
+            shutdown.start(self._thread)
 
     def watch(self, task_id: str, on_done: OnDone) -> None:
         """Resolve ``task_id`` through ``on_done`` once it completes. Call before adding it:
