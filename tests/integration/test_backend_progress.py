@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+import time
 from collections import Counter
 
 import cloudpickle
@@ -22,6 +23,14 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def square(x):
+    return x * x
+
+
+def slow_square(x):
+    # The tracker reads the counts only after the eager look of the run's first
+    # EAGER_INTERVALS poll intervals (1 s here): three rounds of these on four slots outlast
+    # it, however fast the machine is.
+    time.sleep(0.6)
     return x * x
 
 
@@ -59,13 +68,14 @@ def runs(monkeypatch):
     return closed
 
 
-def run_squares(cfg, n: int) -> list[int]:
+def run_squares(cfg, n: int, function=square) -> list[int]:
     with joblib.parallel_config(backend="azurebatch", config=cfg):
-        return Parallel(n_jobs=-1, batch_size=1)(delayed(square)(x) for x in range(n))
+        return Parallel(n_jobs=-1, batch_size=1)(delayed(function)(x) for x in range(n))
 
 
 def test_forced_on_the_line_counts_every_call_and_ends(cfg, capsys, runs):
-    assert run_squares(cfg.replace(progress=True), 10) == [x * x for x in range(10)]
+    out = run_squares(cfg.replace(progress=True), 10, slow_square)
+    assert out == [x * x for x in range(10)]
     err = capsys.readouterr().err
     (run,) = runs
     final = last_state(err)
