@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import multiprocessing.util
 import os
 import secrets
 import socket
@@ -125,6 +126,7 @@ class PoolRegistry:
         # Reentrant: a SIGTERM handler that releases leases may run while this thread holds it.
         self._lock = threading.RLock()
         self._leases: dict[tuple[str, str], PoolLease] = {}
+        self._flushes_at_exit_of: int | None = None  # the pid `_flush_at_process_exit` saw
 
     def forget_after_fork(self) -> None:
         """In a forked child: the leases are the parent's (a lingering pool is its to take
@@ -210,6 +212,7 @@ class PoolRegistry:
                 lease.timer.name = f"azurebatch-linger-{lease.pool_id}"
                 lease.timer.daemon = True
                 shutdown.start(lease.timer)
+                self._flush_at_process_exit()
                 _log.info("keeping the pool %s for %g s for the next run", lease.pool_id, linger)
                 return
             self._leases.pop(lease.key, None)
@@ -218,6 +221,23 @@ class PoolRegistry:
                 self._delete(lease)
         finally:
             self._closed(lease)
+
+    def _flush_at_process_exit(self) -> None:
+        """Have `flush` run when this process ends, whichever way it ends normally.
+
+        The interpreter's exit runs the ``atexit`` function that flushes (:mod:`.run`), but
+        a ``multiprocessing`` worker (fork, spawn or loky) ends through ``os._exit`` once
+        its pool is done with it: no ``atexit`` function runs there, and its linger timer
+        dies with it, so a pool it left lingering would stay (drained to zero nodes by its
+        idle formula, removed by ``cleanup`` later). Such a worker does run
+        multiprocessing's exit finalizers, as every process that imported multiprocessing
+        does at exit; one is registered per process (a forked child registers its own: its
+        registry starts empty).
+        """
+        pid = os.getpid()
+        if self._flushes_at_exit_of != pid:
+            self._flushes_at_exit_of = pid
+            multiprocessing.util.Finalize(None, self.flush, exitpriority=10)
 
     def lingering(self) -> bool:
         """Whether a pool waits for its next run, which `flush` would delete."""

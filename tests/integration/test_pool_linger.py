@@ -4,6 +4,7 @@ once when the process exits."""
 
 from __future__ import annotations
 
+import multiprocessing
 import secrets
 import sys
 import time
@@ -22,6 +23,11 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def double(x: int) -> int:
     return 2 * x
+
+
+def double_in_a_worker(cfg) -> None:
+    with joblib.parallel_config(backend="azurebatch", config=cfg):
+        assert Parallel(n_jobs=-1)(delayed(double)(i) for i in range(4)) == [0, 2, 4, 6]
 
 
 def pool_exists(batch_client, pool_id: str) -> bool:
@@ -79,4 +85,19 @@ def test_a_lingering_pool_deleted_from_outside_is_created_again(local, batch_cli
         assert Parallel(n_jobs=-1)(delayed(double)(i) for i in range(4)) == [0, 2, 4, 6]
     assert pool_exists(batch_client, name)
     POOLS.flush()
+    assert wait_until(lambda: not pool_exists(batch_client, name))
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_multiprocessing_worker_deletes_the_pool_it_left_lingering_when_it_ends(
+    local, batch_client, name
+):
+    """A worker ends through os._exit (no atexit, and its linger timer dies with it): the
+    pool it left lingering goes at its end all the same, not 600 s later or never."""
+    cfg = local.config(pool_id=name, job_id=name, pool_linger=600.0)
+    # Forked: the config (which holds keys and is never pickled) is inherited, not sent.
+    worker = multiprocessing.get_context("fork").Process(target=double_in_a_worker, args=(cfg,))
+    worker.start()
+    worker.join(120)
+    assert worker.exitcode == 0
     assert wait_until(lambda: not pool_exists(batch_client, name))
