@@ -1022,15 +1022,15 @@ class BatchService:
 
     def delete_pool(self, pool_id: str) -> None:
         """Start deleting the pool (the service finishes it in the background)."""
-        with (
-            self._call(
-                f"delete the pool {pool_id}",
-                ok_codes=("PoolBeingDeleted", "PoolNotFound"),
-                missing_ok=True,
-            ),
-            shutdown.signals_held(),
-        ):  # the SDK polls from a thread it starts
-            self._client.begin_delete_pool(pool_id, polling_interval=5)
+        with self._call(
+            f"delete the pool {pool_id}",
+            ok_codes=("PoolBeingDeleted", "PoolNotFound"),
+            missing_ok=True,
+        ):
+            # The SDK polls from a thread it starts: one that takes no SIGTERM.
+            shutdown.call_quietly(
+                lambda: self._client.begin_delete_pool(pool_id, polling_interval=5)
+            )
 
     def enable_autoscale(self, pool_id: str, formula: str) -> None:
         """Give the pool ``formula``, evaluated every 5 minutes and, by the service, at once.
@@ -1181,16 +1181,16 @@ class BatchService:
         """
         options = BatchJobTerminateOptions(termination_reason=reason or "Terminated")
         poller: LROPoller[None] | None = None
-        with (
-            self._call(
-                f"terminate the job {job_id}",
-                ok_codes=("JobCompleted", "JobBeingTerminated", "JobBeingDeleted"),
-                missing_ok=True,
-            ),
-            shutdown.signals_held(),
-        ):  # the SDK polls from a thread it starts
-            poller = self._client.begin_terminate_job(
-                job_id, options, polling_interval=self._lro_interval
+        with self._call(
+            f"terminate the job {job_id}",
+            ok_codes=("JobCompleted", "JobBeingTerminated", "JobBeingDeleted"),
+            missing_ok=True,
+        ):
+            # The SDK polls from a thread it starts: one that takes no SIGTERM.
+            poller = shutdown.call_quietly(
+                lambda: self._client.begin_terminate_job(
+                    job_id, options, polling_interval=self._lro_interval
+                )
             )
         if poller is None:
             return
@@ -1202,15 +1202,15 @@ class BatchService:
 
     def delete_job(self, job_id: str) -> None:
         """Start deleting the job and its tasks (the service finishes in the background)."""
-        with (
-            self._call(
-                f"delete the job {job_id}",
-                ok_codes=("JobBeingDeleted", "JobNotFound"),
-                missing_ok=True,
-            ),
-            shutdown.signals_held(),
-        ):  # the SDK polls from a thread it starts
-            self._client.begin_delete_job(job_id, polling_interval=self._lro_interval)
+        with self._call(
+            f"delete the job {job_id}",
+            ok_codes=("JobBeingDeleted", "JobNotFound"),
+            missing_ok=True,
+        ):
+            # The SDK polls from a thread it starts: one that takes no SIGTERM.
+            shutdown.call_quietly(
+                lambda: self._client.begin_delete_job(job_id, polling_interval=self._lro_interval)
+            )
 
     # ---- tasks
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from . import shutdown
 from .errors import AzureBatchError, PayloadError, ServiceError
 from .liveness import ClientRecord, client_gone
 from .memo import (
@@ -126,7 +127,9 @@ class Resumer:
         self._expiry = timedelta(seconds=sas_expiry)
         self.environment = environment_fingerprint(image)
         self._results_key: bytes | None = None
-        self._readers = ThreadPoolExecutor(_READERS, thread_name_prefix="azurebatch-resume")
+        self._readers = ThreadPoolExecutor(
+            _READERS, thread_name_prefix="azurebatch-resume", initializer=shutdown.hold_signals
+        )
         self._identity = node_identity_of(store) is not None
 
     @property

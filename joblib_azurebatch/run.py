@@ -37,6 +37,7 @@ import contextlib
 import enum
 import itertools
 import logging
+import multiprocessing
 import sys
 import threading
 import time
@@ -176,7 +177,9 @@ class JobRun:
         #: resume=True: the run's calls are keyed, and their stored results taken.
         self._resumer: Resumer | None = None
         #: Runs joblib's callbacks of the batches answered from stored results.
-        self._resumed = ThreadPoolExecutor(1, thread_name_prefix="azurebatch-resumed")
+        self._resumed = ThreadPoolExecutor(
+            1, thread_name_prefix="azurebatch-resumed", initializer=shutdown.hold_signals
+        )
         self._callback_lock = threading.RLock()
         self._first_key: str | None = None
         if self.cfg.resume or self.cfg.cache:
@@ -800,7 +803,7 @@ class JobRun:
         try:
             self._close(was)
         finally:
-            if not _LIVE_RUNS and not POOLS.lingering():
+            if not _LIVE_RUNS and (not POOLS.lingering() or _in_a_worker()):
                 shutdown.release()  # nothing left for a signal to clean up
 
     def _close(self, was: RunState) -> None:
@@ -913,6 +916,18 @@ def _warn_cleanup(message: str) -> None:
 def live_runs() -> list[JobRun]:
     """The runs of this process that are not closed yet."""
     return list(_LIVE_RUNS)
+
+
+def _in_a_worker() -> bool:
+    """Whether this process is a ``multiprocessing`` worker (fork, spawn or loky).
+
+    Its pool's ``terminate`` may signal it just as it starts to wait on the task queue's
+    lock, where CPython can miss the signal and a Python handler never runs (see
+    `shutdown.release`): such a process keeps no handler for a pool that lingers. Its
+    pool goes at the worker's end (`PoolRegistry` flushes from a multiprocessing
+    finalizer) or, if its pool terminates it, drains by its idle formula.
+    """
+    return multiprocessing.parent_process() is not None
 
 
 def close_live_runs(*, why: str = "") -> None:

@@ -16,8 +16,8 @@ kernel delivers a process's signal to any thread that does not block it. Taken b
 background thread while the main thread waits where no signal of another thread reaches
 it (a ``join``, a lock), the handler would not run until that wait ended. So every thread
 the library starts, and every thread those start (the SDK's pollers, executor workers),
-blocks both signals from its first instruction (:func:`signals_held`, :func:`start`): the
-kernel hands them to the main thread, whose wait they interrupt.
+blocks both signals from its first instruction (:func:`signals_held`, :func:`start`,
+:func:`call_quietly`): the kernel hands them to the main thread, whose wait they interrupt.
 """
 
 from __future__ import annotations
@@ -29,11 +29,22 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from .forks import after_fork
 
-__all__ = ["SIGNALS", "chained", "hold_signals", "install", "release", "signals_held", "start"]
+__all__ = [
+    "SIGNALS",
+    "call_quietly",
+    "chained",
+    "hold_signals",
+    "install",
+    "release",
+    "signals_held",
+    "start",
+]
+
+_T = TypeVar("_T")
 
 _log = logging.getLogger(__name__)
 
@@ -60,11 +71,13 @@ def signals_held() -> Iterator[None]:
     if _sigmask is None:
         yield
         return
-    before = _sigmask(signal.SIG_BLOCK, SIGNALS)
+    before = None
     try:
+        before = _sigmask(signal.SIG_BLOCK, SIGNALS)
         yield
     finally:
-        _sigmask(signal.SIG_SETMASK, before)
+        if before is not None:
+            _sigmask(signal.SIG_SETMASK, before)
 
 
 def start(thread: threading.Thread) -> threading.Thread:
@@ -74,7 +87,32 @@ def start(thread: threading.Thread) -> threading.Thread:
     return thread
 
 
-_lock = threading.Lock()
+def call_quietly(function: Callable[[], _T]) -> _T:
+    """``function()``, called on a thread of its own that blocks SIGTERM and SIGHUP.
+
+    For a call that starts threads the library does not name (the SDK's pollers): they
+    inherit that thread's mask. The caller's thread is not masked meanwhile, so a signal
+    that arrives during the call (a request, with its retries, may take minutes) is
+    handled at once instead of waiting for it to return.
+    """
+    outcome: list[Any] = []
+
+    def call() -> None:
+        try:
+            outcome.append((True, function()))
+        except BaseException as e:  # handed to the caller, whatever it is
+            outcome.append((False, e))
+
+    start(threading.Thread(target=call, name="azurebatch-call", daemon=True)).join()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return cast("_T", value)
+
+
+#: Reentrant: the handler runs on the main thread between two of its bytecodes, maybe
+#: inside `install`, and the cleanup it runs ends in `release`.
+_lock = threading.RLock()
 _previous: dict[int, Any] = {}
 _cleanup: Callable[..., None] | None = None
 #: The process that installed the handlers; a forked child inherits them but not the runs.
@@ -102,7 +140,7 @@ def _restore_in_child() -> None:
     ``join`` would wait forever. A run the child starts installs the handlers again.
     """
     global _lock
-    _lock = threading.Lock()
+    _lock = threading.RLock()
     for sig in SIGNALS:
         current = signal.getsignal(sig)
         while (chain := _chain_of(current)) is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import secrets
+import signal
 import sys
 import time
 
@@ -26,8 +27,12 @@ def double(x: int) -> int:
 
 
 def double_in_a_worker(cfg) -> None:
+    before = signal.getsignal(signal.SIGTERM)
     with joblib.parallel_config(backend="azurebatch", config=cfg):
         assert Parallel(n_jobs=-1)(delayed(double)(i) for i in range(4)) == [0, 2, 4, 6]
+    # A worker keeps no handler for the pool it leaves lingering: its pool's terminate
+    # must end it by default (see shutdown.release).
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def pool_exists(batch_client, pool_id: str) -> bool:
@@ -98,6 +103,10 @@ def test_a_multiprocessing_worker_deletes_the_pool_it_left_lingering_when_it_end
     # Forked: the config (which holds keys and is never pickled) is inherited, not sent.
     worker = multiprocessing.get_context("fork").Process(target=double_in_a_worker, args=(cfg,))
     worker.start()
-    worker.join(120)
-    assert worker.exitcode == 0
+    try:
+        worker.join(120)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
     assert wait_until(lambda: not pool_exists(batch_client, name))

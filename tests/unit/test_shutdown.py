@@ -122,3 +122,41 @@ def test_library_threads_block_the_signals_from_birth_and_the_caller_gets_its_ma
     assert seen["inside"] >= HANDLED
     assert seen["executor"] >= HANDLED
     assert not HANDLED & seen["plain"]  # what a thread gets without them
+
+
+def test_the_handler_may_release_while_the_main_thread_is_inside_install() -> None:
+    """A signal handled between two bytecodes of `install` (which holds the module's lock)
+    runs a cleanup that ends in `release`, which takes that lock again: no deadlock."""
+
+    def child() -> bool:
+        called: list[int] = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: called.append(signum))
+        assert shutdown.install(lambda *, why="": shutdown.release())
+        with shutdown._lock:  # as `install` holds it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return called == [signal.SIGTERM]
+
+    assert in_child(child) is True
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no per-thread signal masks")
+def test_call_quietly_runs_on_a_masked_thread_and_hands_back_value_and_error() -> None:
+    before = blocked_here()
+    seen: dict[str, set[int]] = {}
+
+    def function() -> str:
+        seen["call"] = blocked_here()
+        started = threading.Thread(target=lambda: seen.update(started=blocked_here()))
+        started.start()  # as the SDK starts its poller
+        started.join()
+        return "value"
+
+    def failing() -> None:
+        raise KeyError("from the call")
+
+    assert shutdown.call_quietly(function) == "value"
+    with pytest.raises(KeyError, match="from the call"):
+        shutdown.call_quietly(failing)
+    assert seen["call"] >= HANDLED
+    assert seen["started"] >= HANDLED
+    assert blocked_here() == before  # the caller was never masked
